@@ -1,0 +1,380 @@
+//! `edgeprompt`: the command-line interface. Thin: argument parsing, I/O and error reporting; the work
+//! is in the library crates.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ep_model::chat::{ChatMessage, ChatTemplate};
+use ep_model::generate::{GenerateParams, Generation, Session};
+use ep_model::sampling::SamplingParams;
+use ep_model::tokenizer::Tokenizer;
+use ep_model::{testutil, Model};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "edgeprompt",
+    version,
+    about = "EdgePrompt: cloud–edge LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt.
+    Generate(GenerateArgs),
+    /// Chat interactively (one message per line; /reset clears the conversation, /exit or EOF quits).
+    Chat(ChatArgs),
+}
+
+/// Options every subcommand takes.
+#[derive(Args, Clone)]
+struct Common {
+    /// Model file (GGUF). Default: the fetched SmolLM2-135M-Instruct in $EDGEPROMPT_HOME.
+    #[arg(long, env = "EDGEPROMPT_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Context length in tokens (default: the model's training context, at most 8192).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct Sampling {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the top probability (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Tokens of history the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Presence penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Frequency penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed (default: from the clock; printed to stderr).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when this string is generated (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The user prompt.
+    #[arg(long)]
+    prompt: String,
+    /// System message (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Use the prompt as is, without the chat template; special-token text becomes special tokens.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    sampling: Sampling,
+    /// Print one JSON object as the last line of stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    common: Common,
+    /// System message (default: the chat template's own).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: Sampling,
+}
+
+struct Loaded {
+    model: Model,
+    tok: Tokenizer,
+    template: Option<ChatTemplate>,
+    n_ctx: usize,
+}
+
+fn load(common: &Common) -> Result<Loaded> {
+    let path = common
+        .model
+        .clone()
+        .unwrap_or_else(testutil::default_model_path);
+    if !path.exists() {
+        if common.model.is_none() {
+            bail!(
+                "the default model is not at {}: run scripts/fetch-model.sh first, or pass --model PATH",
+                path.display()
+            );
+        }
+        bail!("model file {} does not exist", path.display());
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let model = Model::load(&path, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let tok = Tokenizer::from_gguf(model.gguf())
+        .with_context(|| format!("{}: tokenizer", path.display()))?;
+    let template = ChatTemplate::from_gguf(model.gguf(), &tok)
+        .with_context(|| format!("{}: chat template", path.display()))?;
+    let n_ctx = common.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(8192));
+    if n_ctx < 2 {
+        bail!("--ctx-size must be at least 2");
+    }
+    tracing::info!(
+        path = %path.display(),
+        arch = %model.cfg.arch,
+        layers = model.cfg.n_layer,
+        simd = ep_kernels::simd::active_path(),
+        "model loaded"
+    );
+    Ok(Loaded {
+        model,
+        tok,
+        template,
+        n_ctx,
+    })
+}
+
+fn params(s: &Sampling) -> Result<GenerateParams> {
+    let seed = s.seed.unwrap_or_else(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        if s.temperature > 0.0 {
+            eprintln!("seed: {seed}");
+        }
+        seed
+    });
+    let sampling = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed,
+    };
+    sampling.validate()?;
+    Ok(GenerateParams {
+        max_tokens: s.max_tokens,
+        sampling,
+        stop: s.stop.clone(),
+        ignore_eos: s.ignore_eos,
+        ..GenerateParams::default()
+    })
+}
+
+fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let n = match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?)
+}
+
+fn messages(system: &Option<String>) -> Vec<ChatMessage> {
+    system
+        .iter()
+        .map(|s| ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect()
+}
+
+fn render(l: &Loaded, msgs: &[ChatMessage]) -> Result<Vec<u32>> {
+    let t = l
+        .template
+        .as_ref()
+        .context("the model has no chat template (tokenizer.chat_template); use --raw")?;
+    let text = t.render(msgs, true)?;
+    Ok(l.tok.encode(&text, true)?)
+}
+
+fn print_speed(g: &Generation) {
+    eprintln!(
+        "\n[prompt {} tokens ({} computed) at {:.1} tok/s; {} tokens generated at {:.1} tok/s; finish: {}]",
+        g.prompt_tokens.len(),
+        g.prefill_tokens,
+        g.prefill_tok_s(),
+        g.tokens.len(),
+        g.decode_tok_s(),
+        g.finish_reason.as_str()
+    );
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let pool = thread_pool(a.common.threads)?;
+    let params = params(&a.sampling)?;
+    pool.install(|| {
+        let l = load(&a.common)?;
+        let prompt = if a.raw {
+            if a.system.is_some() {
+                bail!("--system cannot be used with --raw (put the system text in the prompt)");
+            }
+            l.tok.encode(&a.prompt, true)?
+        } else {
+            let mut msgs = messages(&a.system);
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            });
+            render(&l, &msgs)?
+        };
+        let mut session = Session::new(&l.model, l.n_ctx);
+        let stdout = std::io::stdout();
+        let g = if a.json {
+            session.generate(&l.tok, &prompt, &params, &mut |_| {})?
+        } else {
+            let mut out = stdout.lock();
+            let g = session.generate(&l.tok, &prompt, &params, &mut |s| {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            })?;
+            let _ = writeln!(out);
+            g
+        };
+        if a.json {
+            let j = serde_json::json!({
+                "prompt_tokens": g.prompt_tokens,
+                "tokens": g.tokens,
+                "text": g.text,
+                "finish_reason": g.finish_reason.as_str(),
+                "prefill_tok_s": g.prefill_tok_s(),
+                "decode_tok_s": g.decode_tok_s(),
+            });
+            println!("{j}");
+        } else {
+            print_speed(&g);
+        }
+        Ok(())
+    })
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let pool = thread_pool(a.common.threads)?;
+    let params = params(&a.sampling)?;
+    pool.install(|| {
+        let l = load(&a.common)?;
+        let mut session = Session::new(&l.model, l.n_ctx);
+        let mut msgs = messages(&a.system);
+        let stdin = std::io::stdin();
+        let mut line = String::new();
+        eprintln!("chat with the model; /reset clears the conversation, /exit quits");
+        loop {
+            eprint!("> ");
+            line.clear();
+            if stdin.lock().read_line(&mut line)? == 0 {
+                break;
+            }
+            let input = line.trim_end_matches(['\n', '\r']);
+            match input.trim() {
+                "" => continue,
+                "/exit" | "/quit" => break,
+                "/reset" => {
+                    msgs = messages(&a.system);
+                    continue;
+                }
+                _ => {}
+            }
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: input.to_string(),
+            });
+            let prompt = render(&l, &msgs)?;
+            let mut out = std::io::stdout().lock();
+            let r = session.generate(&l.tok, &prompt, &params, &mut |s| {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            });
+            let _ = writeln!(out);
+            drop(out);
+            match r {
+                Ok(g) => {
+                    print_speed(&g);
+                    msgs.push(ChatMessage {
+                        role: "assistant".into(),
+                        content: g.text,
+                    });
+                }
+                Err(e) => {
+                    // The conversation no longer fits (or another request-level problem): say so and
+                    // let the user go on or /reset.
+                    msgs.pop();
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGEPROMPT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

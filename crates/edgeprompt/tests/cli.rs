@@ -1,0 +1,337 @@
+//! End-to-end tests of the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ep_model::gguf::writer::{to_bytes, TensorOut};
+use ep_model::gguf::MetaValue;
+use ep_model::testutil;
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgeprompt"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn last_json(o: &Output) -> Value {
+    let out = String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8");
+    let line = out
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no stdout; stderr: {}", stderr(o)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+fn model() -> String {
+    testutil::require_test_model()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// A greedy case from the llama.cpp fixture with no near-tie anywhere on its path.
+fn robust_fixture_case() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/greedy.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["top_logprobs"].as_array().unwrap().iter().all(|top| {
+                let a = top[0][1].as_f64().unwrap();
+                let b = top[1][1].as_f64().unwrap();
+                a - b > 0.1
+            })
+        })
+        .expect("a case without near-ties")
+        .clone()
+}
+
+#[test]
+fn generate_json_matches_llama_cpp_greedy() {
+    let c = robust_fixture_case();
+    let prompt = c["prompt"].as_str().unwrap();
+    let want = ids(&c["tokens"]);
+    let n = want.len().to_string();
+    let o = run(&[
+        "generate",
+        "--model",
+        &model(),
+        "--threads",
+        "2",
+        "--raw",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &n,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(ids(&j["prompt_tokens"]), ids(&c["prompt_tokens"]));
+    assert_eq!(ids(&j["tokens"]), want);
+    let ends_with_eos = *want.last().unwrap() == 2;
+    assert_eq!(
+        j["finish_reason"],
+        if ends_with_eos { "stop" } else { "length" }
+    );
+    assert!(!j["text"].as_str().unwrap().contains("<|im_end|>"));
+    assert!(j["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(j["decode_tok_s"].as_f64().unwrap() > 0.0);
+}
+
+fn fixture_case(i: usize) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/greedy.json");
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    fx["cases"][i].clone()
+}
+
+#[test]
+fn chat_template_path_matches_llama_cpp_and_streams() {
+    // Fixture case 0 is the raw ChatML text the template makes of this question with the default
+    // system message.
+    let c = fixture_case(0);
+    assert!(c["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("What is the capital of France?"));
+    let args = [
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+    ];
+    let o = run(&[&args[..], &["--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(ids(&j["prompt_tokens"]), ids(&c["prompt_tokens"]));
+    assert_eq!(ids(&j["tokens"]), ids(&c["tokens"]));
+    // Without --json the same text streams to stdout and the speed goes to stderr.
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout.clone()).unwrap();
+    assert_eq!(text.trim_end_matches('\n'), j["text"].as_str().unwrap());
+    assert!(stderr(&o).contains("tok/s"), "{}", stderr(&o));
+}
+
+#[test]
+fn same_seed_same_sample_and_stop_strings() {
+    let args = |seed: &str| {
+        run(&[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "Write a short poem about the sea.",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "24",
+            "--json",
+        ])
+    };
+    let a = last_json(&args("42"));
+    let b = last_json(&args("42"));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_eq!(a["tokens"].as_array().unwrap().len(), 24);
+
+    // A stop string taken from the middle of the greedy answer cuts the text right before it.
+    let greedy = |extra: &[&str]| {
+        let base = [
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "Name three primary colors.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+        ];
+        let o = run(&[&base[..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        last_json(&o)
+    };
+    let full = greedy(&[]);
+    let text = full["text"].as_str().unwrap().to_string();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 4, "{text}");
+    let stop = words[words.len() / 2];
+    let cut = greedy(&["--stop", stop]);
+    assert_eq!(cut["finish_reason"], "stop");
+    assert_eq!(
+        cut["text"].as_str().unwrap(),
+        &text[..text.find(stop).unwrap()]
+    );
+}
+
+fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn assert_clean_failure(args: &[&str], needle: &str) {
+    let o = run(args);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!e.contains("panicked"), "{args:?} panicked: {e}");
+    assert!(e.contains(needle), "{args:?}: stderr lacks {needle:?}: {e}");
+}
+
+#[test]
+fn tiny_model_runs_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = write_tmp(
+        dir.path(),
+        "tiny.gguf",
+        &testutil::tiny_model_bytes(3, "llama"),
+    );
+    let o = run(&[
+        "generate",
+        "--model",
+        &tiny,
+        "--threads",
+        "1",
+        "--raw",
+        "--prompt",
+        "hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(
+        ids(&j["prompt_tokens"]),
+        b"hello".iter().map(|&b| b as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(j["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(j["finish_reason"], "length");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let gen = |m: &str| -> Vec<String> {
+        [
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let check = |m: &str, needle: &str| {
+        let a = gen(m);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        assert_clean_failure(&a, needle);
+    };
+    let missing = d.join("nope.gguf").to_string_lossy().into_owned();
+    check(&missing, "nope.gguf");
+
+    let tiny = testutil::tiny_model_bytes(5, "llama");
+    check(
+        &write_tmp(d, "truncated.gguf", &tiny[..tiny.len() / 2]),
+        "truncated",
+    );
+    check(&write_tmp(d, "short.gguf", &tiny[..10]), "truncated");
+    let mut magic = tiny.clone();
+    magic[..4].copy_from_slice(b"GGML");
+    check(&write_tmp(d, "magic.gguf", &magic), "not a GGUF file");
+    check(&write_tmp(d, "empty.gguf", b""), "not a GGUF file");
+    check(
+        &write_tmp(d, "arch.gguf", &testutil::tiny_model_bytes(5, "gptj")),
+        "architecture 'gptj' is not supported",
+    );
+
+    let meta = vec![(
+        "general.architecture".to_string(),
+        MetaValue::String("llama".into()),
+    )];
+    let t = vec![TensorOut {
+        name: "blk.0.attn_q.weight".into(),
+        dims: vec![256, 1],
+        type_id: 12,
+        data: vec![0; 144],
+    }];
+    check(
+        &write_tmp(d, "qk.gguf", &to_bytes(&meta, &t)),
+        "has type q4_k",
+    );
+
+    // A prompt longer than the context.
+    let long = "word ".repeat(100);
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "--ctx-size",
+            "32",
+            "--raw",
+            "--prompt",
+            &long,
+        ],
+        "more than the context",
+    );
+    // Bad flags.
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "x",
+            "--top-p",
+            "2",
+        ],
+        "top_p",
+    );
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "x",
+            "--threads",
+            "0",
+        ],
+        "--threads",
+    );
+}

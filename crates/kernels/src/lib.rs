@@ -1,0 +1,17 @@
+//! EdgePrompt CPU kernels.
+//!
+//! Everything numeric that the model runs sits here, behind plain slice-based functions: the ggml block
+//! formats (so GGUF weights are used in place, without conversion), activation quantisation exactly as
+//! ggml's x86 CPU backend does it (so the integer dot products match llama.cpp's), the quantised dot
+//! products and matmul, and the small float ops (RMSNorm, RoPE, softmax, SiLU).
+//!
+//! The kernels are hand-written rather than taken from a crate: no crate offers ggml's block formats with
+//! runtime-dispatched SIMD integer dot products (candle's Q4_1 path is scalar and measured 3–4× slower than
+//! llama.cpp on these machines).
+
+pub mod matmul;
+pub mod ops;
+pub mod quant;
+pub mod simd;
+
+pub use quant::GgmlType;

@@ -1,0 +1,310 @@
+//! Matmul of a ggml-typed weight matrix with f32 activations, and row lookup.
+//!
+//! `out[i*m + j] = dot(w row j, x row i)`: each output element is exactly one call of the dot product of
+//! [`crate::quant`] (ggml's `vec_dot` numerics) on the activation row converted once to the weight
+//! type's vec-dot type. So a result depends only on its two rows — never on `n`, the thread count or
+//! how the work is split.
+
+use rayon::prelude::*;
+
+use crate::quant::{self, dequantize_row, quantize_activation_row, ActScales4, GgmlType};
+use crate::simd::{self, Path};
+
+pub use crate::quant::KernelError;
+
+/// A weight matrix in ggml layout: `rows` rows (output features) of `cols` elements (input features),
+/// row-major, each row `ty.row_bytes(cols)` bytes of GGUF data (little-endian, any alignment).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef<'a> {
+    pub ty: GgmlType,
+    /// Output features `m`.
+    pub rows: usize,
+    /// Input features `k`.
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightRef<'a> {
+    /// Checks that `cols` is a whole number of blocks and `data` holds exactly `rows` rows.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        let row_bytes = self.row_bytes()?;
+        let expected = row_bytes
+            .checked_mul(self.rows)
+            .ok_or(KernelError::WeightBytes {
+                ty: self.ty.name(),
+                rows: self.rows,
+                cols: self.cols,
+                got: self.data.len(),
+                expected: usize::MAX,
+            })?;
+        if self.data.len() != expected {
+            return Err(KernelError::WeightBytes {
+                ty: self.ty.name(),
+                rows: self.rows,
+                cols: self.cols,
+                got: self.data.len(),
+                expected,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> Result<usize, KernelError> {
+        self.ty
+            .row_bytes(self.cols)
+            .ok_or(KernelError::NotBlockAligned {
+                ty: self.ty.name(),
+                cols: self.cols,
+                block: self.ty.block_size(),
+            })
+    }
+
+    /// The bytes of row `j` (`validate` first).
+    fn row(&self, j: usize, row_bytes: usize) -> &'a [u8] {
+        &self.data[j * row_bytes..(j + 1) * row_bytes]
+    }
+}
+
+/// Dequantises row `row` of `w` into `out` (`w.cols` elements): the embedding lookup (ggml's
+/// `get_rows`).
+pub fn get_row(w: &WeightRef, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    w.validate()?;
+    if row >= w.rows {
+        return Err(KernelError::RowOutOfRange { row, rows: w.rows });
+    }
+    if out.len() != w.cols {
+        return Err(KernelError::Length {
+            what: "get_row output",
+            got: out.len(),
+            expected: w.cols,
+        });
+    }
+    let rb = w.row_bytes()?;
+    dequantize_row(w.ty, w.row(row, rb), out);
+    Ok(())
+}
+
+/// `out[i*m + j] = dot(w row j, x row i)` for `i` in `0..n`: `x` is `n x k` row-major f32, `out` is
+/// `n x m`, with `m = w.rows`, `k = w.cols`. Runs on the current rayon pool (call it inside
+/// `pool.install`), on the active kernel path ([`simd::path`]).
+pub fn matmul(w: &WeightRef, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    matmul_with(simd::path(), w, x, n, out)
+}
+
+/// Work (multiply-adds) below which the matmul runs on the calling thread only.
+const SERIAL_WORK: usize = 1 << 16;
+/// Bounds on the weight rows per parallel task (a multiple of 4).
+const MIN_CHUNK: usize = 16;
+const MAX_CHUNK: usize = 64;
+
+/// [`matmul`] on a given kernel path.
+pub fn matmul_with(
+    path: Path,
+    w: &WeightRef,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    if !path.is_available() {
+        return Err(KernelError::PathUnavailable(path.name()));
+    }
+    w.validate()?;
+    let at =
+        w.ty.vec_dot_type()
+            .ok_or(KernelError::UnsupportedWeightType(w.ty.name()))?;
+    let (m, k) = (w.rows, w.cols);
+    check_len("matmul activations", x.len(), n.checked_mul(k))?;
+    check_len("matmul output", out.len(), n.checked_mul(m))?;
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // Empty dot products (and no zero-sized chunks below).
+        out.fill(0.0);
+        return Ok(());
+    }
+    let wrb = w.row_bytes()?;
+    let arb = at.row_bytes(k).ok_or(KernelError::NotBlockAligned {
+        ty: at.name(),
+        cols: k,
+        block: at.block_size(),
+    })?;
+
+    // Activations converted once per row, as ggml's `from_float` into `wdata`.
+    let mut act = vec![0u8; n * arb];
+    if n >= 4 && n * k >= SERIAL_WORK {
+        act.par_chunks_mut(arb)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| quantize_activation_row(at, src, dst));
+    } else {
+        for (dst, src) in act.chunks_mut(arb).zip(x.chunks(k)) {
+            quantize_activation_row(at, src, dst);
+        }
+    }
+
+    // For the tile kernels: each group of four activation rows' scales as f32, block-major.
+    let groups = if quant::has_tile_kernel(path, w.ty) {
+        n / 4
+    } else {
+        0
+    };
+    let nb = k / quant::QK;
+    let g4 = 4 * nb;
+    let mut gd = vec![0f32; groups * g4];
+    let mut gs = vec![0f32; if at == GgmlType::Q8_1 { groups * g4 } else { 0 }];
+    for g in 0..groups {
+        let rows = std::array::from_fn(|c| &act[(4 * g + c) * arb..(4 * g + c + 1) * arb]);
+        let s = gs.get_mut(g * g4..(g + 1) * g4).unwrap_or_default();
+        ActScales4::fill(at, rows, &mut gd[g * g4..(g + 1) * g4], s);
+    }
+
+    let job = Job {
+        path,
+        w: *w,
+        wrb,
+        act: &act,
+        arb,
+        n,
+        groups,
+        nb,
+        gd: &gd,
+        gs: &gs,
+    };
+
+    // A task owns weight rows j0..j0+len and writes `t[(j - j0) * n + i]`. With n == 1 that is `out`
+    // itself; otherwise a transposed buffer, copied to `out` at the end.
+    let serial =
+        n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
+    let chunk = chunk_rows(m, rayon::current_num_threads());
+    let run = |dst: &mut [f32]| {
+        if serial {
+            job.rows(0, dst);
+        } else {
+            dst.par_chunks_mut(chunk * n)
+                .enumerate()
+                .for_each(|(c, t)| job.rows(c * chunk, t));
+        }
+    };
+    if n == 1 {
+        run(out);
+    } else {
+        let mut t = vec![0f32; m * n];
+        run(&mut t);
+        let copy = |(i, orow): (usize, &mut [f32])| {
+            for (j, o) in orow.iter_mut().enumerate() {
+                *o = t[j * n + i];
+            }
+        };
+        if serial {
+            out.chunks_mut(m).enumerate().for_each(copy);
+        } else {
+            out.par_chunks_mut(m).enumerate().for_each(copy);
+        }
+    }
+    Ok(())
+}
+
+fn check_len(what: &'static str, got: usize, expected: Option<usize>) -> Result<(), KernelError> {
+    match expected {
+        Some(e) if e == got => Ok(()),
+        _ => Err(KernelError::Length {
+            what,
+            got,
+            expected: expected.unwrap_or(usize::MAX),
+        }),
+    }
+}
+
+/// Weight rows per task: about 8 tasks per thread, within `MIN_CHUNK..=MAX_CHUNK`, a multiple of 4.
+fn chunk_rows(m: usize, threads: usize) -> usize {
+    let per = m.div_ceil(threads.max(1) * 8);
+    per.next_multiple_of(4).clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// Activation rows processed against one group of 4 weight rows before moving to the next group.
+const ACT_TILE: usize = 64;
+
+struct Job<'a> {
+    path: Path,
+    w: WeightRef<'a>,
+    wrb: usize,
+    act: &'a [u8],
+    arb: usize,
+    n: usize,
+    /// Activation rows `0..4 * groups` go through the tile kernels (four at a time).
+    groups: usize,
+    nb: usize,
+    gd: &'a [f32],
+    gs: &'a [f32],
+}
+
+/// Weight rows per tile-kernel call.
+const TILE_R: usize = 1;
+
+impl Job<'_> {
+    fn act_row(&self, i: usize) -> &[u8] {
+        &self.act[i * self.arb..(i + 1) * self.arb]
+    }
+
+    /// Computes weight rows `j0..j0 + t.len() / n` for all activation rows into `t[(j - j0) * n + i]`.
+    fn rows(&self, j0: usize, t: &mut [f32]) {
+        let (n, k, ty) = (self.n, self.w.cols, self.w.ty);
+        let len = t.len() / n;
+        debug_assert_eq!(t.len(), len * n);
+        debug_assert!(j0 + len <= self.w.rows);
+        let quads = len / 4 * 4;
+        let tiled = 4 * self.groups;
+        let g4 = 4 * self.nb;
+        for i0 in (0..n).step_by(ACT_TILE) {
+            let i1 = (i0 + ACT_TILE).min(n);
+            // Whole groups of four activation rows: tile kernels.
+            let (g0, g1) = (i0 / 4, i1.min(tiled) / 4);
+            if g1 > g0 {
+                let rs = len / TILE_R * TILE_R;
+                for jr in (0..rs).step_by(TILE_R) {
+                    let wr: [&[u8]; TILE_R] =
+                        std::array::from_fn(|r| self.w.row(j0 + jr + r, self.wrb));
+                    for g in g0..g1 {
+                        let a = std::array::from_fn(|c| self.act_row(4 * g + c));
+                        let sc = ActScales4 {
+                            d: &self.gd[g * g4..(g + 1) * g4],
+                            s: if self.gs.is_empty() {
+                                &[]
+                            } else {
+                                &self.gs[g * g4..(g + 1) * g4]
+                            },
+                        };
+                        let d = quant::vec_dot_tile4_with(self.path, ty, k, wr, a, &sc);
+                        for (r, dr) in d.iter().enumerate() {
+                            t[(jr + r) * n + 4 * g..(jr + r) * n + 4 * g + 4].copy_from_slice(dr);
+                        }
+                    }
+                }
+                for jr in rs..len {
+                    let wr = self.w.row(j0 + jr, self.wrb);
+                    for i in 4 * g0..4 * g1 {
+                        t[jr * n + i] = quant::vec_dot_with(self.path, ty, k, wr, self.act_row(i));
+                    }
+                }
+            }
+            // The other activation rows: four weight rows at a time.
+            let is = i0.max(4 * g1);
+            for jq in (0..quads).step_by(4) {
+                let wr: [&[u8]; 4] = std::array::from_fn(|r| self.w.row(j0 + jq + r, self.wrb));
+                for i in is..i1 {
+                    let d = quant::vec_dot4_with(self.path, ty, k, wr, self.act_row(i));
+                    for (r, v) in d.into_iter().enumerate() {
+                        t[(jq + r) * n + i] = v;
+                    }
+                }
+            }
+            for jr in quads..len {
+                let wr = self.w.row(j0 + jr, self.wrb);
+                for i in is..i1 {
+                    t[jr * n + i] = quant::vec_dot_with(self.path, ty, k, wr, self.act_row(i));
+                }
+            }
+        }
+    }
+}

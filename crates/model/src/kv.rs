@@ -1,0 +1,275 @@
+//! The attention step of the forward pass, behind a KV interface.
+//!
+//! The forward pass computes Q, K and V for the new tokens of a batch and hands them, layer by layer, to
+//! an [`Attention`] implementation, which stores K/V where it keeps them and returns each query's
+//! attention output. [`ContiguousKv`] keeps every sequence's KV in one growing f16 buffer per layer and is
+//! the reference; the engine supplies paged and spliced implementations over the same interface.
+//!
+//! Numerics, shared by every implementation (as llama.cpp's CPU backend without flash attention): K and V
+//! are stored in f16, Q is rounded to f16 before `Q·Kᵀ`, scores are scaled by `1/sqrt(head_dim)`, softmax
+//! in f32 with an f64 sum, and probabilities are rounded to f16 before `P·V`.
+
+use std::ops::Range;
+
+use ep_kernels::ops;
+use half::f16;
+use rayon::prelude::*;
+
+use crate::ModelError;
+
+/// Identifies a sequence in a KV store.
+pub type SeqId = usize;
+
+/// Shape of the attention step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn q_width(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_head_kv
+    }
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// One sequence's part of a batch: `rows` of the batch's activations hold its new tokens, the first at
+/// position `pos` (the number of tokens the sequence already has in the KV store).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqSlice {
+    pub seq: SeqId,
+    pub rows: Range<usize>,
+    pub pos: usize,
+}
+
+/// Stores K/V of new tokens and computes attention for their queries.
+pub trait Attention {
+    /// For `layer`: append `k`, `v` (rows × kv_width) for each slice, then write into `out`
+    /// (rows × q_width) each query row's attention over its sequence's KV up to and including its own
+    /// position. `q` rows are already rotated.
+    fn attend(
+        &mut self,
+        layer: usize,
+        slices: &[SeqSlice],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ModelError>;
+}
+
+/// Attention of one query head over keys/values given as f16 rows of a strided buffer: key `j` of this
+/// KV head is `k[j * stride + off .. + head_dim]`. `q16` is the query rounded to f16; `scores` and
+/// `lanes` are scratch.
+/// Returns the log-sum-exp of the scaled scores (for merging partial states).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head(
+    q16: &[f16],
+    k: &[f16],
+    v: &[f16],
+    n_keys: usize,
+    stride: usize,
+    off: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    lanes: &mut Vec<f32>,
+    out: &mut [f32],
+) -> f32 {
+    let hd = q16.len();
+    scores.clear();
+    scores.extend((0..n_keys).map(|j| {
+        let kj = &k[j * stride + off..j * stride + off + hd];
+        ops::dot_f16(q16, kj) * scale
+    }));
+    let lse = ops::softmax_in_place(scores);
+    // P·V with the probabilities rounded to f16, each output dimension summed over keys in 8 lanes
+    // (key `j` into lane `j % 8`) and reduced by `hsum8`: llama.cpp's prompt-path order.
+    lanes.clear();
+    lanes.resize(hd * 8, 0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let p = f16::from_f32(p).to_f32();
+        let lane = j % 8;
+        let vj = &v[j * stride + off..j * stride + off + hd];
+        for (d, &x) in vj.iter().enumerate() {
+            let a = &mut lanes[d * 8 + lane];
+            *a = p.mul_add(x.to_f32(), *a);
+        }
+    }
+    for (d, o) in out.iter_mut().enumerate() {
+        let l: &[f32; 8] = lanes[d * 8..d * 8 + 8].try_into().expect("8 lanes");
+        *o = ops::hsum8(l);
+    }
+    lse
+}
+
+#[derive(Default)]
+struct SeqKv {
+    len: usize,
+    /// Per layer: positions × kv_width, f16.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+/// The reference KV store: each sequence's K/V in one contiguous f16 buffer per layer.
+pub struct ContiguousKv {
+    shape: AttnShape,
+    max_len: usize,
+    seqs: Vec<Option<SeqKv>>,
+}
+
+impl ContiguousKv {
+    /// A store whose sequences may hold up to `max_len` tokens each.
+    pub fn new(shape: AttnShape, max_len: usize) -> Self {
+        Self {
+            shape,
+            max_len,
+            seqs: Vec::new(),
+        }
+    }
+
+    /// Creates an empty sequence and returns its id.
+    pub fn add_seq(&mut self) -> SeqId {
+        let s = SeqKv {
+            len: 0,
+            k: vec![Vec::new(); self.shape.n_layer],
+            v: vec![Vec::new(); self.shape.n_layer],
+        };
+        if let Some(i) = self.seqs.iter().position(Option::is_none) {
+            self.seqs[i] = Some(s);
+            i
+        } else {
+            self.seqs.push(Some(s));
+            self.seqs.len() - 1
+        }
+    }
+
+    /// Frees a sequence.
+    pub fn remove_seq(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.get_mut(seq) {
+            *s = None;
+        }
+    }
+
+    /// Number of tokens stored for a sequence (0 for an unknown one).
+    pub fn seq_len(&self, seq: SeqId) -> usize {
+        self.seqs
+            .get(seq)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.len)
+    }
+
+    /// Drops a sequence's tokens from position `len` on.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) {
+        let w = self.shape.kv_width();
+        if let Some(Some(s)) = self.seqs.get_mut(seq) {
+            if len < s.len {
+                s.len = len;
+                for l in 0..self.shape.n_layer {
+                    s.k[l].truncate(len * w);
+                    s.v[l].truncate(len * w);
+                }
+            }
+        }
+    }
+
+    /// Largest number of tokens one sequence may hold.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+impl Attention for ContiguousKv {
+    fn attend(
+        &mut self,
+        layer: usize,
+        slices: &[SeqSlice],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let sh = self.shape;
+        let (qw, kw, hd) = (sh.q_width(), sh.kv_width(), sh.head_dim);
+        // Store the new K/V.
+        for sl in slices {
+            let max_len = self.max_len;
+            let s = self
+                .seqs
+                .get_mut(sl.seq)
+                .and_then(Option::as_mut)
+                .ok_or_else(|| ModelError::Kv(format!("unknown sequence {}", sl.seq)))?;
+            if s.k[layer].len() != sl.pos * kw {
+                return Err(ModelError::Kv(format!(
+                    "sequence {} holds {} tokens at layer {layer}, batch says position {}",
+                    sl.seq,
+                    s.k[layer].len() / kw,
+                    sl.pos
+                )));
+            }
+            let end = sl.pos + sl.rows.len();
+            if end > max_len {
+                return Err(ModelError::ContextFull {
+                    needed: end,
+                    max: max_len,
+                });
+            }
+            let rows = sl.rows.start * kw..sl.rows.end * kw;
+            s.k[layer].extend(k[rows.clone()].iter().map(|&x| f16::from_f32(x)));
+            s.v[layer].extend(v[rows].iter().map(|&x| f16::from_f32(x)));
+            if layer + 1 == sh.n_layer {
+                s.len = end;
+            }
+        }
+        // Attend: one task per query row; every (row, head) is computed the same way whatever the batch.
+        let seqs = &self.seqs;
+        let row_of: Vec<(usize, usize)> = slices
+            .iter()
+            .enumerate()
+            .flat_map(|(i, sl)| sl.rows.clone().map(move |r| (r, i)))
+            .collect();
+        let mut by_row = vec![usize::MAX; q.len() / qw];
+        for &(r, i) in &row_of {
+            by_row[r] = i;
+        }
+        out.par_chunks_mut(qw).enumerate().for_each_init(
+            || (Vec::new(), Vec::new(), vec![f16::ZERO; hd]),
+            |(scores, lanes, q16), (r, o)| {
+                let si = by_row[r];
+                if si == usize::MAX {
+                    return;
+                }
+                let sl = &slices[si];
+                let s = seqs[sl.seq].as_ref().expect("checked above");
+                let n_keys = sl.pos + (r - sl.rows.start) + 1;
+                for h in 0..sh.n_head {
+                    let kvh = h / sh.group();
+                    ops::to_f16(&q[r * qw + h * hd..r * qw + (h + 1) * hd], q16);
+                    attend_head(
+                        q16,
+                        &s.k[layer],
+                        &s.v[layer],
+                        n_keys,
+                        kw,
+                        kvh * hd,
+                        sh.scale(),
+                        scores,
+                        lanes,
+                        &mut o[h * hd..(h + 1) * hd],
+                    );
+                }
+            },
+        );
+        Ok(())
+    }
+}

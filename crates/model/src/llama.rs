@@ -1,0 +1,359 @@
+//! The Llama-family forward pass over GGUF weights used in place.
+//!
+//! The pass is split into [`Model::embed`], [`Model::layer`] and [`Model::logits`] so a caller can run
+//! it layer by layer (and hold a sequence at a layer boundary while KV for the next layer arrives);
+//! [`Model::forward`] runs all three. Every op works row by row and every output element of a matmul is
+//! one dot-product call, so a row's result does not depend on what else is in the batch, on how a
+//! prompt is chunked, or on the thread count.
+
+use std::path::Path;
+
+use ep_kernels::matmul::{self, WeightRef};
+use ep_kernels::{ops, GgmlType};
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::gguf::Gguf;
+use crate::kv::{Attention, AttnShape, SeqSlice};
+use crate::ModelError;
+
+/// A weight matrix in the mapped file: `rows` output features of `cols` inputs each.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    len: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Mat,
+    wk: Mat,
+    wv: Mat,
+    wo: Mat,
+    ffn_norm: Vec<f32>,
+    w_gate: Mat,
+    w_up: Mat,
+    w_down: Mat,
+}
+
+/// A loaded model: configuration, the mapped file and where each weight lies in it.
+pub struct Model {
+    pub cfg: ModelConfig,
+    gguf: Gguf,
+    tok_embd: Mat,
+    output: Mat,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+}
+
+/// One sequence's new tokens in a batch.
+#[derive(Clone, Debug)]
+pub struct BatchSeq<'a> {
+    pub seq: usize,
+    pub tokens: &'a [u32],
+    /// Position of the first token (tokens already in the KV store).
+    pub pos: usize,
+    /// Which rows' logits to return.
+    pub logits: LogitsFor,
+}
+
+/// Which rows of a sequence's part of a batch produce logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}
+
+/// Activations of a batch between layers.
+pub struct Hidden {
+    /// rows × n_embd.
+    pub x: Vec<f32>,
+    pub slices: Vec<SeqSlice>,
+    /// Position of each row.
+    pub pos: Vec<usize>,
+}
+
+impl Model {
+    /// Opens a GGUF model. `progress` is called with (tensors checked, total).
+    pub fn load(
+        path: impl AsRef<Path>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let gguf = Gguf::open(path)?;
+        let cfg = ModelConfig::from_gguf(&gguf)?;
+        let n_tensors = 2 + 9 * cfg.n_layer;
+        let mut done = 0usize;
+        let mut step = |done: &mut usize| {
+            *done += 1;
+            progress(*done, n_tensors);
+        };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Mat, ModelError> {
+            let t = gguf.tensor(name).ok_or_else(|| ModelError::MissingTensor {
+                path: gguf.path.clone(),
+                name: name.to_string(),
+            })?;
+            let want = [cols as u64, rows as u64];
+            let dims_ok =
+                t.dims.len() >= 2 && t.dims[..2] == want && t.dims[2..].iter().all(|&d| d == 1);
+            if !dims_ok {
+                return Err(ModelError::Invalid {
+                    path: gguf.path.clone(),
+                    what: format!("tensor '{name}' has shape {:?}, expected {want:?}", t.dims),
+                });
+            }
+            // Offsets and sizes were bounds-checked against the file when it was opened.
+            Ok(Mat {
+                ty: t.ty,
+                rows,
+                cols,
+                offset: t.offset as usize,
+                len: t.size as usize,
+            })
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
+            let t = gguf.tensor(name).ok_or_else(|| ModelError::MissingTensor {
+                path: gguf.path.clone(),
+                name: name.to_string(),
+            })?;
+            if t.n_elements() != n as u64 {
+                return Err(ModelError::Invalid {
+                    path: gguf.path.clone(),
+                    what: format!(
+                        "tensor '{name}' has {} elements, expected {n}",
+                        t.n_elements()
+                    ),
+                });
+            }
+            let mut v = vec![0f32; n];
+            let w = WeightRef {
+                ty: t.ty,
+                rows: 1,
+                cols: n,
+                data: gguf.tensor_data(t),
+            };
+            matmul::get_row(&w, 0, &mut v)?;
+            Ok(v)
+        };
+        let c = &cfg;
+        let (qw, kvw) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let tok_embd = mat("token_embd.weight", c.n_vocab, c.n_embd)?;
+        step(&mut done);
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => mat("output.weight", c.n_vocab, c.n_embd)?,
+            None => tok_embd,
+        };
+        let output_norm = vector("output_norm.weight", c.n_embd)?;
+        step(&mut done);
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let mut get = |s: &str, r: usize, k: usize| {
+                let m = mat(&n(s), r, k);
+                step(&mut done);
+                m
+            };
+            let wq = get("attn_q", qw, c.n_embd)?;
+            let wk = get("attn_k", kvw, c.n_embd)?;
+            let wv = get("attn_v", kvw, c.n_embd)?;
+            let wo = get("attn_output", c.n_embd, qw)?;
+            let w_gate = get("ffn_gate", c.n_ff, c.n_embd)?;
+            let w_up = get("ffn_up", c.n_ff, c.n_embd)?;
+            let w_down = get("ffn_down", c.n_embd, c.n_ff)?;
+            let attn_norm = vector(&n("attn_norm"), c.n_embd)?;
+            let ffn_norm = vector(&n("ffn_norm"), c.n_embd)?;
+            step(&mut done);
+            step(&mut done);
+            layers.push(Layer {
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                ffn_norm,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        Ok(Model {
+            cfg,
+            gguf,
+            tok_embd,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+
+    /// The underlying GGUF (metadata for the tokenizer and chat template).
+    pub fn gguf(&self) -> &Gguf {
+        &self.gguf
+    }
+
+    /// Shape of the attention step.
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            n_layer: self.cfg.n_layer,
+            n_head: self.cfg.n_head,
+            n_head_kv: self.cfg.n_head_kv,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn w(&self, m: &Mat) -> WeightRef<'_> {
+        WeightRef {
+            ty: m.ty,
+            rows: m.rows,
+            cols: m.cols,
+            data: &self.gguf.data_section()[m.offset..m.offset + m.len],
+        }
+    }
+
+    /// Embeds a batch: looks up each token's row. Errors on an out-of-range token or a malformed batch.
+    pub fn embed(&self, batch: &[BatchSeq<'_>]) -> Result<Hidden, ModelError> {
+        let d = self.cfg.n_embd;
+        let n: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        let mut x = vec![0f32; n * d];
+        let mut slices = Vec::with_capacity(batch.len());
+        let mut pos = Vec::with_capacity(n);
+        let mut row = 0;
+        let emb = self.w(&self.tok_embd);
+        for (i, b) in batch.iter().enumerate() {
+            if batch[..i].iter().any(|o| o.seq == b.seq) {
+                return Err(ModelError::Batch(format!(
+                    "sequence {} appears twice in one batch",
+                    b.seq
+                )));
+            }
+            for (j, &t) in b.tokens.iter().enumerate() {
+                if t as usize >= self.cfg.n_vocab {
+                    return Err(ModelError::Batch(format!(
+                        "token id {t} is outside the vocabulary ({} tokens)",
+                        self.cfg.n_vocab
+                    )));
+                }
+                matmul::get_row(&emb, t as usize, &mut x[(row + j) * d..(row + j + 1) * d])?;
+                pos.push(b.pos + j);
+            }
+            slices.push(SeqSlice {
+                seq: b.seq,
+                rows: row..row + b.tokens.len(),
+                pos: b.pos,
+            });
+            row += b.tokens.len();
+        }
+        Ok(Hidden { x, slices, pos })
+    }
+
+    /// Runs decoder layer `il` on the batch in place.
+    pub fn layer(
+        &self,
+        il: usize,
+        h: &mut Hidden,
+        attn: &mut dyn Attention,
+    ) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let l = &self.layers[il];
+        let n = h.pos.len();
+        let d = c.n_embd;
+        let hd = c.head_dim;
+        let (qw, kvw) = (c.n_head * hd, c.n_head_kv * hd);
+
+        let mut xn = vec![0f32; n * d];
+        norm_rows(&h.x, &l.attn_norm, c.rms_eps, &mut xn, d);
+        let mut q = vec![0f32; n * qw];
+        let mut k = vec![0f32; n * kvw];
+        let mut v = vec![0f32; n * kvw];
+        matmul::matmul(&self.w(&l.wq), &xn, n, &mut q)?;
+        matmul::matmul(&self.w(&l.wk), &xn, n, &mut k)?;
+        matmul::matmul(&self.w(&l.wv), &xn, n, &mut v)?;
+        self.rope_rows(&mut q, &h.pos, c.n_head);
+        self.rope_rows(&mut k, &h.pos, c.n_head_kv);
+
+        let mut att = vec![0f32; n * qw];
+        attn.attend(il, &h.slices, &q, &k, &v, &mut att)?;
+        let mut o = vec![0f32; n * d];
+        matmul::matmul(&self.w(&l.wo), &att, n, &mut o)?;
+        ops::add_in_place(&mut h.x, &o);
+
+        norm_rows(&h.x, &l.ffn_norm, c.rms_eps, &mut xn, d);
+        let mut gate = vec![0f32; n * c.n_ff];
+        let mut up = vec![0f32; n * c.n_ff];
+        matmul::matmul(&self.w(&l.w_gate), &xn, n, &mut gate)?;
+        matmul::matmul(&self.w(&l.w_up), &xn, n, &mut up)?;
+        let mut act = vec![0f32; n * c.n_ff];
+        ops::swiglu(&gate, &up, &mut act);
+        matmul::matmul(&self.w(&l.w_down), &act, n, &mut o)?;
+        ops::add_in_place(&mut h.x, &o);
+        Ok(())
+    }
+
+    fn rope_rows(&self, x: &mut [f32], pos: &[usize], n_heads: usize) {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        x.par_chunks_mut(n_heads * hd)
+            .zip(pos)
+            .for_each_init(Vec::new, |table, (row, &p)| {
+                ops::rope_table(p, c.rope_dims, c.rope_base, c.rope_freq_scale, table);
+                for head in row.chunks_exact_mut(hd) {
+                    let rot = &mut head[..c.rope_dims];
+                    if c.rope_neox {
+                        ops::rope_apply_neox(rot, table);
+                    } else {
+                        ops::rope_apply_norm(rot, table);
+                    }
+                }
+            });
+    }
+
+    /// Final norm and output projection for the given rows of the batch: rows × n_vocab logits.
+    pub fn logits(&self, h: &Hidden, rows: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let d = self.cfg.n_embd;
+        let mut xn = vec![0f32; rows.len() * d];
+        for (i, &r) in rows.iter().enumerate() {
+            ops::rms_norm(
+                &h.x[r * d..(r + 1) * d],
+                &self.output_norm,
+                self.cfg.rms_eps,
+                &mut xn[i * d..(i + 1) * d],
+            );
+        }
+        let mut out = vec![0f32; rows.len() * self.cfg.n_vocab];
+        matmul::matmul(&self.w(&self.output), &xn, rows.len(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Runs the whole forward pass. Returns the logits of the requested rows, in batch order
+    /// (`n_vocab` floats per row).
+    pub fn forward(
+        &self,
+        batch: &[BatchSeq<'_>],
+        attn: &mut dyn Attention,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut h = self.embed(batch)?;
+        for il in 0..self.cfg.n_layer {
+            self.layer(il, &mut h, attn)?;
+        }
+        let mut rows = Vec::new();
+        for (b, s) in batch.iter().zip(&h.slices) {
+            match b.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => {
+                    rows.extend(s.rows.end.checked_sub(1).filter(|&r| r >= s.rows.start))
+                }
+                LogitsFor::All => rows.extend(s.rows.clone()),
+            }
+        }
+        self.logits(&h, &rows)
+    }
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, xr)| ops::rms_norm(xr, w, eps, o));
+}

@@ -1,0 +1,202 @@
+//! Helpers for tests and tools: where the default model lives.
+
+use std::path::PathBuf;
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$EDGEPROMPT_HOME`, else `~/.cache/edgeprompt`.
+pub fn edgeprompt_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("EDGEPROMPT_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("edgeprompt")
+}
+
+/// Where the fetch script puts the default model.
+pub fn default_model_path() -> PathBuf {
+    edgeprompt_home().join(DEFAULT_MODEL_FILE)
+}
+
+/// The model tests run against: `$EDGEPROMPT_MODEL`, else the default model path. `None` when absent.
+pub fn test_model_path() -> Option<PathBuf> {
+    let p = std::env::var_os("EDGEPROMPT_MODEL")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default_model_path);
+    p.is_file().then_some(p)
+}
+
+/// The model for tests that need it. Panics with instructions when it was not fetched: the test command
+/// (`scripts/test.sh`) fetches it first, so a missing model is a set-up error, not a skip.
+pub fn require_test_model() -> PathBuf {
+    test_model_path().unwrap_or_else(|| {
+        panic!(
+            "the default model is missing at {}: run scripts/fetch-model.sh (or set EDGEPROMPT_MODEL)",
+            default_model_path().display()
+        )
+    })
+}
+
+/// Shape of the tiny test model.
+pub const TINY_LAYERS: usize = 2;
+pub const TINY_EMBD: usize = 64;
+pub const TINY_FF: usize = 128;
+pub const TINY_HEADS: usize = 4;
+pub const TINY_KV_HEADS: usize = 2;
+
+/// GPT-2's byte-to-character map of byte-level BPE vocabularies.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut out = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        out[b as usize] = if printable.contains(&b) {
+            char::from_u32(b).expect("latin-1")
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).expect("valid")
+        };
+    }
+    out
+}
+
+/// A tiny random-weight Llama GGUF (2 layers, 64 wide, GQA 4/2, Q4_1 matrices, Q8_0 embeddings, tied
+/// output) with a byte-level vocabulary of 256 bytes plus ChatML control tokens and a ChatML template.
+/// `arch` is written as `general.architecture`, so tests can also build unsupported ones.
+pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
+    use crate::gguf::writer::{to_bytes, TensorOut};
+    use crate::gguf::MetaValue as M;
+    use ep_kernels::GgmlType;
+    use half::f16;
+
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let vocab: Vec<String> = {
+        let mut t: Vec<String> = byte_chars().into_iter().map(|c| c.to_string()).collect();
+        t.push("<|im_start|>".into());
+        t.push("<|im_end|>".into());
+        t
+    };
+    let n_vocab = vocab.len();
+    let mut embd = Vec::with_capacity(n_vocab * TINY_EMBD / 32 * 34);
+    for _ in 0..n_vocab * TINY_EMBD / 32 {
+        embd.extend_from_slice(&f16::from_f32(0.02).to_le_bytes());
+        for _ in 0..32 {
+            embd.push(next() as u8);
+        }
+    }
+    let mut q4_1 = |rows: usize, cols: usize| -> Vec<u8> {
+        let mut v = Vec::with_capacity(rows * cols / 32 * 20);
+        for _ in 0..rows * cols / 32 {
+            let d = 0.01 + (next() % 100) as f32 * 0.0004;
+            v.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            v.extend_from_slice(&f16::from_f32(-7.5 * d).to_le_bytes());
+            for _ in 0..16 {
+                v.push(next() as u8);
+            }
+        }
+        v
+    };
+    let hd = TINY_EMBD / TINY_HEADS;
+    let (qw, kvw) = (TINY_HEADS * hd, TINY_KV_HEADS * hd);
+    let ones = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (1.0f32 + (i % 7) as f32 * 0.01).to_le_bytes())
+            .collect()
+    };
+    let e = TINY_EMBD as u64;
+    let mut tensors = vec![
+        TensorOut::new(
+            "token_embd.weight",
+            vec![e, n_vocab as u64],
+            GgmlType::Q8_0,
+            embd,
+        ),
+        TensorOut::new(
+            "output_norm.weight",
+            vec![e],
+            GgmlType::F32,
+            ones(TINY_EMBD),
+        ),
+    ];
+    for l in 0..TINY_LAYERS {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        tensors.push(TensorOut::new(
+            n("attn_norm"),
+            vec![e],
+            GgmlType::F32,
+            ones(TINY_EMBD),
+        ));
+        tensors.push(TensorOut::new(
+            n("ffn_norm"),
+            vec![e],
+            GgmlType::F32,
+            ones(TINY_EMBD),
+        ));
+        for (name, rows, cols) in [
+            ("attn_q", qw, TINY_EMBD),
+            ("attn_k", kvw, TINY_EMBD),
+            ("attn_v", kvw, TINY_EMBD),
+            ("attn_output", TINY_EMBD, qw),
+            ("ffn_gate", TINY_FF, TINY_EMBD),
+            ("ffn_up", TINY_FF, TINY_EMBD),
+            ("ffn_down", TINY_EMBD, TINY_FF),
+        ] {
+            tensors.push(TensorOut::new(
+                n(name),
+                vec![cols as u64, rows as u64],
+                GgmlType::Q4_1,
+                q4_1(rows, cols),
+            ));
+        }
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut types = vec![M::I32(1); 256];
+    types.extend([M::I32(3), M::I32(3)]);
+    let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let meta = vec![
+        ("general.architecture".to_string(), M::String(arch.into())),
+        (
+            "general.name".to_string(),
+            M::String("tiny test model".into()),
+        ),
+        (k("block_count"), M::U32(TINY_LAYERS as u32)),
+        (k("context_length"), M::U32(256)),
+        (k("embedding_length"), M::U32(TINY_EMBD as u32)),
+        (k("feed_forward_length"), M::U32(TINY_FF as u32)),
+        (k("attention.head_count"), M::U32(TINY_HEADS as u32)),
+        (k("attention.head_count_kv"), M::U32(TINY_KV_HEADS as u32)),
+        (k("rope.freq_base"), M::F32(10000.0)),
+        (k("attention.layer_norm_rms_epsilon"), M::F32(1e-5)),
+        (k("vocab_size"), M::U32(n_vocab as u32)),
+        ("tokenizer.ggml.model".to_string(), M::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), M::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            M::Array(vocab.into_iter().map(M::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".to_string(), M::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), M::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id".to_string(), M::U32(256)),
+        ("tokenizer.ggml.eos_token_id".to_string(), M::U32(257)),
+        ("tokenizer.ggml.add_bos_token".to_string(), M::Bool(false)),
+        (
+            "tokenizer.chat_template".to_string(),
+            M::String(template.into()),
+        ),
+    ];
+    to_bytes(&meta, &tensors)
+}
