@@ -190,6 +190,52 @@ fn same_seed_same_sample_and_stop_strings() {
     );
 }
 
+#[test]
+fn chat_answers_each_line_and_exits_cleanly() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = bin()
+        .args([
+            "chat",
+            "--model",
+            &model(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Name three primary colors.\nAnd two secondary ones?\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One answer per user line, each followed by its speed report.
+    assert_eq!(stderr(&o).matches("[prompt ").count(), 2, "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    // The first answer is the greedy answer the single-turn path gives (fixture-checked elsewhere).
+    let first = last_json(&run(&[
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "Name three primary colors.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]));
+    assert!(out.starts_with(first["text"].as_str().unwrap()), "{out}");
+}
+
 fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
