@@ -1042,45 +1042,37 @@ pub mod scalar {
     /// `n & !31` elements, their reduction, the rest in f64.
     pub fn dot_f16(n: usize, w: &[u8], a: &[u8]) -> f32 {
         let np = n & !31;
+        let sum = fma_4x8(np, |e| (f16_at(w, e), f16_at(a, e)));
+        f16_tail(reduce_f32x8x4(sum), np, n, w, a)
+    }
+
+    /// ggml's 4x8 FMA accumulators over the first `np` (a multiple of 32) elements: element
+    /// `i + 8j + l` of each 32-element step goes into accumulator `j`, lane `l`. `xy(e)` gives the pair.
+    #[inline(always)]
+    fn fma_4x8(np: usize, xy: impl Fn(usize) -> (f32, f32)) -> [[f32; 8]; 4] {
         let mut sum = [[0f32; 8]; 4];
         for i in (0..np).step_by(32) {
             for (j, s) in sum.iter_mut().enumerate() {
                 for (l, v) in s.iter_mut().enumerate() {
-                    let e = i + 8 * j + l;
-                    *v = f16_at(w, e).mul_add(f16_at(a, e), *v);
+                    let (x, y) = xy(i + 8 * j + l);
+                    *v = x.mul_add(y, *v);
                 }
             }
         }
-        f16_tail(reduce_f32x8x4(sum), np, n, w, a)
+        sum
     }
 
     /// BF16 weights x BF16 activations (`ggml_vec_dot_bf16`, AVX2 branch; GCC fuses its mul + add).
     pub fn dot_bf16(n: usize, w: &[u8], a: &[u8]) -> f32 {
         let np = n & !31;
-        let mut sum = [[0f32; 8]; 4];
-        for i in (0..np).step_by(32) {
-            for (j, s) in sum.iter_mut().enumerate() {
-                for (l, v) in s.iter_mut().enumerate() {
-                    let e = i + 8 * j + l;
-                    *v = bf16_at(w, e).mul_add(bf16_at(a, e), *v);
-                }
-            }
-        }
+        let sum = fma_4x8(np, |e| (bf16_at(w, e), bf16_at(a, e)));
         bf16_tail(reduce_bf16x8x4(sum), np, n, w, a)
     }
 
     /// F32 x F32 (`ggml_vec_dot_f32`, AVX2).
     pub fn dot_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
         let np = n & !31;
-        let mut sum = [[0f32; 8]; 4];
-        for i in (0..np).step_by(32) {
-            for (j, s) in sum.iter_mut().enumerate() {
-                for (l, v) in s.iter_mut().enumerate() {
-                    let e = i + 8 * j + l;
-                    *v = f32_at(w, e).mul_add(f32_at(a, e), *v);
-                }
-            }
-        }
+        let sum = fma_4x8(np, |e| (f32_at(w, e), f32_at(a, e)));
         f32_tail(reduce_f32x8x4(sum), np, n, w, a)
     }
 
