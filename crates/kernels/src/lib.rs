@@ -9,6 +9,7 @@
 //! runtime-dispatched SIMD integer dot products (candle's Q4_1 path is scalar and measured 3–4× slower than
 //! llama.cpp on these machines).
 
+pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

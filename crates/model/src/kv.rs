@@ -11,6 +11,7 @@
 
 use std::ops::Range;
 
+use ep_kernels::attention::{attend_head, HeadScratch, KvView};
 use ep_kernels::ops;
 use half::f16;
 use rayon::prelude::*;
@@ -67,50 +68,6 @@ pub trait Attention {
         v: &[f32],
         out: &mut [f32],
     ) -> Result<(), ModelError>;
-}
-
-/// Attention of one query head over keys/values given as f16 rows of a strided buffer: key `j` of this
-/// KV head is `k[j * stride + off .. + head_dim]`. `q16` is the query rounded to f16; `scores` and
-/// `lanes` are scratch.
-/// Returns the log-sum-exp of the scaled scores (for merging partial states).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_head(
-    q16: &[f16],
-    k: &[f16],
-    v: &[f16],
-    n_keys: usize,
-    stride: usize,
-    off: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    lanes: &mut Vec<f32>,
-    out: &mut [f32],
-) -> f32 {
-    let hd = q16.len();
-    scores.clear();
-    scores.extend((0..n_keys).map(|j| {
-        let kj = &k[j * stride + off..j * stride + off + hd];
-        ops::dot_f16(q16, kj) * scale
-    }));
-    let lse = ops::softmax_in_place(scores);
-    // P·V with the probabilities rounded to f16, each output dimension summed over keys in 8 lanes
-    // (key `j` into lane `j % 8`) and reduced by `hsum8`: llama.cpp's prompt-path order.
-    lanes.clear();
-    lanes.resize(hd * 8, 0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let p = f16::from_f32(p).to_f32();
-        let lane = j % 8;
-        let vj = &v[j * stride + off..j * stride + off + hd];
-        for (d, &x) in vj.iter().enumerate() {
-            let a = &mut lanes[d * 8 + lane];
-            *a = p.mul_add(x.to_f32(), *a);
-        }
-    }
-    for (d, o) in out.iter_mut().enumerate() {
-        let l: &[f32; 8] = lanes[d * 8..d * 8 + 8].try_into().expect("8 lanes");
-        *o = ops::hsum8(l);
-    }
-    lse
 }
 
 #[derive(Default)]
@@ -243,8 +200,8 @@ impl Attention for ContiguousKv {
             by_row[r] = i;
         }
         out.par_chunks_mut(qw).enumerate().for_each_init(
-            || (Vec::new(), Vec::new(), vec![f16::ZERO; hd]),
-            |(scores, lanes, q16), (r, o)| {
+            || (HeadScratch::default(), vec![f16::ZERO; hd]),
+            |(scratch, q16), (r, o)| {
                 let si = by_row[r];
                 if si == usize::MAX {
                     return;
@@ -255,18 +212,14 @@ impl Attention for ContiguousKv {
                 for h in 0..sh.n_head {
                     let kvh = h / sh.group();
                     ops::to_f16(&q[r * qw + h * hd..r * qw + (h + 1) * hd], q16);
-                    attend_head(
-                        q16,
-                        &s.k[layer],
-                        &s.v[layer],
+                    let view = KvView {
+                        k: &s.k[layer],
+                        v: &s.v[layer],
                         n_keys,
-                        kw,
-                        kvh * hd,
-                        sh.scale(),
-                        scores,
-                        lanes,
-                        &mut o[h * hd..(h + 1) * hd],
-                    );
+                        stride: kw,
+                        off: kvh * hd,
+                    };
+                    attend_head(q16, view, sh.scale(), scratch, &mut o[h * hd..(h + 1) * hd]);
                 }
             },
         );
