@@ -31,6 +31,40 @@ enum Command {
     Generate(GenerateArgs),
     /// Chat interactively (one message per line; /reset clears the conversation, /exit or EOF quits).
     Chat(ChatArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Raw engine speed: prefill at 512 tokens; decode at batch 1, 8, 32 at a short context and at 1024
+    /// tokens of context. Each point is the median of --reps interleaved runs.
+    Micro(MicroArgs),
+}
+
+#[derive(Args)]
+struct MicroArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Write the records as JSON lines to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Runs per point.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Decode contexts (tokens already in each sequence's KV).
+    #[arg(long, value_delimiter = ',', default_value = "16,1024")]
+    context: Vec<usize>,
+    /// Prefill length.
+    #[arg(long, default_value_t = 512)]
+    prefill: usize,
+    /// Timed decode steps per point.
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
 }
 
 /// Options every subcommand takes.
@@ -357,6 +391,63 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     })
 }
 
+fn cmd_bench_micro(a: MicroArgs) -> Result<()> {
+    if a.reps == 0 || a.steps == 0 || a.prefill == 0 || a.batch.contains(&0) {
+        bail!("--reps, --steps, --prefill and every --batch must be at least 1");
+    }
+    let pool = thread_pool(a.common.threads)?;
+    let threads = pool.current_num_threads();
+    let mut out = match &a.json {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    pool.install(|| {
+        let l = load(&a.common)?;
+        let max_ctx = a.context.iter().max().copied().unwrap_or(0) + a.steps + 1;
+        if max_ctx.max(a.prefill + 1) > l.n_ctx {
+            bail!(
+                "the benchmark needs {} tokens of context, more than --ctx-size {}",
+                max_ctx.max(a.prefill + 1),
+                l.n_ctx
+            );
+        }
+        let cfg = ep_bench::micro::MicroConfig {
+            prefill_tokens: a.prefill,
+            batches: a.batch.clone(),
+            contexts: a.context.clone(),
+            decode_steps: a.steps,
+            reps: a.reps,
+            threads,
+        };
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("bench micro [{bar:30}] {pos}/{len} runs")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        let recs = ep_bench::micro::run(&l.model, &cfg, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        println!(
+            "{:<8} {:>5} {:>8} {:>10}",
+            "kind", "batch", "context", "tok/s"
+        );
+        for r in &recs {
+            println!(
+                "{:<8} {:>5} {:>8} {:>10.1}",
+                r.kind, r.batch, r.context, r.tok_s
+            );
+            if let Some(f) = out.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(r)?)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -369,6 +460,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
+        Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -285,6 +285,73 @@ fn tiny_model_runs_through_the_cli() {
 }
 
 #[test]
+fn bench_micro_writes_json_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = write_tmp(
+        dir.path(),
+        "tiny.gguf",
+        &testutil::tiny_model_bytes(4, "llama"),
+    );
+    let json = dir.path().join("micro.jsonl");
+    let o = run(&[
+        "bench",
+        "micro",
+        "--model",
+        &tiny,
+        "--threads",
+        "1",
+        "--reps",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "1,3",
+        "--context",
+        "5",
+        "--prefill",
+        "16",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs: Vec<Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let keys: Vec<(String, u64, u64)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_string(),
+                r["batch"].as_u64().unwrap(),
+                r["context"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("prefill".into(), 1, 0),
+            ("decode".into(), 1, 5),
+            ("decode".into(), 3, 5)
+        ]
+    );
+    for r in &recs {
+        assert!(r["tok_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(r["threads"], 1);
+    }
+    // Bad arguments are refused with a message.
+    let o = run(&["bench", "micro", "--model", &tiny, "--reps", "0"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--reps"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -111,6 +111,23 @@ impl ContiguousKv {
         }
     }
 
+    /// Creates a new sequence holding a copy of `seq`'s KV (its own copy: attention reads it separately).
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId, ModelError> {
+        let src = self
+            .seqs
+            .get(seq)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| ModelError::Kv(format!("unknown sequence {seq}")))?;
+        let copy = SeqKv {
+            len: src.len,
+            k: src.k.clone(),
+            v: src.v.clone(),
+        };
+        let id = self.add_seq();
+        self.seqs[id] = Some(copy);
+        Ok(id)
+    }
+
     /// Frees a sequence.
     pub fn remove_seq(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.get_mut(seq) {
