@@ -10,6 +10,7 @@
 //! llama.cpp on these machines).
 
 pub mod attention;
+pub mod kquant;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

@@ -216,9 +216,11 @@ impl Attention for ContiguousKv {
         for &(r, i) in &row_of {
             by_row[r] = i;
         }
-        out.par_chunks_mut(qw).enumerate().for_each_init(
+        // One task per (query row, head): a single decoding sequence still spreads over all threads.
+        out.par_chunks_mut(hd).enumerate().for_each_init(
             || (HeadScratch::default(), vec![f16::ZERO; hd]),
-            |(scratch, q16), (r, o)| {
+            |(scratch, q16), (i, o)| {
+                let (r, h) = (i / sh.n_head, i % sh.n_head);
                 let si = by_row[r];
                 if si == usize::MAX {
                     return;
@@ -226,18 +228,16 @@ impl Attention for ContiguousKv {
                 let sl = &slices[si];
                 let s = seqs[sl.seq].as_ref().expect("checked above");
                 let n_keys = sl.pos + (r - sl.rows.start) + 1;
-                for h in 0..sh.n_head {
-                    let kvh = h / sh.group();
-                    ops::to_f16(&q[r * qw + h * hd..r * qw + (h + 1) * hd], q16);
-                    let view = KvView {
-                        k: &s.k[layer],
-                        v: &s.v[layer],
-                        n_keys,
-                        stride: kw,
-                        off: kvh * hd,
-                    };
-                    attend_head(q16, view, sh.scale(), scratch, &mut o[h * hd..(h + 1) * hd]);
-                }
+                let kvh = h / sh.group();
+                ops::to_f16(&q[r * qw + h * hd..r * qw + (h + 1) * hd], q16);
+                let view = KvView {
+                    k: &s.k[layer],
+                    v: &s.v[layer],
+                    n_keys,
+                    stride: kw,
+                    off: kvh * hd,
+                };
+                attend_head(q16, view, sh.scale(), scratch, o);
             },
         );
         Ok(())
