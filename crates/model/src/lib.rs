@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod kv;
 pub mod llama;
 pub mod sampling;
+pub mod spm;
 pub mod testutil;
 pub mod tokenizer;
 

@@ -1,9 +1,10 @@
 //! Tokenizer built from GGUF metadata, matching llama.cpp's `llama_tokenize` / `llama_token_to_piece`.
 //!
-//! Supported today: `tokenizer.ggml.model = "gpt2"` (byte-level BPE). SentencePiece (`"llama"`) and the
-//! other model types are rejected with an error naming them.
+//! Supported today: `tokenizer.ggml.model = "gpt2"` (byte-level BPE) and `"llama"` (SentencePiece, see
+//! [`crate::spm`]). The other model types are rejected with an error naming them.
 //!
-//! Encoding follows llama.cpp step by step:
+//! Byte-level BPE encoding follows llama.cpp step by step (SentencePiece vocabularies share step 1 and
+//! then tokenize each fragment as [`crate::spm`] describes):
 //!
 //! 1. **Special-token partition** (llama.cpp's `tokenizer_st_partition`): the special tokens (token
 //!    types control, user-defined and unknown) are searched for in the text, longest token text first;
@@ -20,6 +21,7 @@
 //! mapped back from the byte-level alphabet to raw bytes, control / user-defined / unknown tokens are
 //! rendered as their text, byte tokens as their byte, unused tokens as nothing.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -31,6 +33,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::gguf::{Gguf, GgufError, MetaValue};
+use crate::spm::{self, SpmModel, SpmSpec};
 
 /// Errors building or running a tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +41,8 @@ pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error(
-        "unsupported tokenizer model '{0}' (tokenizer.ggml.model); supported: \"gpt2\" (byte-level BPE)"
+        "unsupported tokenizer model '{0}' (tokenizer.ggml.model); supported: \"gpt2\" (byte-level BPE), \
+         \"llama\" (SentencePiece)"
     )]
     UnsupportedModel(String),
     #[error(
@@ -317,9 +321,18 @@ pub struct BpeSpec<'a> {
     pub add_eos: Option<bool>,
 }
 
-/// A byte-level BPE tokenizer (llama.cpp vocabulary type `LLAMA_VOCAB_TYPE_BPE`).
+/// How text fragments (between special tokens) become tokens.
+enum Backend {
+    /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`), run by the `tokenizers` crate.
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// SentencePiece (`tokenizer.ggml.model = "llama"`), llama.cpp's score-driven merge.
+    Spm(SpmModel),
+}
+
+/// A tokenizer built from GGUF metadata: byte-level BPE (llama.cpp vocabulary type
+/// `LLAMA_VOCAB_TYPE_BPE`) or SentencePiece (`LLAMA_VOCAB_TYPE_SPM`).
 pub struct Tokenizer {
-    hf: tokenizers::Tokenizer,
+    backend: Backend,
     pre: String,
     n_vocab: usize,
     attrs: Vec<u8>,
@@ -341,7 +354,7 @@ pub struct Tokenizer {
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("model", &"gpt2")
+            .field("model", &self.model())
             .field("pre", &self.pre)
             .field("n_vocab", &self.n_vocab)
             .field("n_special", &self.special_order.len())
@@ -366,14 +379,223 @@ fn opt_bool(g: &Gguf, key: &str) -> Result<Option<bool>, TokenizerError> {
     }
 }
 
+/// Token texts (llama.cpp renames empty ones `[EMPTY_<id>]`), their attributes from the token types, and
+/// the renamed texts with their ids.
+type BaseVocab<'a> = (Vec<Cow<'a, str>>, Vec<u8>, HashMap<String, u32>);
+
+fn base_vocab<'a>(
+    tokens: &[&'a str],
+    token_types: &[i32],
+) -> Result<BaseVocab<'a>, TokenizerError> {
+    let n = tokens.len();
+    if n == 0 {
+        return Err(TokenizerError::Invalid("empty vocabulary".into()));
+    }
+    if n > u32::MAX as usize / 2 {
+        return Err(TokenizerError::Invalid(format!(
+            "vocabulary too large ({n})"
+        )));
+    }
+    if !token_types.is_empty() && token_types.len() < n {
+        return Err(TokenizerError::Invalid(format!(
+            "{} token types for {n} tokens",
+            token_types.len()
+        )));
+    }
+    let mut texts: Vec<Cow<'a, str>> = Vec::with_capacity(n);
+    let mut extra_ids = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            let name = format!("[EMPTY_{i}]");
+            extra_ids.insert(name.clone(), i as u32);
+            texts.push(name.into());
+        } else {
+            texts.push((*t).into());
+        }
+    }
+    let attrs: Vec<u8> = if token_types.is_empty() {
+        vec![ATTR_NORMAL; n]
+    } else {
+        token_types[..n]
+            .iter()
+            .map(|&t| attr_from_type(t))
+            .collect()
+    };
+    Ok((texts, attrs, extra_ids))
+}
+
+/// Special tokens resolved from metadata and token texts (llama.cpp `llama_vocab::load`).
+struct Specials {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    /// End-of-generation tokens, ascending.
+    eog: Vec<u32>,
+    /// Special tokens (control, user-defined, unknown) with their text, longest text first.
+    special_order: Vec<(u32, String)>,
+}
+
+/// Resolves the special-token ids (metadata ids outside the vocabulary are ignored; `defaults` are the
+/// BOS / EOS / UNK ids of the vocabulary type, used when the metadata does not name one), detects
+/// end-of-turn / FIM tokens by text and adjusts `attrs` as llama.cpp does.
+fn resolve_specials(
+    texts: &[Cow<'_, str>],
+    attrs: &mut [u8],
+    lookup: &dyn Fn(&str) -> Option<u32>,
+    s: &SpecialIds,
+    defaults: [Option<u32>; 3],
+) -> Specials {
+    let n = texts.len();
+    let in_range = |v: Option<i64>| {
+        v.and_then(|x| u32::try_from(x).ok())
+            .filter(|&x| (x as usize) < n)
+    };
+    let with_default = |v: Option<i64>, default: Option<u32>| {
+        if v.is_some() {
+            in_range(v).or(default.filter(|&d| (d as usize) < n))
+        } else {
+            default.filter(|&d| (d as usize) < n)
+        }
+    };
+    let [default_bos, default_eos, default_unk] = defaults;
+    let bos = with_default(s.bos, default_bos);
+    let eos = with_default(s.eos, default_eos);
+    let unk = with_default(s.unk, default_unk);
+    let mut eot = in_range(s.eot);
+    let mut eom = in_range(s.eom);
+    let mut fim_pre = in_range(s.fim_pre);
+    let mut fim_suf = in_range(s.fim_suf);
+    let mut fim_mid = in_range(s.fim_mid);
+    let mut fim_pad = in_range(s.fim_pad);
+    let mut fim_rep = in_range(s.fim_rep);
+    let mut fim_sep = in_range(s.fim_sep);
+
+    // Auto-detect special tokens by text, forcing them to control type (llama.cpp's workaround).
+    let detect = |slot: &mut Option<u32>, names: &[&str], attrs: &mut [u8]| {
+        if slot.is_some() {
+            return;
+        }
+        for name in names {
+            if let Some(id) = lookup(name) {
+                *slot = Some(id);
+                attrs[id as usize] |= ATTR_CONTROL;
+                return;
+            }
+        }
+    };
+    detect(&mut eot, EOT_TEXTS, attrs);
+    detect(&mut eom, EOM_TEXTS, attrs);
+    detect(&mut fim_pre, FIM_PRE_TEXTS, attrs);
+    detect(&mut fim_suf, FIM_SUF_TEXTS, attrs);
+    detect(&mut fim_mid, FIM_MID_TEXTS, attrs);
+    detect(&mut fim_pad, FIM_PAD_TEXTS, attrs);
+    detect(&mut fim_rep, FIM_REP_TEXTS, attrs);
+    detect(&mut fim_sep, FIM_SEP_TEXTS, attrs);
+    let _ = (fim_pre, fim_suf, fim_mid);
+
+    // Control tokens named "unused..." are unused.
+    for (i, t) in texts.iter().enumerate() {
+        if attrs[i] & ATTR_CONTROL != 0 && t.contains("unused") {
+            attrs[i] |= ATTR_UNUSED;
+        }
+    }
+
+    // End-of-generation set.
+    let mut eog: Vec<u32> = Vec::new();
+    let add_eog = |id: Option<u32>, eog: &mut Vec<u32>| {
+        if let Some(id) = id {
+            if !eog.contains(&id) {
+                eog.push(id);
+            }
+        }
+    };
+    add_eog(fim_pad, &mut eog);
+    add_eog(fim_rep, &mut eog);
+    add_eog(fim_sep, &mut eog);
+    for name in EOG_TEXTS {
+        if let Some(id) = lookup(name) {
+            add_eog(Some(id), &mut eog);
+            attrs[id as usize] |= ATTR_CONTROL;
+        }
+    }
+    // gpt-oss: always rendered, matched like user-defined tokens.
+    for name in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
+        if let Some(id) = lookup(name) {
+            attrs[id as usize] = ATTR_USER_DEFINED;
+        }
+    }
+    add_eog(eos, &mut eog);
+    add_eog(eot, &mut eog);
+    add_eog(eom, &mut eog);
+    // o200k_harmony / solar-open: "<|end|>" is not end-of-generation there; gemma4 / plamo: "</s>" is
+    // a normal token.
+    {
+        let has = |t: &str| eog.iter().any(|&id| texts[id as usize] == t);
+        let drop_end = (has("<|return|>") && (has("<|call|>") || has("<|calls|>")))
+            || ((has("<|call|>") || has("<|calls|>")) && has("<|flush|>"));
+        let drop_s = has("<|tool_response>") || has("<|plamo:eos|>");
+        let pos_of = |eog: &[u32], t: &str| eog.iter().position(|&id| texts[id as usize] == t);
+        if drop_end {
+            if let Some(pos) = pos_of(&eog, "<|end|>") {
+                let id = eog.remove(pos);
+                attrs[id as usize] = ATTR_USER_DEFINED;
+            }
+        }
+        if drop_s {
+            if let Some(pos) = pos_of(&eog, "</s>") {
+                let id = eog.remove(pos);
+                attrs[id as usize] = ATTR_NORMAL;
+            }
+        }
+    }
+    eog.sort_unstable();
+
+    // Special tokens, longest text first (ties by id; llama.cpp's sort leaves ties unspecified).
+    let mut special_order: Vec<(u32, String)> = (0..n)
+        .filter(|&i| attrs[i] & ATTR_SPECIAL != 0)
+        .map(|i| (i as u32, texts[i].to_string()))
+        .collect();
+    special_order.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+
+    Specials {
+        bos,
+        eos,
+        unk,
+        eog,
+        special_order,
+    }
+}
+
+/// `tokenizer.ggml.scores` as f32 (llama.cpp accepts f32 or i32 arrays); empty when absent.
+fn read_scores(g: &Gguf, key: &str) -> Result<Vec<f32>, TokenizerError> {
+    match g.get(key) {
+        None => Ok(Vec::new()),
+        Some(MetaValue::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                MetaValue::F32(x) => Ok(*x),
+                MetaValue::I32(x) => Ok(*x as f32),
+                other => Err(TokenizerError::Invalid(format!(
+                    "{key}: expected an array of f32 or i32, found an element of type {}",
+                    other.type_name()
+                ))),
+            })
+            .collect(),
+        Some(other) => Err(TokenizerError::Invalid(format!(
+            "{key}: expected an array, found {}",
+            other.type_name()
+        ))),
+    }
+}
+
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     ///
-    /// Errors: a `tokenizer.ggml.model` other than `"gpt2"`, an unsupported `tokenizer.ggml.pre`, missing
-    /// or mistyped token / merge arrays.
+    /// Errors: a `tokenizer.ggml.model` other than `"gpt2"` or `"llama"`, an unsupported
+    /// `tokenizer.ggml.pre` (BPE), missing or mistyped token / merge / score arrays.
     pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
         let pre = match g.get("tokenizer.ggml.pre") {
@@ -385,7 +607,6 @@ impl Tokenizer {
             None => Vec::new(),
             Some(_) => g.get_i32_array("tokenizer.ggml.token_type")?,
         };
-        let merges = g.get_str_array("tokenizer.ggml.merges")?;
         let id = |k: &str| opt_i64(g, &format!("tokenizer.ggml.{k}"));
         let special = SpecialIds {
             bos: id("bos_token_id"),
@@ -403,6 +624,19 @@ impl Tokenizer {
             fim_rep: id("fim_rep_token_id"),
             fim_sep: id("fim_sep_token_id"),
         };
+        if model == "llama" {
+            return Self::from_spm(&SpmSpec {
+                tokens,
+                scores: read_scores(g, "tokenizer.ggml.scores")?,
+                token_types,
+                pre,
+                special,
+                add_bos: opt_bool(g, "tokenizer.ggml.add_bos_token")?,
+                add_eos: opt_bool(g, "tokenizer.ggml.add_eos_token")?,
+                add_space_prefix: opt_bool(g, "tokenizer.ggml.add_space_prefix")?,
+            });
+        }
+        let merges = g.get_str_array("tokenizer.ggml.merges")?;
         Self::from_bpe(&BpeSpec {
             tokens,
             token_types,
@@ -422,43 +656,8 @@ impl Tokenizer {
     pub fn from_bpe(spec: &BpeSpec<'_>) -> Result<Self, TokenizerError> {
         let cfg =
             pre_config(spec.pre).ok_or_else(|| TokenizerError::UnsupportedPre(spec.pre.into()))?;
-        let n = spec.tokens.len();
-        if n == 0 {
-            return Err(TokenizerError::Invalid("empty vocabulary".into()));
-        }
-        if n > u32::MAX as usize / 2 {
-            return Err(TokenizerError::Invalid(format!(
-                "vocabulary too large ({n})"
-            )));
-        }
-        if !spec.token_types.is_empty() && spec.token_types.len() < n {
-            return Err(TokenizerError::Invalid(format!(
-                "{} token types for {n} tokens",
-                spec.token_types.len()
-            )));
-        }
-
-        // Token texts (llama.cpp renames empty ones) and attributes.
-        let mut texts: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(n);
-        let mut extra_ids = HashMap::new();
-        for (i, t) in spec.tokens.iter().enumerate() {
-            if t.is_empty() {
-                let name = format!("[EMPTY_{i}]");
-                extra_ids.insert(name.clone(), i as u32);
-                texts.push(name.into());
-            } else {
-                texts.push((*t).into());
-            }
-        }
-        let mut attrs: Vec<u8> = if spec.token_types.is_empty() {
-            vec![ATTR_NORMAL; n]
-        } else {
-            spec.token_types[..n]
-                .iter()
-                .map(|&t| attr_from_type(t))
-                .collect()
-        };
-
+        let (texts, mut attrs, extra_ids) = base_vocab(&spec.tokens, &spec.token_types)?;
+        let n = texts.len();
         // Text -> id, last occurrence winning as in llama.cpp's `token_to_id[word] = i`.
         let mut vocab: Vocab = Vocab::default();
         vocab.reserve(n);
@@ -468,115 +667,19 @@ impl Tokenizer {
         let lookup = |s: &str| vocab.get(s).copied();
 
         // Special ids (llama.cpp defaults for gpt2 vocabularies: BOS = EOS = 11).
-        let in_range = |v: Option<i64>| {
-            v.and_then(|x| u32::try_from(x).ok())
-                .filter(|&x| (x as usize) < n)
-        };
-        let with_default = |v: Option<i64>, default: Option<u32>| {
-            if v.is_some() {
-                in_range(v).or(default.filter(|&d| (d as usize) < n))
-            } else {
-                default.filter(|&d| (d as usize) < n)
-            }
-        };
-        let s = &spec.special;
-        let bos = with_default(s.bos, Some(11));
-        let eos = with_default(s.eos, Some(11));
-        let mut eot = in_range(s.eot);
-        let mut eom = in_range(s.eom);
-        let mut fim_pre = in_range(s.fim_pre);
-        let mut fim_suf = in_range(s.fim_suf);
-        let mut fim_mid = in_range(s.fim_mid);
-        let mut fim_pad = in_range(s.fim_pad);
-        let mut fim_rep = in_range(s.fim_rep);
-        let mut fim_sep = in_range(s.fim_sep);
-
-        // Auto-detect special tokens by text, forcing them to control type (llama.cpp's workaround).
-        let detect = |slot: &mut Option<u32>, names: &[&str], attrs: &mut Vec<u8>| {
-            if slot.is_some() {
-                return;
-            }
-            for name in names {
-                if let Some(id) = lookup(name) {
-                    *slot = Some(id);
-                    attrs[id as usize] |= ATTR_CONTROL;
-                    return;
-                }
-            }
-        };
-        detect(&mut eot, EOT_TEXTS, &mut attrs);
-        detect(&mut eom, EOM_TEXTS, &mut attrs);
-        detect(&mut fim_pre, FIM_PRE_TEXTS, &mut attrs);
-        detect(&mut fim_suf, FIM_SUF_TEXTS, &mut attrs);
-        detect(&mut fim_mid, FIM_MID_TEXTS, &mut attrs);
-        detect(&mut fim_pad, FIM_PAD_TEXTS, &mut attrs);
-        detect(&mut fim_rep, FIM_REP_TEXTS, &mut attrs);
-        detect(&mut fim_sep, FIM_SEP_TEXTS, &mut attrs);
-        let _ = (fim_pre, fim_suf, fim_mid);
-
-        // Control tokens named "unused..." are unused.
-        for (i, t) in texts.iter().enumerate() {
-            if attrs[i] & ATTR_CONTROL != 0 && t.contains("unused") {
-                attrs[i] |= ATTR_UNUSED;
-            }
-        }
-
-        // End-of-generation set.
-        let mut eog: Vec<u32> = Vec::new();
-        let add_eog = |id: Option<u32>, eog: &mut Vec<u32>| {
-            if let Some(id) = id {
-                if !eog.contains(&id) {
-                    eog.push(id);
-                }
-            }
-        };
-        add_eog(fim_pad, &mut eog);
-        add_eog(fim_rep, &mut eog);
-        add_eog(fim_sep, &mut eog);
-        for name in EOG_TEXTS {
-            if let Some(id) = lookup(name) {
-                add_eog(Some(id), &mut eog);
-                attrs[id as usize] |= ATTR_CONTROL;
-            }
-        }
-        // gpt-oss: always rendered, matched like user-defined tokens.
-        for name in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
-            if let Some(id) = lookup(name) {
-                attrs[id as usize] = ATTR_USER_DEFINED;
-            }
-        }
-        add_eog(eos, &mut eog);
-        add_eog(eot, &mut eog);
-        add_eog(eom, &mut eog);
-        // o200k_harmony / solar-open: "<|end|>" is not end-of-generation there; gemma4 / plamo: "</s>" is
-        // a normal token.
-        {
-            let has = |t: &str| eog.iter().any(|&id| texts[id as usize] == t);
-            let drop_end = (has("<|return|>") && (has("<|call|>") || has("<|calls|>")))
-                || ((has("<|call|>") || has("<|calls|>")) && has("<|flush|>"));
-            let drop_s = has("<|tool_response>") || has("<|plamo:eos|>");
-            let pos_of = |eog: &[u32], t: &str| eog.iter().position(|&id| texts[id as usize] == t);
-            if drop_end {
-                if let Some(pos) = pos_of(&eog, "<|end|>") {
-                    let id = eog.remove(pos);
-                    attrs[id as usize] = ATTR_USER_DEFINED;
-                }
-            }
-            if drop_s {
-                if let Some(pos) = pos_of(&eog, "</s>") {
-                    let id = eog.remove(pos);
-                    attrs[id as usize] = ATTR_NORMAL;
-                }
-            }
-        }
-        eog.sort_unstable();
-
-        // Special tokens, longest text first (ties by id; llama.cpp's sort leaves ties unspecified).
-        let mut special_order: Vec<(u32, String)> = (0..n)
-            .filter(|&i| attrs[i] & ATTR_SPECIAL != 0)
-            .map(|i| (i as u32, texts[i].to_string()))
-            .collect();
-        special_order.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        let Specials {
+            bos,
+            eos,
+            eog,
+            special_order,
+            ..
+        } = resolve_specials(
+            &texts,
+            &mut attrs,
+            &lookup,
+            &spec.special,
+            [Some(11), Some(11), None],
+        );
 
         // Decoded pieces (llama.cpp `token_to_piece(special = true)`).
         let inverse = char_to_byte_table();
@@ -669,7 +772,7 @@ impl Tokenizer {
         let add_eos = spec.add_eos.unwrap_or(false) && eos.is_some();
 
         Ok(Tokenizer {
-            hf,
+            backend: Backend::Bpe(Box::new(hf)),
             pre: spec.pre.to_string(),
             n_vocab: n,
             attrs,
@@ -685,6 +788,84 @@ impl Tokenizer {
         })
     }
 
+    /// Builds a SentencePiece tokenizer from its parts (what [`Tokenizer::from_gguf`] reads for
+    /// `tokenizer.ggml.model = "llama"`).
+    ///
+    /// As in llama.cpp: BOS / EOS / UNK default to ids 1 / 2 / 0 when the metadata does not name them
+    /// (and the vocabulary has that many tokens); BOS is added unless `add_bos_token` is false; a space
+    /// is prefixed unless `add_space_prefix` is false; an empty token text is replaced by
+    /// `[EMPTY_<id>]`.
+    pub fn from_spm(spec: &SpmSpec<'_>) -> Result<Self, TokenizerError> {
+        let (texts, mut attrs, extra_ids) = base_vocab(&spec.tokens, &spec.token_types)?;
+        let n = texts.len();
+        if !spec.scores.is_empty() && spec.scores.len() < n {
+            return Err(TokenizerError::Invalid(format!(
+                "{} scores for {n} tokens",
+                spec.scores.len()
+            )));
+        }
+        let text_refs: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
+        let scores = if spec.scores.is_empty() {
+            vec![0.0; n]
+        } else {
+            spec.scores[..n].to_vec()
+        };
+        let mut by_text: HashMap<&str, u32> = HashMap::with_capacity(n);
+        for (i, t) in text_refs.iter().enumerate() {
+            by_text.insert(t, i as u32);
+        }
+        let lookup = |s: &str| by_text.get(s).copied();
+        let sp = resolve_specials(
+            &texts,
+            &mut attrs,
+            &lookup,
+            &spec.special,
+            [Some(1), Some(2), Some(0)],
+        );
+
+        // Decoded pieces (llama.cpp `token_to_piece(special = true)` for SPM vocabularies).
+        let mut pieces = Vec::with_capacity(n * 6);
+        let mut piece_offsets = Vec::with_capacity(n + 1);
+        piece_offsets.push(0u32);
+        for (i, t) in texts.iter().enumerate() {
+            let a = attrs[i];
+            if a & ATTR_SPECIAL != 0 {
+                pieces.extend_from_slice(t.as_bytes());
+            } else if a & ATTR_NORMAL != 0 {
+                spm::unescape_into(t, &mut pieces);
+            } else if a & ATTR_BYTE != 0 {
+                pieces.push(spm::byte_token_value(t));
+            }
+            let end = u32::try_from(pieces.len())
+                .map_err(|_| TokenizerError::Invalid("vocabulary text too large".into()))?;
+            piece_offsets.push(end);
+        }
+
+        let model = SpmModel::new(
+            &text_refs,
+            scores,
+            sp.unk,
+            spec.add_space_prefix.unwrap_or(true),
+        );
+        let add_bos = spec.add_bos.unwrap_or(true) && sp.bos.is_some();
+        let add_eos = spec.add_eos.unwrap_or(false) && sp.eos.is_some();
+        Ok(Tokenizer {
+            backend: Backend::Spm(model),
+            pre: spec.pre.to_string(),
+            n_vocab: n,
+            attrs,
+            pieces,
+            piece_offsets,
+            special_order: sp.special_order,
+            extra_ids,
+            bos: sp.bos,
+            eos: sp.eos,
+            eog: sp.eog,
+            add_bos,
+            add_eos,
+        })
+    }
+
     // -----------------------------------------------------------------------------------------------
     // Encoding
     // -----------------------------------------------------------------------------------------------
@@ -692,24 +873,45 @@ impl Tokenizer {
     /// Tokenizes `text` as llama.cpp's `llama_tokenize(text, add_special = true, parse_special)`.
     ///
     /// BOS is prepended when the metadata says so (`tokenizer.ggml.add_bos_token`, or the
-    /// pre-tokenizer type's default; SmolLM2: no), and EOS appended when `tokenizer.ggml.add_eos_token`
-    /// is true. With `parse_special`, the text of control tokens (e.g. `"<|im_start|>"`) becomes that
-    /// token; without it, such text is tokenized as ordinary text. User-defined tokens are always
-    /// matched. Empty text gives no text tokens (so an empty vector unless BOS/EOS are added).
+    /// vocabulary's default: SentencePiece yes, SmolLM2 no), and EOS appended when
+    /// `tokenizer.ggml.add_eos_token` is true. With `parse_special`, the text of control tokens (e.g.
+    /// `"<|im_start|>"`) becomes that token; without it, such text is tokenized as ordinary text.
+    /// User-defined tokens are always matched. Empty text gives no text tokens (so an empty vector unless
+    /// BOS/EOS are added).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(text, parse_special, true)
+    }
+
+    /// [`Tokenizer::encode`] with llama.cpp's `add_special` flag: when false, neither BOS nor EOS is
+    /// added whatever the metadata says (llama-cpp-python's `tokenize(add_bos = False)`).
+    pub fn encode_with(
+        &self,
+        text: &str,
+        parse_special: bool,
+        add_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
-        if self.add_bos {
+        if add_special && self.add_bos {
             out.extend(self.bos);
         }
         if !text.is_empty() {
+            // SentencePiece prefixes a space to the first fragment and to each one after a special
+            // token (whether or not BOS was added).
+            let mut after_special = true;
             for frag in self.partition(text, parse_special) {
                 match frag {
-                    Fragment::Token(id) => out.push(id),
-                    Fragment::Text(start, end) => self.encode_text(&text[start..end], &mut out)?,
+                    Fragment::Token(id) => {
+                        out.push(id);
+                        after_special = true;
+                    }
+                    Fragment::Text(start, end) => {
+                        self.encode_text(&text[start..end], after_special, &mut out)?;
+                        after_special = false;
+                    }
                 }
             }
         }
-        if self.add_eos {
+        if add_special && self.add_eos {
             out.extend(self.eos);
         }
         Ok(out)
@@ -757,14 +959,24 @@ impl Tokenizer {
         frags
     }
 
-    /// Pre-tokenizes and BPE-encodes a fragment that contains no special tokens.
-    fn encode_text(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
-        let enc = self
-            .hf
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
-        out.extend_from_slice(enc.get_ids());
-        Ok(())
+    /// Tokenizes a fragment that contains no special tokens: pre-tokenization and BPE, or the
+    /// SentencePiece merge (`after_special`: the fragment is the first or follows a special token).
+    fn encode_text(
+        &self,
+        text: &str,
+        after_special: bool,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        match &self.backend {
+            Backend::Bpe(hf) => {
+                let enc = hf
+                    .encode_fast(text, false)
+                    .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                out.extend_from_slice(enc.get_ids());
+                Ok(())
+            }
+            Backend::Spm(m) => m.encode_fragment(text, after_special, out),
+        }
     }
 
     // -----------------------------------------------------------------------------------------------
@@ -783,6 +995,27 @@ impl Tokenizer {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         }
+    }
+
+    /// Text of a token sequence as llama-cpp-python's `Llama.detokenize(ids, special)` gives it: each
+    /// token's piece (llama.cpp `token_to_piece`; with `special` false, control and unknown tokens give
+    /// nothing), then, when the first token is BOS and the text starts with a space, that one space
+    /// removed (the space SentencePiece prefixes to the prompt). Invalid UTF-8 becomes U+FFFD.
+    pub fn detokenize(&self, ids: &[u32], special: bool) -> String {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            let hidden = self
+                .attrs
+                .get(id as usize)
+                .is_some_and(|a| a & (ATTR_CONTROL | ATTR_UNKNOWN) != 0);
+            if special || !hidden {
+                bytes.extend_from_slice(self.token_bytes(id));
+            }
+        }
+        let start = usize::from(
+            ids.first().is_some_and(|&id| Some(id) == self.bos) && bytes.first() == Some(&b' '),
+        );
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
     }
 
     /// Raw bytes of one token's piece: normal tokens mapped back from the byte-level alphabet (may be
@@ -843,11 +1076,31 @@ impl Tokenizer {
     }
 
     /// The id of the vocabulary entry with exactly this text, as stored in the GGUF: special tokens by
-    /// their text (`"<|im_start|>"`), normal tokens in the byte-level alphabet (`"Ġthe"`).
+    /// their text (`"<|im_start|>"`), normal tokens in the byte-level alphabet (`"Ġthe"`) or with
+    /// SentencePiece's `▁` for spaces (`"▁the"`).
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
-        self.hf
-            .token_to_id(text)
-            .or_else(|| self.extra_ids.get(text).copied())
+        match &self.backend {
+            Backend::Bpe(hf) => hf.token_to_id(text),
+            Backend::Spm(m) => m.token_to_id(text),
+        }
+        .or_else(|| self.extra_ids.get(text).copied())
+    }
+
+    /// The `tokenizer.ggml.model` this tokenizer implements: `"gpt2"` (byte-level BPE) or `"llama"`
+    /// (SentencePiece).
+    pub fn model(&self) -> &'static str {
+        match self.backend {
+            Backend::Bpe(_) => "gpt2",
+            Backend::Spm(_) => "llama",
+        }
+    }
+
+    /// Whether a space is prefixed to the text (SentencePiece `add_space_prefix`; false for BPE).
+    pub fn add_space_prefix(&self) -> bool {
+        match &self.backend {
+            Backend::Bpe(_) => false,
+            Backend::Spm(m) => m.add_space_prefix(),
+        }
     }
 
     /// The `tokenizer.ggml.pre` value this tokenizer was built for.
@@ -865,9 +1118,13 @@ impl Tokenizer {
         self.add_eos
     }
 
-    /// The underlying HF `tokenizers` tokenizer (byte-level BPE, no special-token handling).
-    pub fn hf(&self) -> &tokenizers::Tokenizer {
-        &self.hf
+    /// The underlying HF `tokenizers` tokenizer (byte-level BPE, no special-token handling); `None` for
+    /// SentencePiece vocabularies.
+    pub fn hf(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.backend {
+            Backend::Bpe(hf) => Some(hf),
+            Backend::Spm(_) => None,
+        }
     }
 }
 
@@ -1307,14 +1564,14 @@ mod tests {
         assert_eq!(tok.encode("he", false).unwrap(), vec![he]);
         assert_eq!(tok.pre(), "smollm");
 
-        // SentencePiece vocabularies are not supported yet.
+        // Other vocabulary types are not supported.
         let mut meta2 = meta.clone();
-        meta2[1].1 = MetaValue::String("llama".into());
-        let path2 = dir.path().join("spm.gguf");
+        meta2[1].1 = MetaValue::String("bert".into());
+        let path2 = dir.path().join("wpm.gguf");
         std::fs::write(&path2, to_bytes(&meta2, &[])).unwrap();
         let err = Tokenizer::from_gguf(&Gguf::open(&path2).unwrap())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("'llama'"), "{err}");
+        assert!(err.contains("'bert'"), "{err}");
     }
 }
