@@ -143,7 +143,7 @@ for t in "${TARGETS[@]}"; do
 done
 {
     echo "source: $NAME (sha256 $SHA256) vendor/llama.cpp"
-    echo "commit: $(grep -o 'BUILD_COMMIT[^;]*' "$BUILD/common/build-info.cpp" 2>/dev/null | head -1 || true)"
+    echo "llama.cpp commit: $(sed -n 's/.*LLAMA_COMMIT = "\(.*\)";/\1/p' "$BUILD/common/build-info.cpp" 2>/dev/null | head -1)"
     echo "built: $(date -u +%FT%TZ) in $((END - START)) s with -j$JOBS"
     echo "cflags: -march=native (GGML_NATIVE=ON) $NOAMX"
 } > "$BIN/BUILD_INFO"
