@@ -2,6 +2,10 @@
 //!
 //! Prints, per weight type, shape, batch size, path and thread count, the median time of one matmul and
 //! the weight bytes streamed per second (the decode-time bound).
+//!
+//! `-- decode` runs only the decode model: the matmuls of one SmolLM2-135M token at batch 1 (30 layers
+//! of Q4_1 q/k/v/o/gate/up/down, then the 49152x576 Q8_0 output projection), one after another as the
+//! model runs them, and prints the time per token (the weights do not fit in the cache).
 
 use std::time::{Duration, Instant};
 
@@ -20,12 +24,17 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
             s as u8
         })
         .collect();
-    // Keep the scales finite: a small f16 (0x2c00 = 1/16) at the start of every block.
+    // Keep the scales finite and spread like a real model's: f16 magnitudes in [2^-10, 2^-5) with
+    // random mantissas (Q4_1's `m` negative), so that scale conversions see varied values.
     if ty.block_size() == 32 {
         let nscales = if ty == GgmlType::Q4_1 { 2 } else { 1 };
         for b in w.chunks_exact_mut(ty.type_size()) {
             for i in 0..nscales {
-                b[2 * i..2 * i + 2].copy_from_slice(&0x2c00u16.to_le_bytes());
+                let r = u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+                let exp = 5 + (r >> 10) % 5;
+                let sign = if i == 1 { 0x8000 } else { 0 };
+                let h = sign | exp << 10 | (r & 0x3ff);
+                b[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
             }
         }
     } else if ty != GgmlType::F32 {
@@ -96,14 +105,92 @@ fn bench(ty: GgmlType, m: usize, k: usize, n: usize, path: Path, threads: usize)
     std::hint::black_box(&out);
 }
 
+/// The matmuls of one decode step of SmolLM2-135M (Q4_1 layers, Q8_0 output), at batch 1.
+fn bench_decode(threads: usize) {
+    const LAYERS: usize = 30;
+    let layer_shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = (0..LAYERS)
+        .flat_map(|_| layer_shapes)
+        .map(|(m, k)| (GgmlType::Q4_1, m, k))
+        .chain([(GgmlType::Q8_0, 49152, 576)])
+        .map(|(ty, m, k)| (ty, m, k, weights(ty, m, k)))
+        .collect();
+    let bytes: usize = mats.iter().map(|(_, _, _, d)| d.len()).sum();
+    let x: Vec<f32> = (0..1536)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut out = vec![0f32; 49152];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let path = ep_kernels::simd::path();
+    let token = |out: &mut [f32]| {
+        for (ty, m, k, data) in &mats {
+            let w = WeightRef {
+                ty: *ty,
+                rows: *m,
+                cols: *k,
+                data,
+            };
+            matmul_with(path, &w, &x[..*k], 1, &mut out[..*m]).unwrap();
+        }
+    };
+    let budget = Duration::from_millis(
+        std::env::var("EP_BENCH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000),
+    );
+    let mut times = Vec::new();
+    pool.install(|| {
+        token(&mut out);
+        let start = Instant::now();
+        while start.elapsed() < budget || times.len() < 5 {
+            let t = Instant::now();
+            token(&mut out);
+            times.push(t.elapsed());
+        }
+    });
+    let best = *times.iter().min().unwrap();
+    let t = median(times);
+    println!(
+        "decode SmolLM2-135M matmuls {:>6} t={} {:>8.3} ms/token (best {:>8.3}) {:>7.2} GB/s  {:>6.1} tok/s (best {:>6.1})",
+        path.name(),
+        threads,
+        t.as_secs_f64() * 1e3,
+        best.as_secs_f64() * 1e3,
+        bytes as f64 / t.as_secs_f64() / 1e9,
+        1.0 / t.as_secs_f64(),
+        1.0 / best.as_secs_f64(),
+    );
+    std::hint::black_box(&out);
+}
+
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.as_deref() == Some("decode") {
+        for threads in [1, 2] {
+            bench_decode(threads);
+        }
+        return;
+    }
     let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let paths: Vec<Path> = [Path::Avx2, Path::Scalar]
         .into_iter()
         .filter(|p| p.is_available())
         .collect();
     let shapes = [
+        (192, 576),
+        (576, 576),
         (1536, 576),
         (576, 1536),
         (2048, 2048),

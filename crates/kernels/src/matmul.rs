@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{self, dequantize_row, quantize_activation_row, ActScales4, GgmlType};
+use crate::quant::{self, dequantize_row, quantize_activation_row_with, ActScales4, GgmlType};
 use crate::simd::{self, Path};
 
 pub use crate::quant::KernelError;
@@ -136,10 +136,10 @@ pub fn matmul_with(
     if n >= 4 && n * k >= SERIAL_WORK {
         act.par_chunks_mut(arb)
             .zip(x.par_chunks(k))
-            .for_each(|(dst, src)| quantize_activation_row(at, src, dst));
+            .for_each(|(dst, src)| quantize_activation_row_with(path, at, src, dst));
     } else {
         for (dst, src) in act.chunks_mut(arb).zip(x.chunks(k)) {
-            quantize_activation_row(at, src, dst);
+            quantize_activation_row_with(path, at, src, dst);
         }
     }
 
@@ -253,7 +253,6 @@ impl Job<'_> {
         let len = t.len() / n;
         debug_assert_eq!(t.len(), len * n);
         debug_assert!(j0 + len <= self.w.rows);
-        let quads = len / 4 * 4;
         let tiled = 4 * self.groups;
         let g4 = 4 * self.nb;
         for i0 in (0..n).step_by(ACT_TILE) {
@@ -288,21 +287,29 @@ impl Job<'_> {
                     }
                 }
             }
-            // The other activation rows: four weight rows at a time.
+            // The other activation rows: all of this task's weight rows against each (the decode
+            // case: the weights stream once, four rows at a time, with prefetching).
             let is = i0.max(4 * g1);
-            for jq in (0..quads).step_by(4) {
-                let wr: [&[u8]; 4] = std::array::from_fn(|r| self.w.row(j0 + jq + r, self.wrb));
-                for i in is..i1 {
-                    let d = quant::vec_dot4_with(self.path, ty, k, wr, self.act_row(i));
-                    for (r, v) in d.into_iter().enumerate() {
-                        t[(jq + r) * n + i] = v;
-                    }
+            let wrows = &self.w.data[j0 * self.wrb..(j0 + len) * self.wrb];
+            if n == 1 {
+                if is < i1 {
+                    quant::vec_dot_rows_with(self.path, ty, k, wrows, self.wrb, self.act_row(0), t);
                 }
-            }
-            for jr in quads..len {
-                let wr = self.w.row(j0 + jr, self.wrb);
+            } else {
+                let mut col = vec![0f32; if is < i1 { len } else { 0 }];
                 for i in is..i1 {
-                    t[jr * n + i] = quant::vec_dot_with(self.path, ty, k, wr, self.act_row(i));
+                    quant::vec_dot_rows_with(
+                        self.path,
+                        ty,
+                        k,
+                        wrows,
+                        self.wrb,
+                        self.act_row(i),
+                        &mut col,
+                    );
+                    for (jr, &v) in col.iter().enumerate() {
+                        t[jr * n + i] = v;
+                    }
                 }
             }
         }

@@ -232,3 +232,51 @@ fn unaligned_weight_data_is_fine() {
     }
     let _ = matmul::WeightRef::validate(&ws);
 }
+
+/// Batch-1 matmuls (the decode path: rows streamed four at a time with prefetching) on model-sized
+/// shapes, with weight scales that are extreme (subnormal, huge, infinite, NaN) in some rows: every
+/// output equals its scalar dot product, whatever the other rows of its group hold.
+#[test]
+fn decode_matmul_with_extreme_scales_matches_scalar() {
+    let scales: [u16; 8] = [
+        0x0001, 0x03ff, 0x7bff, 0xfbff, 0x7c00, 0xfc00, 0x7e00, 0x8000,
+    ];
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0] {
+        for (m, k) in [(203, 576), (576, 1536), (7, 64)] {
+            let mut data = random_weights(ty, m, k, (m * k) as u64);
+            let rb = ty.row_bytes(k).unwrap();
+            let bs = ty.type_size();
+            // Every third row gets an extreme scale (and for Q4_1 an extreme `m`) in some blocks.
+            for j in (0..m).step_by(3) {
+                for (b, blk) in data[j * rb..(j + 1) * rb].chunks_exact_mut(bs).enumerate() {
+                    if (b + j) % 4 == 0 {
+                        let v = scales[(b + j) % scales.len()];
+                        blk[0..2].copy_from_slice(&v.to_le_bytes());
+                        if ty == GgmlType::Q4_1 {
+                            let v = scales[(b + j + 3) % scales.len()];
+                            blk[2..4].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+            let w = WeightRef {
+                ty,
+                rows: m,
+                cols: k,
+                data: &data,
+            };
+            let x = random_activations(1, k, 99);
+            let want = bits(&reference(&w, &x, 1));
+            for path in paths() {
+                for threads in [1, 2] {
+                    let got = pool(threads).install(|| run(path, &w, &x, 1));
+                    assert_eq!(
+                        bits(&got),
+                        want,
+                        "{ty:?} {m}x{k} {path:?} threads {threads}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -127,6 +127,45 @@ fn q8_tiny_amax_saturates_like_ggml() {
 }
 
 #[test]
+fn q8_special_blocks_simd_equal_scalar() {
+    let Some(p) = avx2() else { return };
+    let mut blocks: Vec<[f32; 32]> = Vec::new();
+    // Overflowing 127 / amax (inf, and NaN for 0 * inf), a NaN first, a NaN last, infinities, and
+    // a sum of quants that overflows f16 for Q8_1's `s`.
+    let mut b = [0f32; 32];
+    b[0] = 2e-37;
+    b[1] = -1e-37;
+    blocks.push(b);
+    let mut b = [1f32; 32];
+    b[0] = f32::NAN;
+    blocks.push(b);
+    let mut b = [1f32; 32];
+    b[31] = f32::from_bits(0xFFC1_2345);
+    blocks.push(b);
+    let mut b = [-2f32; 32];
+    b[7] = f32::INFINITY;
+    blocks.push(b);
+    blocks.push([f32::MAX; 32]);
+    blocks.push([3e4; 32]);
+    blocks.push([-0.0; 32]);
+    for b in &blocks {
+        let mut s = [0u8; 36];
+        let mut v = [0u8; 36];
+        quant::quantize_row_q8_1_with(Path::Scalar, b, &mut s);
+        quant::quantize_row_q8_1_with(p, b, &mut v);
+        assert_eq!(s, v, "q8_1 of {b:?}");
+        let (mut s, mut v) = ([0u8; 34], [0u8; 34]);
+        quant::quantize_row_q8_0_with(Path::Scalar, b, &mut s);
+        quant::quantize_row_q8_0_with(p, b, &mut v);
+        assert_eq!(s, v, "q8_0 of {b:?}");
+    }
+    // The saturation cases really are exercised.
+    let mut q = [0u8; 34];
+    quant::quantize_row_q8_0_with(p, &blocks[0], &mut q);
+    assert!(BlockQ8_0::read(&q).qs.iter().all(|&v| v == -128));
+}
+
+#[test]
 fn bf16_conversion_matches_ggml_formula() {
     let cases = [
         (1.0f32, 0x3F80u16),
@@ -248,6 +287,52 @@ fn naive_float_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
     terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()))
 }
 
+/// Values that stress the quantiser: NaNs (with payloads and either sign), infinities, zeros of
+/// either sign, subnormals, the f32 extremes, tiny maxima whose `127 / amax` overflows, and ties.
+fn special_value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        1 => Just(f32::NAN),
+        1 => Just(-f32::NAN),
+        1 => (1u32..0x40_0000).prop_map(|p| f32::from_bits(0x7F80_0000 | p)),
+        1 => (1u32..0x40_0000).prop_map(|p| f32::from_bits(0xFFC0_0000 | p)),
+        1 => Just(f32::INFINITY),
+        1 => Just(f32::NEG_INFINITY),
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => (1u32..0x80_0000).prop_map(f32::from_bits),
+        1 => Just(f32::MAX),
+        1 => Just(f32::MIN),
+        1 => Just(f32::MIN_POSITIVE),
+        1 => prop::sample::select(vec![2e-37f32, -1e-37, 3e-39, 1e38, -3e38]),
+        2 => (-127i32..127).prop_map(|k| k as f32 + 0.5),
+        4 => -1e3f32..1e3,
+    ]
+}
+
+/// The AVX2 quantisers write exactly the bytes of the scalar ones (Q8_0 and Q8_1).
+fn quantize_paths_agree(x: &[f32]) -> Result<(), TestCaseError> {
+    let Some(p) = avx2() else { return Ok(()) };
+    let n = x.len();
+    let mut s0 = vec![0u8; n / QK * BlockQ8_0::BYTES];
+    let mut v0 = vec![0xAAu8; s0.len()];
+    quant::quantize_row_q8_0_with(Path::Scalar, x, &mut s0);
+    quant::quantize_row_q8_0_with(p, x, &mut v0);
+    prop_assert_eq!(&s0, &v0, "q8_0 of {:?}", x);
+    let mut s1 = vec![0u8; n / QK * BlockQ8_1::BYTES];
+    let mut v1 = vec![0xAAu8; s1.len()];
+    quant::quantize_row_q8_1_with(Path::Scalar, x, &mut s1);
+    quant::quantize_row_q8_1_with(p, x, &mut v1);
+    prop_assert_eq!(&s1, &v1, "q8_1 of {:?}", x);
+    for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
+        let mut a = vec![0u8; ty.row_bytes(n).unwrap()];
+        let mut b = vec![0xAAu8; a.len()];
+        quant::quantize_activation_row_with(Path::Scalar, ty, x, &mut a);
+        quant::quantize_activation_row_with(p, ty, x, &mut b);
+        prop_assert_eq!(&a, &b, "{:?} activation row", ty);
+    }
+    Ok(())
+}
+
 fn avx2() -> Option<Path> {
     simd::avx2_available().then_some(Path::Avx2)
 }
@@ -263,6 +348,19 @@ proptest! {
     #[test]
     fn quantize_q8_1_matches_naive(x in row_strategy(20)) {
         prop_assert_eq!(quantized(GgmlType::Q8_1, &x), naive_quantize_q8_1(&x));
+    }
+
+    #[test]
+    fn quantize_simd_equals_scalar(x in row_strategy(20)) {
+        quantize_paths_agree(&x)?;
+    }
+
+    #[test]
+    fn quantize_simd_equals_scalar_on_special_values(
+        x in prop::collection::vec(special_value(), 32..=96),
+    ) {
+        let n = x.len() / QK * QK;
+        quantize_paths_agree(&x[..n])?;
     }
 
     #[test]
