@@ -636,33 +636,7 @@ pub fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
 /// # Panics
 /// As [`quantize_row_q8_0`], and if `path` is not available on this CPU.
 pub fn quantize_row_q8_0_with(path: Path, x: &[f32], dst: &mut [u8]) {
-    check_quantize_args("quantize_row_q8_0", x, dst, BlockQ8_0::BYTES);
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => {
-            assert!(
-                simd::avx2_available(),
-                "quantize_row_q8_0: AVX2 path requested but not available"
-            );
-            // SAFETY: `x` holds `nb` blocks and `dst` `nb` Q8_0 blocks (checked above); CPU support
-            // checked just above.
-            unsafe { avx2::quantize_q8::<false>(x.len() / QK, x.as_ptr(), dst.as_mut_ptr()) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Path::Avx2 => panic!("quantize_row_q8_0: AVX2 path requested but not available"),
-        Path::Scalar => {
-            for (xb, out) in x
-                .chunks_exact(QK)
-                .zip(dst.chunks_exact_mut(BlockQ8_0::BYTES))
-            {
-                let b = quantize_block_q8(xb);
-                out[0..2].copy_from_slice(&f32_to_f16_ggml(b.d).to_le_bytes());
-                for (o, &q) in out[2..].iter_mut().zip(&b.qs) {
-                    *o = q as u8;
-                }
-            }
-        }
-    }
+    quantize_row_q8_with::<false>("quantize_row_q8_0", path, x, dst)
 }
 
 /// Quantises a row of f32 (a multiple of 32 elements) to Q8_1 blocks exactly as ggml's AVX2
@@ -679,29 +653,42 @@ pub fn quantize_row_q8_1(x: &[f32], dst: &mut [u8]) {
 /// # Panics
 /// As [`quantize_row_q8_1`], and if `path` is not available on this CPU.
 pub fn quantize_row_q8_1_with(path: Path, x: &[f32], dst: &mut [u8]) {
-    check_quantize_args("quantize_row_q8_1", x, dst, BlockQ8_1::BYTES);
+    quantize_row_q8_with::<true>("quantize_row_q8_1", path, x, dst)
+}
+
+/// The Q8_0 (`Q8_1 = false`) or Q8_1 row quantiser on `path`: the same blocks, Q8_1 adding
+/// `s = f16(d * Σq)` after `d`.
+fn quantize_row_q8_with<const Q8_1: bool>(what: &str, path: Path, x: &[f32], dst: &mut [u8]) {
+    let block_bytes = if Q8_1 {
+        BlockQ8_1::BYTES
+    } else {
+        BlockQ8_0::BYTES
+    };
+    check_quantize_args(what, x, dst, block_bytes);
     match path {
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => {
             assert!(
                 simd::avx2_available(),
-                "quantize_row_q8_1: AVX2 path requested but not available"
+                "{what}: AVX2 path requested but not available"
             );
-            // SAFETY: `x` holds `nb` blocks and `dst` `nb` Q8_1 blocks (checked above); CPU support
+            // SAFETY: `x` holds `nb` blocks and `dst` `nb` output blocks (checked above); CPU support
             // checked just above.
-            unsafe { avx2::quantize_q8::<true>(x.len() / QK, x.as_ptr(), dst.as_mut_ptr()) }
+            unsafe { avx2::quantize_q8::<Q8_1>(x.len() / QK, x.as_ptr(), dst.as_mut_ptr()) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Path::Avx2 => panic!("quantize_row_q8_1: AVX2 path requested but not available"),
+        Path::Avx2 => panic!("{what}: AVX2 path requested but not available"),
         Path::Scalar => {
-            for (xb, out) in x
-                .chunks_exact(QK)
-                .zip(dst.chunks_exact_mut(BlockQ8_1::BYTES))
-            {
+            for (xb, out) in x.chunks_exact(QK).zip(dst.chunks_exact_mut(block_bytes)) {
                 let b = quantize_block_q8(xb);
                 out[0..2].copy_from_slice(&f32_to_f16_ggml(b.d).to_le_bytes());
-                out[2..4].copy_from_slice(&f32_to_f16_ggml(b.d * b.sum as f32).to_le_bytes());
-                for (o, &q) in out[4..].iter_mut().zip(&b.qs) {
+                let qs = if Q8_1 {
+                    out[2..4].copy_from_slice(&f32_to_f16_ggml(b.d * b.sum as f32).to_le_bytes());
+                    &mut out[4..]
+                } else {
+                    &mut out[2..]
+                };
+                for (o, &q) in qs.iter_mut().zip(&b.qs) {
                     *o = q as u8;
                 }
             }
