@@ -349,6 +349,12 @@ pub mod scalar {
 
     /// Dequantises one Q4_K block into `y[..256]`.
     pub fn dequantize_block_q4_k(b: &[u8], y: &mut [f32]) {
+        dequantize_block_scaled_min(b, y, q4_k_quant)
+    }
+
+    /// Q4_K / Q5_K dequantisation: `d·sc[s]·q − dmin·m[s]` per 32-element sub-block, `quant` giving
+    /// element `e`'s unsigned quant.
+    fn dequantize_block_scaled_min(b: &[u8], y: &mut [f32], quant: impl Fn(&[u8], usize) -> u8) {
         let d = f16_at(b, 0);
         let dmin = f16_at(b, 2);
         let (sc, m) = scales_mins_k4(&b[4..16]);
@@ -356,23 +362,14 @@ pub mod scalar {
             let d1 = d * sc[s] as f32;
             let m1 = dmin * m[s] as f32;
             for (l, v) in ys.iter_mut().enumerate() {
-                *v = d1 * q4_k_quant(b, 32 * s + l) as f32 - m1;
+                *v = d1 * quant(b, 32 * s + l) as f32 - m1;
             }
         }
     }
 
     /// Dequantises one Q5_K block into `y[..256]`.
     pub fn dequantize_block_q5_k(b: &[u8], y: &mut [f32]) {
-        let d = f16_at(b, 0);
-        let dmin = f16_at(b, 2);
-        let (sc, m) = scales_mins_k4(&b[4..16]);
-        for (s, ys) in y[..QK_K].chunks_exact_mut(32).enumerate() {
-            let d1 = d * sc[s] as f32;
-            let m1 = dmin * m[s] as f32;
-            for (l, v) in ys.iter_mut().enumerate() {
-                *v = d1 * q5_k_quant(b, 32 * s + l) as f32 - m1;
-            }
-        }
+        dequantize_block_scaled_min(b, y, q5_k_quant)
     }
 
     /// Dequantises one Q6_K block into `y[..256]`: `(d * sc) * (q - 32)`.
