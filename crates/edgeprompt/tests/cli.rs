@@ -43,11 +43,15 @@ fn ids(v: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// The llama.cpp greedy fixture.
+fn greedy_fixture() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/greedy.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 /// A greedy case from the llama.cpp fixture with no near-tie anywhere on its path.
 fn robust_fixture_case() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/greedy.json");
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    fx["cases"]
+    greedy_fixture()["cases"]
         .as_array()
         .unwrap()
         .iter()
@@ -98,9 +102,7 @@ fn generate_json_matches_llama_cpp_greedy() {
 }
 
 fn fixture_case(i: usize) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/greedy.json");
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    fx["cases"][i].clone()
+    greedy_fixture()["cases"][i].clone()
 }
 
 #[test]

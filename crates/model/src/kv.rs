@@ -205,16 +205,11 @@ impl Attention for ContiguousKv {
                 s.len = end;
             }
         }
-        // Attend: one task per query row; every (row, head) is computed the same way whatever the batch.
+        // Which slice each query row belongs to (rows outside every slice stay untouched).
         let seqs = &self.seqs;
-        let row_of: Vec<(usize, usize)> = slices
-            .iter()
-            .enumerate()
-            .flat_map(|(i, sl)| sl.rows.clone().map(move |r| (r, i)))
-            .collect();
         let mut by_row = vec![usize::MAX; q.len() / qw];
-        for &(r, i) in &row_of {
-            by_row[r] = i;
+        for (i, sl) in slices.iter().enumerate() {
+            by_row[sl.rows.clone()].fill(i);
         }
         // One task per (query row, head): a single decoding sequence still spreads over all threads.
         out.par_chunks_mut(hd).enumerate().for_each_init(
