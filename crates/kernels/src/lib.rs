@@ -13,6 +13,7 @@ pub mod attention;
 pub mod kquant;
 pub mod matmul;
 pub mod ops;
+pub mod paged;
 pub mod quant;
 pub mod simd;
 

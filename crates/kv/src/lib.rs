@@ -1,0 +1,19 @@
+//! EdgePrompt KV store: a block pool with a hard byte budget and a prefix tree of shared blocks keyed by
+//! chained, salted, process-independent hashes.
+//!
+//! The engine owns one [`BlockPool`] and one [`PrefixCache`]; sequences hold block tables (lists of
+//! [`BlockId`]) into the pool. Scheduling policy (who gets blocks, who is preempted) lives in the engine.
+
+pub mod pool;
+pub mod tree;
+
+pub use ep_kernels::paged::KvDtype;
+pub use pool::{BlockId, BlockPool, KvLayout};
+pub use tree::{block_hashes, BlockHash, Hit, PrefixCache};
+
+/// Errors of the KV store.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("KV configuration: {0}")]
+    Config(String),
+}
