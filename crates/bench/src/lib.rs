@@ -1,6 +1,7 @@
 //! EdgePrompt benchmarks. Speed is measured here and reported as numbers and ratios, never asserted in
 //! tests.
 
+pub mod batch;
 pub mod micro;
 
 /// Median of a non-empty list (the lower middle for even lengths).

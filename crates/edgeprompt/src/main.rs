@@ -4,11 +4,14 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ep_engine::{Engine, EngineConfig, Event, Finished, Request};
+use ep_kv::KvDtype;
 use ep_model::chat::{ChatMessage, ChatTemplate};
-use ep_model::generate::{GenerateParams, Generation, Session};
+use ep_model::generate::GenerateParams;
 use ep_model::sampling::SamplingParams;
 use ep_model::tokenizer::Tokenizer;
 use ep_model::{testutil, Model};
@@ -41,6 +44,42 @@ enum BenchCommand {
     /// Raw engine speed: prefill at 512 tokens; decode at batch 1, 8, 32 at a short context and at 1024
     /// tokens of context. Each point is the median of --reps interleaved runs.
     Micro(MicroArgs),
+    /// The non-interactive scenario: batches of requests sharing cloud prompts, decode throughput per
+    /// attention mode. Each point is the median of --reps interleaved runs.
+    Batch(BatchArgs),
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    engine: EngineOpts,
+    /// Attention modes to compare.
+    #[arg(long, value_delimiter = ',', default_value = "paged")]
+    modes: Vec<String>,
+    /// Cloud prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "0,512,1024,2048,4096")]
+    prefix_tokens: Vec<usize>,
+    /// Requests per batch.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    batch: Vec<usize>,
+    /// Distinct cloud prompts per batch (the batch splits evenly over them).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    groups: Vec<usize>,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    gen: usize,
+    /// Runs per point.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Public datasets directory (MMLU); default $EDGEPROMPT_DATASETS, then ../shared/datasets;
+    /// without one, prompts are generated.
+    #[arg(long)]
+    datasets: Option<PathBuf>,
+    /// Write the records as JSON lines to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -79,6 +118,46 @@ struct Common {
     /// Context length in tokens (default: the model's training context, at most 8192).
     #[arg(long)]
     ctx_size: Option<usize>,
+}
+
+/// Options of the serving engine (KV store and scheduler).
+#[derive(Args, Clone)]
+struct EngineOpts {
+    /// Data type of stored K/V: f16, bf16 or f32.
+    #[arg(long, default_value = "f16")]
+    kv_dtype: String,
+    /// KV memory budget in MiB (a hard limit: requests wait or are preempted beyond it).
+    #[arg(long, default_value_t = 1024)]
+    kv_mem_mib: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Tokens one forward step may process (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+}
+
+impl EngineOpts {
+    fn config(&self, max_seq_len: usize) -> Result<EngineConfig> {
+        let kv_dtype: KvDtype = self
+            .kv_dtype
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--kv-dtype: {e}"))?;
+        if self.kv_mem_mib == 0 || self.step_tokens == 0 {
+            bail!("--kv-mem-mib and --step-tokens must be at least 1");
+        }
+        if self.block_size == 0 || self.block_size % 8 != 0 {
+            bail!("--block-size must be a positive multiple of 8");
+        }
+        Ok(EngineConfig {
+            kv_dtype,
+            block_tokens: self.block_size,
+            kv_budget_bytes: self.kv_mem_mib << 20,
+            max_seq_len,
+            max_step_tokens: self.step_tokens,
+            ..EngineConfig::default()
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -136,6 +215,8 @@ struct GenerateArgs {
     raw: bool,
     #[command(flatten)]
     sampling: Sampling,
+    #[command(flatten)]
+    engine: EngineOpts,
     /// Print one JSON object as the last line of stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -150,6 +231,8 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     sampling: Sampling,
+    #[command(flatten)]
+    engine: EngineOpts,
 }
 
 struct Loaded {
@@ -264,131 +347,203 @@ fn messages(system: &Option<String>) -> Vec<ChatMessage> {
         .collect()
 }
 
-fn render(l: &Loaded, msgs: &[ChatMessage]) -> Result<Vec<u32>> {
-    let t = l
-        .template
-        .as_ref()
-        .context("the model has no chat template (tokenizer.chat_template); use --raw")?;
+fn render(
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    msgs: &[ChatMessage],
+) -> Result<Vec<u32>> {
+    let t =
+        template.context("the model has no chat template (tokenizer.chat_template); use --raw")?;
     let text = t.render(msgs, true)?;
-    Ok(l.tok.encode(&text, true)?)
+    Ok(tok.encode(&text, true)?)
 }
 
-fn print_speed(g: &Generation) {
-    eprintln!(
-        "\n[prompt {} tokens ({} computed) at {:.1} tok/s; {} tokens generated at {:.1} tok/s; finish: {}]",
-        g.prompt_tokens.len(),
-        g.prefill_tokens,
-        g.prefill_tok_s(),
-        g.tokens.len(),
-        g.decode_tok_s(),
-        g.finish_reason.as_str()
-    );
+/// A loaded model moved onto an engine thread.
+struct Served {
+    engine: Engine,
+    tok: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+}
+
+fn serve(common: &Common, opts: &EngineOpts, pool: rayon::ThreadPool) -> Result<Served> {
+    let pool = Arc::new(pool);
+    let l = pool.install(|| load(common))?;
+    let cfg = opts.config(l.n_ctx)?;
+    let tok = Arc::new(l.tok);
+    let engine = Engine::start(Arc::new(l.model), tok.clone(), cfg, Some(pool))?;
+    Ok(Served {
+        engine,
+        tok,
+        template: l.template,
+    })
+}
+
+/// One request's result with its timings.
+struct Streamed {
+    tokens: Vec<u32>,
+    text: String,
+    fin: Finished,
+}
+
+impl Streamed {
+    fn prefill_tok_s(&self) -> f64 {
+        rate(
+            self.fin.prompt_tokens - self.fin.cached_tokens,
+            self.fin.first_token.as_secs_f64(),
+        )
+    }
+    fn decode_tok_s(&self) -> f64 {
+        rate(
+            self.fin.generated.saturating_sub(1),
+            (self.fin.total - self.fin.first_token).as_secs_f64(),
+        )
+    }
+    fn print_speed(&self) {
+        eprintln!(
+            "\n[prompt {} tokens ({} computed) at {:.1} tok/s; {} tokens generated at {:.1} tok/s; finish: {}]",
+            self.fin.prompt_tokens,
+            self.fin.prompt_tokens - self.fin.cached_tokens,
+            self.prefill_tok_s(),
+            self.fin.generated,
+            self.decode_tok_s(),
+            self.fin.reason.as_str()
+        );
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Submits a request and streams its text to `on_text`.
+fn run_request(engine: &Engine, req: Request, on_text: &mut dyn FnMut(&str)) -> Result<Streamed> {
+    let mut stream = engine.submit(req)?;
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            Event::Token { token, text: t, .. } => {
+                tokens.push(token);
+                if !t.is_empty() {
+                    on_text(&t);
+                    text.push_str(&t);
+                }
+            }
+            Event::Done(fin) => {
+                if !fin.text_tail.is_empty() {
+                    on_text(&fin.text_tail);
+                    text.push_str(&fin.text_tail);
+                }
+                return Ok(Streamed { tokens, text, fin });
+            }
+            Event::Error(e) => bail!("{e}"),
+        }
+    }
+    bail!("the engine stopped before the request finished")
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let pool = thread_pool(a.common.threads)?;
     let params = params(&a.sampling)?;
-    pool.install(|| {
-        let l = load(&a.common)?;
-        let prompt = if a.raw {
-            if a.system.is_some() {
-                bail!("--system cannot be used with --raw (put the system text in the prompt)");
-            }
-            l.tok.encode(&a.prompt, true)?
-        } else {
-            let mut msgs = messages(&a.system);
-            msgs.push(ChatMessage {
-                role: "user".into(),
-                content: a.prompt.clone(),
-            });
-            render(&l, &msgs)?
-        };
-        let mut session = Session::new(&l.model, l.n_ctx);
-        let stdout = std::io::stdout();
-        let g = if a.json {
-            session.generate(&l.tok, &prompt, &params, &mut |_| {})?
-        } else {
-            let mut out = stdout.lock();
-            let g = session.generate(&l.tok, &prompt, &params, &mut |s| {
-                let _ = out.write_all(s.as_bytes());
-                let _ = out.flush();
-            })?;
-            let _ = writeln!(out);
-            g
-        };
-        if a.json {
-            let j = serde_json::json!({
-                "prompt_tokens": g.prompt_tokens,
-                "tokens": g.tokens,
-                "text": g.text,
-                "finish_reason": g.finish_reason.as_str(),
-                "prefill_tok_s": g.prefill_tok_s(),
-                "decode_tok_s": g.decode_tok_s(),
-            });
-            println!("{j}");
-        } else {
-            print_speed(&g);
-        }
-        Ok(())
-    })
+    if a.raw && a.system.is_some() {
+        bail!("--system cannot be used with --raw (put the system text in the prompt)");
+    }
+    let sv = serve(&a.common, &a.engine, thread_pool(a.common.threads)?)?;
+    let prompt = if a.raw {
+        sv.tok.encode(&a.prompt, true)?
+    } else {
+        let mut msgs = messages(&a.system);
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        render(&sv.tok, sv.template.as_ref(), &msgs)?
+    };
+    let req = Request::new(prompt.clone(), params);
+    let g = if a.json {
+        run_request(&sv.engine, req, &mut |_| {})?
+    } else {
+        let mut out = std::io::stdout().lock();
+        let g = run_request(&sv.engine, req, &mut |s| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+        })?;
+        let _ = writeln!(out);
+        g
+    };
+    if a.json {
+        let j = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": g.tokens,
+            "text": g.text,
+            "finish_reason": g.fin.reason.as_str(),
+            "prefill_tok_s": g.prefill_tok_s(),
+            "decode_tok_s": g.decode_tok_s(),
+        });
+        println!("{j}");
+    } else {
+        g.print_speed();
+    }
+    Ok(())
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let pool = thread_pool(a.common.threads)?;
     let params = params(&a.sampling)?;
-    pool.install(|| {
-        let l = load(&a.common)?;
-        let mut session = Session::new(&l.model, l.n_ctx);
-        let mut msgs = messages(&a.system);
-        let stdin = std::io::stdin();
-        let mut line = String::new();
-        eprintln!("chat with the model; /reset clears the conversation, /exit quits");
-        loop {
-            eprint!("> ");
-            line.clear();
-            if stdin.lock().read_line(&mut line)? == 0 {
-                break;
+    let sv = serve(&a.common, &a.engine, thread_pool(a.common.threads)?)?;
+    let mut msgs = messages(&a.system);
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    eprintln!("chat with the model; /reset clears the conversation, /exit quits");
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        match input.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                msgs = messages(&a.system);
+                continue;
             }
-            let input = line.trim_end_matches(['\n', '\r']);
-            match input.trim() {
-                "" => continue,
-                "/exit" | "/quit" => break,
-                "/reset" => {
-                    msgs = messages(&a.system);
-                    continue;
-                }
-                _ => {}
-            }
-            msgs.push(ChatMessage {
-                role: "user".into(),
-                content: input.to_string(),
-            });
-            let prompt = render(&l, &msgs)?;
+            _ => {}
+        }
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: input.to_string(),
+        });
+        // The whole conversation is sent each turn; the engine's prefix cache reuses its KV.
+        let r = render(&sv.tok, sv.template.as_ref(), &msgs).and_then(|prompt| {
             let mut out = std::io::stdout().lock();
-            let r = session.generate(&l.tok, &prompt, &params, &mut |s| {
+            let r = run_request(&sv.engine, Request::new(prompt, params.clone()), &mut |s| {
                 let _ = out.write_all(s.as_bytes());
                 let _ = out.flush();
             });
             let _ = writeln!(out);
-            drop(out);
-            match r {
-                Ok(g) => {
-                    print_speed(&g);
-                    msgs.push(ChatMessage {
-                        role: "assistant".into(),
-                        content: g.text,
-                    });
-                }
-                Err(e) => {
-                    // The conversation no longer fits (or another request-level problem): say so and
-                    // let the user go on or /reset.
-                    msgs.pop();
-                    eprintln!("error: {e}");
-                }
+            r
+        });
+        match r {
+            Ok(g) => {
+                g.print_speed();
+                msgs.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: g.text,
+                });
+            }
+            Err(e) => {
+                // The conversation no longer fits (or another request-level problem): say so and
+                // let the user go on or /reset.
+                msgs.pop();
+                eprintln!("error: {e:#}");
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 fn cmd_bench_micro(a: MicroArgs) -> Result<()> {
@@ -448,6 +603,73 @@ fn cmd_bench_micro(a: MicroArgs) -> Result<()> {
     })
 }
 
+fn cmd_bench_batch(a: BatchArgs) -> Result<()> {
+    let pool = Arc::new(thread_pool(a.common.threads)?);
+    let threads = pool.current_num_threads();
+    let datasets = ep_bench::batch::datasets_dir(a.datasets.clone());
+    if let Some(d) = &datasets {
+        if !d.join("mmlu").is_dir() {
+            bail!("datasets directory {} has no mmlu/ folder", d.display());
+        }
+    }
+    let mut out = match &a.json {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    let l = pool.install(|| load(&a.common))?;
+    let max_prefix = a.prefix_tokens.iter().max().copied().unwrap_or(0);
+    let cfg = ep_bench::batch::BatchConfig {
+        modes: a.modes.clone(),
+        prefix_tokens: a.prefix_tokens.clone(),
+        batches: a.batch.clone(),
+        groups: a.groups.clone(),
+        gen: a.gen,
+        reps: a.reps,
+        datasets,
+        engine: EngineConfig {
+            max_seqs: a.batch.iter().max().copied().unwrap_or(1),
+            ..a.engine.config(l.n_ctx.max(max_prefix + 1024))?
+        },
+        threads,
+    };
+    let model = Arc::new(l.model);
+    let tok = Arc::new(l.tok);
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("bench batch [{bar:30}] {pos}/{len} runs")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let recs = ep_bench::batch::run(&model, &tok, &cfg, Some(pool), |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{:<7} {:>6} {:>5} {:>6} {:>12} {:>8} {:>9} {:>9}  outputs",
+        "mode", "prefix", "batch", "groups", "decode tok/s", "step ms", "req/s", "prefill s"
+    );
+    for r in &recs {
+        println!(
+            "{:<7} {:>6} {:>5} {:>6} {:>12.1} {:>8.1} {:>9.2} {:>9.2}  {}",
+            r.mode,
+            r.prefix_tokens,
+            r.batch,
+            r.groups,
+            r.decode_tok_s,
+            r.step_ms,
+            r.requests_per_s,
+            r.prefill_s,
+            &r.outputs_sha256[..12]
+        );
+        if let Some(f) = out.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(r)?)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -461,6 +683,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
         Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
+        Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
