@@ -142,7 +142,7 @@ impl EngineOpts {
         let kv_dtype: KvDtype = self
             .kv_dtype
             .parse()
-            .map_err(|e: String| anyhow::anyhow!("--kv-dtype: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--kv-dtype: {e}"))?;
         if self.kv_mem_mib == 0 || self.step_tokens == 0 {
             bail!("--kv-mem-mib and --step-tokens must be at least 1");
         }

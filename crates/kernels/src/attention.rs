@@ -98,7 +98,7 @@ pub fn scalar_attend_head(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use half::f16;
@@ -116,7 +116,7 @@ mod avx2 {
     /// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, as `ops::hsum8`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(x: __m256) -> f32 {
+    pub(crate) fn hsum(x: __m256) -> f32 {
         let a = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         let b = _mm_add_ps(a, _mm_movehl_ps(a, a));
         let c = _mm_add_ss(b, _mm_movehdup_ps(b));
@@ -175,7 +175,7 @@ mod avx2 {
     /// summed by the `hsum8` tree, groups in f64). Returns the log-sum-exp.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn softmax(x: &mut [f32]) -> f32 {
+    pub(crate) fn softmax(x: &mut [f32]) -> f32 {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             x.iter_mut().for_each(|v| *v = 0.0);
@@ -209,7 +209,7 @@ mod avx2 {
     /// The 8 dot-product sums of `acc[0..8]`, each reduced by the `hsum8` tree, as one vector.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum_x8(a: [__m256; 8]) -> __m256 {
+    pub(crate) fn hsum_x8(a: [__m256; 8]) -> __m256 {
         // b_i = [lo(a_i)+hi(a_i) | lo(a_{i+4})+hi(a_{i+4})] = [t0..t3 of key i | of key i+4].
         let b: [__m256; 4] = std::array::from_fn(|i| {
             _mm256_add_ps(

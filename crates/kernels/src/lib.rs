@@ -3,7 +3,8 @@
 //! Everything numeric that the model runs sits here, behind plain slice-based functions: the ggml block
 //! formats (so GGUF weights are used in place, without conversion), activation quantisation exactly as
 //! ggml's x86 CPU backend does it (so the integer dot products match llama.cpp's), the quantised dot
-//! products and matmul, and the small float ops (RMSNorm, RoPE, softmax, SiLU).
+//! products and matmul, the small float ops (RMSNorm, RoPE, softmax, SiLU), and attention over
+//! contiguous (`attention`) and paged (`paged`) KV storage.
 //!
 //! The kernels are hand-written rather than taken from a crate: no crate offers ggml's block formats with
 //! runtime-dispatched SIMD integer dot products (candle's Q4_1 path is scalar and measured 3–4× slower than
