@@ -33,6 +33,7 @@ COMPARE=0
 KEEP=""
 IDLE_WAIT=900
 FROM=""
+BATCH_MODES="${BATCH_MODES:-paged}"
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -113,6 +114,12 @@ run_edgeprompt() {  # run_edgeprompt ROUND
     local r="$1"
     run_cmd "$RAW/ep-r$r.stdout" "$EP" bench micro --model "$MODEL" --threads "$THREADS" --reps 1 \
         --json "$RAW/ep-r$r.jsonl" || { log "edgeprompt bench micro failed in round $r"; rm -f "$RAW/ep-r$r.jsonl"; }
+    # the engine's paged mode on llama-batched-bench's workload: 1024 shared tokens, 64 generated
+    if "$EP" bench batch --help >/dev/null 2>&1; then
+        run_cmd "$RAW/epb-r$r.stdout" "$EP" bench batch --model "$MODEL" --threads "$THREADS" --reps 1 \
+            --modes "$BATCH_MODES" --prefix-tokens 1024 --batch 1,8,32 --groups 1 --gen 64 \
+            --json "$RAW/epb-r$r.jsonl" || { log "edgeprompt bench batch failed in round $r"; rm -f "$RAW/epb-r$r.jsonl"; }
+    fi
 }
 
 cpu_busy_pct() {  # percent of all CPU time spent busy over 2 s
@@ -193,6 +200,12 @@ for path in sorted(glob.glob(os.path.join(raw, "bb-*.jsonl"))):
         if pl == 1:  # S_PP of the shared prompt is the same run for every pl; keep one
             add(("llama.cpp", "llama-batched-bench", "prefill", 1, 0, pp, kvu), [j["speed_pp"]])
 
+# edgeprompt bench batch --json: mode, prefix_tokens, batch, gen_tokens, decode_tok_s, decode_runs
+for path in sorted(glob.glob(os.path.join(raw, "epb-*.jsonl"))):
+    for j in json_lines(path):
+        add(("edgeprompt", "bench batch " + j["mode"], "decode", j["batch"], j["prefix_tokens"],
+             j["gen_tokens"], None), j.get("decode_runs") or [j["decode_tok_s"]])
+
 # edgeprompt bench micro --json: engine, kind, batch, context, tokens, tok_s, runs
 for path in sorted(glob.glob(os.path.join(raw, "ep-*.jsonl"))):
     for j in json_lines(path):
@@ -231,7 +244,7 @@ for r in recs:
     print(f"{r['tool']:<20} {r['kind']:<8} {r['batch']:>5} {r['context']:>6} {r['tokens']:>5} {kv:>5} {r['tok_s']:>8.1f} {r['best']:>8.1f}", file=err)
 
 if compare:
-    ep = {bucket(r): r for r in recs if r["engine"] == "edgeprompt"}
+    ep = {bucket(r): r for r in recs if r["tool"] == "bench micro"}
     print("\nedgeprompt / llama.cpp (ratio > 1 means edgeprompt is faster; medians, and best-of-runs)", file=err)
     print(f"{'kind':<8} {'batch':>5} {'ctx':>6} {'llama.cpp tool':<26} {'llama.cpp':>10} {'edgeprompt':>11} {'ratio':>7} {'best ratio':>11}", file=err)
     matched = 0
@@ -244,4 +257,20 @@ if compare:
         matched += 1
     if not matched:
         print("(no matching keys)", file=err)
+    # The engine (continuous batching, paged KV with the shared prompt's blocks stored once) against
+    # llama-batched-bench on the same workload: -pps with and without -kvu.
+    eb = [r for r in recs if r["tool"].startswith("bench batch")]
+    if eb:
+        print("\nedgeprompt engine (bench batch) / llama-batched-bench -pps, 1024 shared tokens, decode tok/s", file=err)
+        print(f"{'mode':<8} {'batch':>5} {'edgeprompt':>11} {'no-kvu':>8} {'ratio':>6} {'best':>6} {'-kvu':>8} {'ratio':>6} {'best':>6}", file=err)
+        for e in sorted(eb, key=lambda r: (r["tool"], r["batch"])):
+            row = f"{e['tool'][12:]:<8} {e['batch']:>5} {e['tok_s']:>11.1f}"
+            for kvu in (False, True):
+                m = [r for r in recs if r["tool"] == "llama-batched-bench" and r["kind"] == "decode"
+                     and r["batch"] == e["batch"] and r["context"] == e["context"] and r.get("kvu") == kvu]
+                if m:
+                    row += f" {m[0]['tok_s']:>8.1f} {e['tok_s'] / m[0]['tok_s']:>6.2f} {e['best'] / m[0]['best']:>6.2f}"
+                else:
+                    row += f" {'-':>8} {'-':>6} {'-':>6}"
+            print(row, file=err)
 PY
