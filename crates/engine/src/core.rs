@@ -738,9 +738,9 @@ impl<'a> Core<'a> {
         }));
     }
 
-    /// Pins the cached blocks of a token prefix (public, unsalted) so eviction keeps them. Returns the
-    /// number of blocks pinned.
-    pub fn pin_prefix(&mut self, tokens: &[u32]) -> usize {
+    /// Pins the cached blocks of a public (unsalted) token prefix so eviction keeps them; returns the
+    /// hashes pinned (for [`PrefixCache::unpin`]).
+    pub fn pin_prefix(&mut self, tokens: &[u32]) -> Vec<BlockHash> {
         let hashes = block_hashes(
             self.cache.root(),
             tokens,
@@ -748,19 +748,13 @@ impl<'a> Core<'a> {
             tokens.len(),
             None,
         );
-        self.cache.pin(&hashes)
+        let present = self.cache.peek(&hashes).len();
+        self.cache.pin(&hashes[..present])
     }
 
-    /// Undoes [`pin_prefix`](Self::pin_prefix).
-    pub fn unpin_prefix(&mut self, tokens: &[u32]) {
-        let hashes = block_hashes(
-            self.cache.root(),
-            tokens,
-            self.layout.block_tokens,
-            tokens.len(),
-            None,
-        );
-        self.cache.unpin(&hashes);
+    /// Undoes a [`pin_prefix`](Self::pin_prefix).
+    pub fn unpin(&mut self, pinned: &[BlockHash]) {
+        self.cache.unpin(pinned);
     }
 
     /// Hashes of the full blocks of `tokens` under `salt` (public up to `public_len`).

@@ -342,7 +342,7 @@ fn engine_loop(
                     core.cancel(id);
                 }
                 Cmd::Pin(tokens, reply) => {
-                    let _ = reply.send(core.pin_prefix(&tokens));
+                    let _ = reply.send(core.pin_prefix(&tokens).len());
                 }
                 Cmd::Stop => return,
             }

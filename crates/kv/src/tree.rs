@@ -258,22 +258,23 @@ impl PrefixCache {
         }
     }
 
-    /// Pins the nodes of `hashes` that are present (a pinned node is never evicted). Returns how many
-    /// were pinned.
-    pub fn pin(&mut self, hashes: &[BlockHash]) -> usize {
-        let mut n = 0;
+    /// Pins the nodes of `hashes` that are present (a pinned node is never evicted) and returns the
+    /// hashes it pinned: pass exactly those to [`unpin`](Self::unpin), so one caller never removes
+    /// another's pins.
+    pub fn pin(&mut self, hashes: &[BlockHash]) -> Vec<BlockHash> {
+        let mut pinned = Vec::new();
         for h in hashes {
             if let Some(node) = self.nodes.get_mut(h) {
                 node.pins += 1;
-                n += 1;
+                pinned.push(*h);
             }
         }
-        n
+        pinned
     }
 
-    /// Undoes one [`pin`](Self::pin) of each present node of `hashes`.
-    pub fn unpin(&mut self, hashes: &[BlockHash]) {
-        for h in hashes {
+    /// Undoes one pin of each node of `pinned` (what [`pin`](Self::pin) returned).
+    pub fn unpin(&mut self, pinned: &[BlockHash]) {
+        for h in pinned {
             if let Some(node) = self.nodes.get_mut(h) {
                 node.pins = node.pins.saturating_sub(1);
             }
@@ -284,13 +285,22 @@ impl PrefixCache {
         n.ready && n.pins == 0 && pool.ref_count(n.block) == 1
     }
 
-    /// Blocks that eviction could free now (held by the tree alone, unpinned, computed). Ancestors of a
-    /// node in use or pinned are themselves in use or pinned, so all of these can be reclaimed leaf by
-    /// leaf.
+    /// Blocks that eviction could free now: nodes held by the tree alone, unpinned and computed, with
+    /// no node below them that is not (a node is freed only after all its children).
     pub fn reclaimable(&self, pool: &BlockPool) -> usize {
+        let mut blocked: std::collections::HashSet<BlockHash> = std::collections::HashSet::new();
+        for n in self.nodes.values().filter(|n| !self.evictable(n, pool)) {
+            let mut up = n.parent;
+            while let Some(p) = up {
+                if !blocked.insert(p) {
+                    break;
+                }
+                up = self.nodes.get(&p).and_then(|pn| pn.parent);
+            }
+        }
         self.nodes
-            .values()
-            .filter(|n| self.evictable(n, pool))
+            .iter()
+            .filter(|(h, n)| self.evictable(n, pool) && !blocked.contains(h))
             .count()
     }
 
@@ -302,26 +312,21 @@ impl PrefixCache {
             .is_some_and(|n| self.evictable(n, pool))
     }
 
-    /// Evicts least recently used leaves until `want` blocks were freed or none is left to evict.
-    /// Returns the number freed.
+    /// Evicts the least recently used evictable leaf, one at a time, until `want` blocks were freed or
+    /// none is left. Returns the number freed.
     pub fn evict(&mut self, pool: &mut BlockPool, want: usize) -> usize {
         let mut freed = 0;
         while freed < want {
-            let mut leaves: Vec<(u64, BlockHash)> = self
+            let victim = self
                 .nodes
                 .iter()
                 .filter(|(_, n)| n.children == 0 && self.evictable(n, pool))
-                .map(|(h, n)| (n.last_use, *h))
-                .collect();
-            if leaves.is_empty() {
-                break;
-            }
-            leaves.sort_unstable();
-            for (_, h) in leaves.into_iter().take(want - freed) {
-                self.remove(pool, &h);
-                self.evictions += 1;
-                freed += 1;
-            }
+                .min_by_key(|(h, n)| (n.last_use, **h))
+                .map(|(h, _)| *h);
+            let Some(h) = victim else { break };
+            self.remove(pool, &h);
+            self.evictions += 1;
+            freed += 1;
         }
         freed
     }
