@@ -393,8 +393,8 @@ pub fn run(
     let mut done = 0;
     for _ in 0..cfg.reps {
         for (pi, pt) in points.iter().enumerate() {
-            for mi in 0..cfg.modes.len() {
-                runs[pi][mi].push(run_point(model, tok, cfg, &pt.3, pool.clone())?);
+            for mode_runs in runs[pi].iter_mut() {
+                mode_runs.push(run_point(model, tok, cfg, &pt.3, pool.clone())?);
                 done += 1;
                 progress(done, total);
             }
