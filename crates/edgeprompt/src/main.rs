@@ -146,7 +146,7 @@ impl EngineOpts {
         if self.kv_mem_mib == 0 || self.step_tokens == 0 {
             bail!("--kv-mem-mib and --step-tokens must be at least 1");
         }
-        if self.block_size == 0 || self.block_size % 8 != 0 {
+        if self.block_size == 0 || !self.block_size.is_multiple_of(8) {
             bail!("--block-size must be a positive multiple of 8");
         }
         Ok(EngineConfig {
