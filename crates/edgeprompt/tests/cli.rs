@@ -401,12 +401,12 @@ fn bad_input_gives_clear_errors() {
     let t = vec![TensorOut {
         name: "blk.0.attn_q.weight".into(),
         dims: vec![256, 1],
-        type_id: 12,
-        data: vec![0; 144],
+        type_id: 6,
+        data: vec![0; 8 * 22],
     }];
     check(
-        &write_tmp(d, "qk.gguf", &to_bytes(&meta, &t)),
-        "has type q4_k",
+        &write_tmp(d, "q5_0.gguf", &to_bytes(&meta, &t)),
+        "has type q5_0",
     );
 
     // A prompt longer than the context.

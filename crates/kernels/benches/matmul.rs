@@ -37,6 +37,20 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
                 b[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
             }
         }
+    } else if let Some(kt) = ty.ktype() {
+        // K-quants: the f16 super-block scales (`d`, `dmin` or Q6_K's `d`) as above, positive.
+        let offsets: &[usize] = if kt == ep_kernels::kquant::KType::Q6K {
+            &[208]
+        } else {
+            &[0, 2]
+        };
+        for b in w.chunks_exact_mut(ty.type_size()) {
+            for &o in offsets {
+                let r = u16::from_le_bytes([b[o], b[o + 1]]);
+                let h = (5 + (r >> 10) % 5) << 10 | (r & 0x3ff);
+                b[o..o + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
     } else if ty != GgmlType::F32 {
         for v in w.chunks_exact_mut(2) {
             v[1] &= 0x3f;
@@ -205,6 +219,9 @@ fn main() {
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::F32,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ] {
         if !want(ty.name()) {
             continue;
@@ -215,6 +232,9 @@ fn main() {
                     if only != format!("{m}x{k}") {
                         continue;
                     }
+                }
+                if ty.row_bytes(k).is_none() {
+                    continue; // K-quant rows are whole 256-element super-blocks
                 }
                 for n in [1, 16] {
                     if n > 1 && m * k > 64 << 20 {

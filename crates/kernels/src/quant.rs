@@ -29,9 +29,14 @@
 //!
 //! Activation quantisation has a scalar and an AVX2 version (ggml's x86 code), chosen like the dot
 //! products by [`simd::path`]; both write the same bytes.
+//!
+//! The K-quant types (Q4_K, Q5_K, Q6_K weights, Q8_K activations; 256-element super-blocks) are
+//! implemented in [`crate::kquant`]; [`GgmlType`] and the entry points here dispatch to it, so the
+//! matmul and row lookup take them like any other type (one row x one row kernels only).
 
 use half::f16;
 
+use crate::kquant::{self, KType, Q8K_BYTES, QK_K};
 use crate::simd::{self, Path};
 
 /// A ggml tensor element type, with ggml's numeric ids (as stored in GGUF).
@@ -45,6 +50,12 @@ pub enum GgmlType {
     Q8_0,
     Q8_1,
     BF16,
+    /// K-quant super-blocks of 256 weights ([`crate::kquant`]).
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    /// K-quant activations (the vec-dot type of Q4_K, Q5_K and Q6_K); not a weight type.
+    Q8_K,
 }
 
 impl GgmlType {
@@ -57,6 +68,10 @@ impl GgmlType {
             3 => Self::Q4_1,
             8 => Self::Q8_0,
             9 => Self::Q8_1,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
+            15 => Self::Q8_K,
             30 => Self::BF16,
             _ => return None,
         })
@@ -71,11 +86,15 @@ impl GgmlType {
             Self::Q4_1 => 3,
             Self::Q8_0 => 8,
             Self::Q8_1 => 9,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
+            Self::Q8_K => 15,
             Self::BF16 => 30,
         }
     }
 
-    /// ggml's name for the type (`"q4_1"`, ...).
+    /// ggml's name for the type (`"q4_1"`, `"q4_K"`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
@@ -85,6 +104,10 @@ impl GgmlType {
             Self::Q8_0 => "q8_0",
             Self::Q8_1 => "q8_1",
             Self::BF16 => "bf16",
+            Self::Q4_K => "q4_K",
+            Self::Q5_K => "q5_K",
+            Self::Q6_K => "q6_K",
+            Self::Q8_K => "q8_K",
         }
     }
 
@@ -93,6 +116,7 @@ impl GgmlType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q8_1 => 32,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => QK_K,
         }
     }
 
@@ -105,6 +129,10 @@ impl GgmlType {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q8_1 => 36,
+            Self::Q4_K => KType::Q4K.type_size(),
+            Self::Q5_K => KType::Q5K.type_size(),
+            Self::Q6_K => KType::Q6K.type_size(),
+            Self::Q8_K => Q8K_BYTES,
         }
     }
 
@@ -115,7 +143,7 @@ impl GgmlType {
     }
 
     /// The type activations are converted to before a dot product with a row of this type (ggml's
-    /// `vec_dot_type`); `None` for types that are not used as matmul weights (Q8_1).
+    /// `vec_dot_type`); `None` for types that are not used as matmul weights (Q8_1, Q8_K).
     pub fn vec_dot_type(self) -> Option<GgmlType> {
         Some(match self {
             Self::F32 => Self::F32,
@@ -123,8 +151,19 @@ impl GgmlType {
             Self::BF16 => Self::BF16,
             Self::Q4_0 | Self::Q8_0 => Self::Q8_0,
             Self::Q4_1 => Self::Q8_1,
-            Self::Q8_1 => return None,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => Self::Q8_K,
+            Self::Q8_1 | Self::Q8_K => return None,
         })
+    }
+
+    /// The K-quant weight format of this type (Q4_K, Q5_K, Q6_K), if it is one.
+    pub fn ktype(self) -> Option<KType> {
+        match self {
+            Self::Q4_K => Some(KType::Q4K),
+            Self::Q5_K => Some(KType::Q5K),
+            Self::Q6_K => Some(KType::Q6K),
+            _ => None,
+        }
     }
 }
 
@@ -139,12 +178,12 @@ pub fn ggml_type_name(id: u32) -> String {
         (7, "q5_1"),
         (8, "q8_0"),
         (9, "q8_1"),
-        (10, "q2_k"),
-        (11, "q3_k"),
-        (12, "q4_k"),
-        (13, "q5_k"),
-        (14, "q6_k"),
-        (15, "q8_k"),
+        (10, "q2_K"),
+        (11, "q3_K"),
+        (12, "q4_K"),
+        (13, "q5_K"),
+        (14, "q6_K"),
+        (15, "q8_K"),
         (16, "iq2_xxs"),
         (17, "iq2_xs"),
         (18, "iq3_xxs"),
@@ -543,6 +582,18 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         }
+        GgmlType::Q4_K => kquant::dequantize_row_k(KType::Q4K, src, dst),
+        GgmlType::Q5_K => kquant::dequantize_row_k(KType::Q5K, src, dst),
+        GgmlType::Q6_K => kquant::dequantize_row_k(KType::Q6K, src, dst),
+        GgmlType::Q8_K => {
+            // ggml's `dequantize_row_q8_K`: `d * q` with the f32 `d`.
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(Q8K_BYTES)) {
+                let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (o, &q) in y.iter_mut().zip(&b[4..4 + QK_K]) {
+                    *o = d * (q as i8) as f32;
+                }
+            }
+        }
     }
 }
 
@@ -696,8 +747,8 @@ fn quantize_row_q8_with<const Q8_1: bool>(what: &str, path: Path, x: &[f32], dst
     }
 }
 
-/// Converts an activation row to `ty` (one of the vec-dot types F32, F16, BF16, Q8_0, Q8_1) as ggml's
-/// `from_float` does before a matmul. `dst` must be `ty.row_bytes(x.len())` bytes.
+/// Converts an activation row to `ty` (one of the vec-dot types F32, F16, BF16, Q8_0, Q8_1, Q8_K) as
+/// ggml's `from_float` does before a matmul. `dst` must be `ty.row_bytes(x.len())` bytes.
 ///
 /// # Panics
 /// On a size mismatch, or if `ty` is not an activation type.
@@ -721,7 +772,8 @@ pub fn quantize_activation_row_with(path: Path, ty: GgmlType, x: &[f32], dst: &m
         GgmlType::BF16 => f32_to_bf16_row(x, dst),
         GgmlType::Q8_0 => quantize_row_q8_0_with(path, x, dst),
         GgmlType::Q8_1 => quantize_row_q8_1_with(path, x, dst),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+        GgmlType::Q8_K => kquant::quantize_row_q8_k_with(path, x, dst),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             panic!(
                 "quantize_activation_row: {} is not an activation type",
                 ty.name()
@@ -922,7 +974,8 @@ pub(crate) fn vec_dot_tile4_with<const R: usize>(
 /// (lane-wise FMA, the same horizontal sums), so they equal the SIMD kernels bit for bit.
 pub mod scalar {
     use super::{
-        bf16_to_f32, f16_to_f32, le_u16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, GgmlType, QK,
+        bf16_to_f32, f16_to_f32, kquant, le_u16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1,
+        GgmlType, KType, QK,
     };
 
     /// `|x| * sign(y, x)` as `_mm256_sign_epi8` + `_mm256_maddubs_epi16` compute one product: exact
@@ -1139,7 +1192,12 @@ pub mod scalar {
             GgmlType::Q4_0 => dot_q4_0_q8_0(n, w, a),
             GgmlType::Q4_1 => dot_q4_1_q8_1(n, w, a),
             GgmlType::Q8_0 => dot_q8_0_q8_0(n, w, a),
-            GgmlType::Q8_1 => unreachable!("Q8_1 has no vec_dot (checked by the caller)"),
+            GgmlType::Q4_K => kquant::scalar::vec_dot_unchecked(KType::Q4K, n, w, a),
+            GgmlType::Q5_K => kquant::scalar::vec_dot_unchecked(KType::Q5K, n, w, a),
+            GgmlType::Q6_K => kquant::scalar::vec_dot_unchecked(KType::Q6K, n, w, a),
+            GgmlType::Q8_1 | GgmlType::Q8_K => {
+                unreachable!("{} has no vec_dot (checked by the caller)", ty.name())
+            }
         }
     }
 }
@@ -1153,8 +1211,8 @@ pub mod scalar {
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
     use super::{
-        check_dot_args, scalar, ActScales4, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, GgmlType,
-        QK,
+        check_dot_args, kquant, scalar, ActScales4, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1,
+        GgmlType, KType, QK,
     };
     use std::arch::x86_64::*;
 
@@ -1217,7 +1275,12 @@ pub mod avx2 {
                 GgmlType::F16 => dot_f16_k(n, w, a),
                 GgmlType::BF16 => dot_bf16_k(n, w, a),
                 GgmlType::F32 => dot_f32_k(n, w, a),
-                GgmlType::Q8_1 => unreachable!("Q8_1 has no vec_dot (checked by the caller)"),
+                GgmlType::Q4_K => kquant::avx2::vec_dot_unchecked(KType::Q4K, n, w, a),
+                GgmlType::Q5_K => kquant::avx2::vec_dot_unchecked(KType::Q5K, n, w, a),
+                GgmlType::Q6_K => kquant::avx2::vec_dot_unchecked(KType::Q6K, n, w, a),
+                GgmlType::Q8_1 | GgmlType::Q8_K => {
+                    unreachable!("{} has no vec_dot (checked by the caller)", ty.name())
+                }
             }
         }
     }

@@ -22,15 +22,18 @@ fn force_scalar_env_and_switch() {
     assert!(simd::force_scalar());
     assert_eq!(simd::active_path(), "scalar");
 
-    let (m, k, n) = (70, 320, 3);
+    let (m, n) = (70, 3);
     let mut results = Vec::new();
-    for ty in [
-        GgmlType::Q4_1,
-        GgmlType::Q4_0,
-        GgmlType::Q8_0,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::F32,
+    for (ty, k) in [
+        (GgmlType::Q4_1, 320),
+        (GgmlType::Q4_0, 320),
+        (GgmlType::Q8_0, 320),
+        (GgmlType::F16, 320),
+        (GgmlType::BF16, 320),
+        (GgmlType::F32, 320),
+        (GgmlType::Q4_K, 512),
+        (GgmlType::Q5_K, 512),
+        (GgmlType::Q6_K, 512),
     ] {
         let data = random_weights(ty, m, k, 99);
         let w = WeightRef {
@@ -69,5 +72,5 @@ fn force_scalar_env_and_switch() {
         );
         results.push(fast);
     }
-    assert_eq!(results.len(), 6);
+    assert_eq!(results.len(), 9);
 }

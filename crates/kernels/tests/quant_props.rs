@@ -223,6 +223,16 @@ fn naive_dequant(ty: GgmlType, src: &[u8], n: usize) -> Vec<f32> {
                 out.extend(b.qs.iter().map(|&q| q as f32 * b.d.to_f32()));
             }
         }
+        GgmlType::Q8_K => {
+            for c in src.chunks(292) {
+                let d = f32::from_le_bytes(c[..4].try_into().unwrap());
+                out.extend(c[4..260].iter().map(|&q| d * q as i8 as f32));
+            }
+        }
+        // Checked against gguf-py's dequantisers in `kquant_matmul.rs`.
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            unreachable!("{ty:?} is not in ALL_TYPES")
+        }
     }
     out
 }
@@ -508,5 +518,40 @@ fn every_weight_type_has_a_vec_dot_type() {
         assert!(ty.vec_dot_type().is_some());
     }
     assert_eq!(GgmlType::Q8_1.vec_dot_type(), None);
+    assert_eq!(GgmlType::Q8_K.vec_dot_type(), None);
     assert_eq!(GgmlType::Q4_1.vec_dot_type(), Some(GgmlType::Q8_1));
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        assert_eq!(ty.vec_dot_type(), Some(GgmlType::Q8_K));
+    }
+}
+
+#[test]
+fn ggml_ids_sizes_and_names() {
+    // (type, ggml id, block size, block bytes, name) as in ggml's type traits.
+    let table = [
+        (GgmlType::F32, 0, 1, 4, "f32"),
+        (GgmlType::F16, 1, 1, 2, "f16"),
+        (GgmlType::Q4_0, 2, 32, 18, "q4_0"),
+        (GgmlType::Q4_1, 3, 32, 20, "q4_1"),
+        (GgmlType::Q8_0, 8, 32, 34, "q8_0"),
+        (GgmlType::Q8_1, 9, 32, 36, "q8_1"),
+        (GgmlType::Q4_K, 12, 256, 144, "q4_K"),
+        (GgmlType::Q5_K, 13, 256, 176, "q5_K"),
+        (GgmlType::Q6_K, 14, 256, 210, "q6_K"),
+        (GgmlType::Q8_K, 15, 256, 292, "q8_K"),
+        (GgmlType::BF16, 30, 1, 2, "bf16"),
+    ];
+    for (ty, id, bs, bytes, name) in table {
+        assert_eq!(GgmlType::from_id(id), Some(ty));
+        assert_eq!(ty.id(), id);
+        assert_eq!(ty.block_size(), bs, "{ty:?}");
+        assert_eq!(ty.type_size(), bytes, "{ty:?}");
+        assert_eq!(ty.name(), name);
+        assert_eq!(quant::ggml_type_name(id), name);
+    }
+    assert_eq!(GgmlType::Q4_K.row_bytes(512), Some(288));
+    assert_eq!(GgmlType::Q6_K.row_bytes(288), None);
+    for id in [4, 5, 6, 7, 10, 11, 16, 20, 31, 1000] {
+        assert_eq!(GgmlType::from_id(id), None, "id {id}");
+    }
 }

@@ -720,7 +720,8 @@ mod tests {
     #[test]
     fn unknown_tensor_type_is_named() {
         let mut b = sample();
-        // The first tensor's type id follows its name, n_dims and two dims; patch it to q4_k (12).
+        // The first tensor's type id follows its name, n_dims and two dims; patch it to q5_0 (6), a
+        // type this build does not support.
         let pat = {
             let mut p = Vec::new();
             p.extend_from_slice(&1u64.to_le_bytes());
@@ -735,9 +736,28 @@ mod tests {
             .position(|w| w == pat.as_slice())
             .unwrap()
             + pat.len();
-        b[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+        b[at..at + 4].copy_from_slice(&6u32.to_le_bytes());
         let e = Gguf::open(write(&b).path()).unwrap_err().to_string();
-        assert!(e.contains("tensor 'w' has type q4_k"), "{e}");
+        assert!(e.contains("tensor 'w' has type q5_0"), "{e}");
+    }
+
+    #[test]
+    fn kquant_tensors_open_with_256_element_blocks() {
+        let t = |ty: GgmlType, cols: u64, bytes: usize| {
+            vec![TensorOut::new("w", vec![cols, 2], ty, vec![0; bytes])]
+        };
+        for (ty, bs) in [
+            (GgmlType::Q4_K, 144),
+            (GgmlType::Q5_K, 176),
+            (GgmlType::Q6_K, 210),
+        ] {
+            let g = Gguf::open(write(&to_bytes(&[], &t(ty, 512, 4 * bs))).path()).unwrap();
+            let w = g.tensor("w").unwrap();
+            assert_eq!((w.ty, w.size), (ty, 4 * bs as u64));
+            // A row of 288 elements is not a whole number of super-blocks.
+            let e = Gguf::open(write(&to_bytes(&[], &t(ty, 288, 2 * bs))).path());
+            assert!(e.is_err(), "{ty:?}");
+        }
     }
 
     #[test]

@@ -66,24 +66,111 @@ fn byte_chars() -> Vec<char> {
     out
 }
 
+/// Shape of the tiny K-quant test model ([`TinyWeights::KQuant`]): K-quant rows are whole 256-element
+/// super-blocks, so every matrix dimension that is a row length is a multiple of 256.
+pub const TINY_K_EMBD: usize = 256;
+pub const TINY_K_FF: usize = 512;
+
+/// The matrices of a tiny test model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TinyWeights {
+    /// Q4_1 (64 wide, [`TINY_EMBD`] / [`TINY_FF`]).
+    Q4_1,
+    /// Q4_K, Q5_K and Q6_K, in turn over the matrices of each layer ([`TINY_K_EMBD`] /
+    /// [`TINY_K_FF`] wide).
+    KQuant,
+    /// The same random model as [`TinyWeights::KQuant`] (same seed), with the K-quant matrices
+    /// dequantised to F32.
+    KQuantAsF32,
+}
+
+/// The tiny models' generator (an LCG; the Q4_1 model's bytes depend on its exact sequence).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+}
+
+/// Random Q4_1 rows: `d` in 0.01..0.05, `m = -7.5 d`.
+fn tiny_q4_1(r: &mut Lcg, rows: usize, cols: usize) -> Vec<u8> {
+    use half::f16;
+    let mut v = Vec::with_capacity(rows * cols / 32 * 20);
+    for _ in 0..rows * cols / 32 {
+        let d = 0.01 + (r.next() % 100) as f32 * 0.0004;
+        v.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        v.extend_from_slice(&f16::from_f32(-7.5 * d).to_le_bytes());
+        for _ in 0..16 {
+            v.push(r.next() as u8);
+        }
+    }
+    v
+}
+
+/// Random K-quant rows of `ty` (Q4_K, Q5_K or Q6_K), centred: sub-block scales `d * sc` around
+/// 0.013, and for Q4_K/Q5_K mins `dmin * m = d * sc * 7.5` (resp. 15.5), so a weight is
+/// `d * sc * (q - mid)`.
+fn tiny_kquant(r: &mut Lcg, ty: ep_kernels::GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    use ep_kernels::GgmlType;
+    use half::f16;
+    let nb = rows * cols / 256;
+    let mut v = Vec::with_capacity(nb * ty.type_size());
+    for _ in 0..nb {
+        let d = 0.0002 + (r.next() % 100) as f32 * 0.000001;
+        let mut b: Vec<u8> = (0..ty.type_size()).map(|_| r.next() as u8).collect();
+        match ty {
+            GgmlType::Q6_K => {
+                // `ql`, `qh` random; scales in ±32..64; `d` last.
+                for s in &mut b[192..208] {
+                    let mag = 32 + (*s & 31) as i8;
+                    *s = if *s & 0x80 != 0 { -mag } else { mag } as u8;
+                }
+                b[208..210].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            }
+            _ => {
+                // Six-bit scales in 32..64 and mins equal to them (see `scales_mins_k4`).
+                let mid = if ty == GgmlType::Q4_K { 7.5 } else { 15.5 };
+                b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                b[2..4].copy_from_slice(&f16::from_f32(d * mid).to_le_bytes());
+                let sc: [u8; 8] = std::array::from_fn(|j| 32 | (b[4 + j] & 31));
+                for j in 0..4 {
+                    b[4 + j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+                    b[8 + j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+                    b[12 + j] = (sc[j + 4] & 0xF) | ((sc[j + 4] & 0xF) << 4);
+                }
+            }
+        }
+        v.extend_from_slice(&b);
+    }
+    v
+}
+
 /// A tiny random-weight Llama GGUF (2 layers, 64 wide, GQA 4/2, Q4_1 matrices, Q8_0 embeddings, tied
 /// output) with a byte-level vocabulary of 256 bytes plus ChatML control tokens and a ChatML template.
 /// `arch` is written as `general.architecture`, so tests can also build unsupported ones.
 pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
+    tiny_model_bytes_with(seed, arch, TinyWeights::Q4_1)
+}
+
+/// [`tiny_model_bytes`] with the matrices of `weights` (and the shape that goes with them).
+pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec<u8> {
     use crate::gguf::writer::{to_bytes, TensorOut};
     use crate::gguf::MetaValue as M;
     use ep_kernels::GgmlType;
     use half::f16;
 
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
+    let (n_embd, n_ff) = match weights {
+        TinyWeights::Q4_1 => (TINY_EMBD, TINY_FF),
+        TinyWeights::KQuant | TinyWeights::KQuantAsF32 => (TINY_K_EMBD, TINY_K_FF),
     };
+    let mut rng = Lcg(seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407));
     let vocab: Vec<String> = {
         let mut t: Vec<String> = byte_chars().into_iter().map(|c| c.to_string()).collect();
         t.push("<|im_start|>".into());
@@ -91,33 +178,21 @@ pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
         t
     };
     let n_vocab = vocab.len();
-    let mut embd = Vec::with_capacity(n_vocab * TINY_EMBD / 32 * 34);
-    for _ in 0..n_vocab * TINY_EMBD / 32 {
+    let mut embd = Vec::with_capacity(n_vocab * n_embd / 32 * 34);
+    for _ in 0..n_vocab * n_embd / 32 {
         embd.extend_from_slice(&f16::from_f32(0.02).to_le_bytes());
         for _ in 0..32 {
-            embd.push(next() as u8);
+            embd.push(rng.next() as u8);
         }
     }
-    let mut q4_1 = |rows: usize, cols: usize| -> Vec<u8> {
-        let mut v = Vec::with_capacity(rows * cols / 32 * 20);
-        for _ in 0..rows * cols / 32 {
-            let d = 0.01 + (next() % 100) as f32 * 0.0004;
-            v.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            v.extend_from_slice(&f16::from_f32(-7.5 * d).to_le_bytes());
-            for _ in 0..16 {
-                v.push(next() as u8);
-            }
-        }
-        v
-    };
-    let hd = TINY_EMBD / TINY_HEADS;
+    let hd = n_embd / TINY_HEADS;
     let (qw, kvw) = (TINY_HEADS * hd, TINY_KV_HEADS * hd);
     let ones = |n: usize| -> Vec<u8> {
         (0..n)
             .flat_map(|i| (1.0f32 + (i % 7) as f32 * 0.01).to_le_bytes())
             .collect()
     };
-    let e = TINY_EMBD as u64;
+    let e = n_embd as u64;
     let mut tensors = vec![
         TensorOut::new(
             "token_embd.weight",
@@ -125,12 +200,7 @@ pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
             GgmlType::Q8_0,
             embd,
         ),
-        TensorOut::new(
-            "output_norm.weight",
-            vec![e],
-            GgmlType::F32,
-            ones(TINY_EMBD),
-        ),
+        TensorOut::new("output_norm.weight", vec![e], GgmlType::F32, ones(n_embd)),
     ];
     for l in 0..TINY_LAYERS {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
@@ -138,29 +208,47 @@ pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
             n("attn_norm"),
             vec![e],
             GgmlType::F32,
-            ones(TINY_EMBD),
+            ones(n_embd),
         ));
         tensors.push(TensorOut::new(
             n("ffn_norm"),
             vec![e],
             GgmlType::F32,
-            ones(TINY_EMBD),
+            ones(n_embd),
         ));
-        for (name, rows, cols) in [
-            ("attn_q", qw, TINY_EMBD),
-            ("attn_k", kvw, TINY_EMBD),
-            ("attn_v", kvw, TINY_EMBD),
-            ("attn_output", TINY_EMBD, qw),
-            ("ffn_gate", TINY_FF, TINY_EMBD),
-            ("ffn_up", TINY_FF, TINY_EMBD),
-            ("ffn_down", TINY_EMBD, TINY_FF),
-        ] {
-            tensors.push(TensorOut::new(
-                n(name),
-                vec![cols as u64, rows as u64],
-                GgmlType::Q4_1,
-                q4_1(rows, cols),
-            ));
+        for (idx, (name, rows, cols)) in [
+            ("attn_q", qw, n_embd),
+            ("attn_k", kvw, n_embd),
+            ("attn_v", kvw, n_embd),
+            ("attn_output", n_embd, qw),
+            ("ffn_gate", n_ff, n_embd),
+            ("ffn_up", n_ff, n_embd),
+            ("ffn_down", n_embd, n_ff),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dims = vec![cols as u64, rows as u64];
+            let kty = [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K][(7 * l + idx) % 3];
+            let t = match weights {
+                TinyWeights::Q4_1 => TensorOut::new(
+                    n(name),
+                    dims,
+                    GgmlType::Q4_1,
+                    tiny_q4_1(&mut rng, rows, cols),
+                ),
+                TinyWeights::KQuant => {
+                    TensorOut::new(n(name), dims, kty, tiny_kquant(&mut rng, kty, rows, cols))
+                }
+                TinyWeights::KQuantAsF32 => {
+                    let q = tiny_kquant(&mut rng, kty, rows, cols);
+                    let mut f = vec![0f32; rows * cols];
+                    ep_kernels::quant::dequantize_row(kty, &q, &mut f);
+                    let data = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    TensorOut::new(n(name), dims, GgmlType::F32, data)
+                }
+            };
+            tensors.push(t);
         }
     }
     let k = |s: &str| format!("{arch}.{s}");
@@ -175,8 +263,8 @@ pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
         ),
         (k("block_count"), M::U32(TINY_LAYERS as u32)),
         (k("context_length"), M::U32(256)),
-        (k("embedding_length"), M::U32(TINY_EMBD as u32)),
-        (k("feed_forward_length"), M::U32(TINY_FF as u32)),
+        (k("embedding_length"), M::U32(n_embd as u32)),
+        (k("feed_forward_length"), M::U32(n_ff as u32)),
         (k("attention.head_count"), M::U32(TINY_HEADS as u32)),
         (k("attention.head_count_kv"), M::U32(TINY_KV_HEADS as u32)),
         (k("rope.freq_base"), M::F32(10000.0)),

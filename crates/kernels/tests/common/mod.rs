@@ -68,6 +68,29 @@ pub fn random_weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<
                 }
             }
         }
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            // Random bytes, then valid finite f16 super-block scales (`d`, `dmin` at 0 and 2 for
+            // Q4_K/Q5_K; `d` at 208 for Q6_K).
+            let offsets: &[usize] = if ty == GgmlType::Q6_K {
+                &[208]
+            } else {
+                &[0, 2]
+            };
+            for b in w.chunks_exact_mut(ty.type_size()) {
+                for q in b.iter_mut() {
+                    *q = r.next_u64() as u8;
+                }
+                for &o in offsets {
+                    b[o..o + 2].copy_from_slice(&r.f16_scale().to_bits().to_le_bytes());
+                }
+            }
+        }
+        GgmlType::Q8_K => {
+            for b in w.chunks_exact_mut(ty.type_size()) {
+                let x: Vec<f32> = (0..256).map(|_| r.unit()).collect();
+                ep_kernels::kquant::quantize_row_q8_k(&x, b);
+            }
+        }
     }
     w
 }
