@@ -14,7 +14,7 @@ use ep_model::chat::{ChatMessage, ChatTemplate};
 use ep_model::generate::GenerateParams;
 use ep_model::sampling::SamplingParams;
 use ep_model::tokenizer::Tokenizer;
-use ep_model::{testutil, Model};
+use ep_model::{load_model_dir_or_gguf, testutil, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -109,7 +109,8 @@ struct MicroArgs {
 /// Options every subcommand takes.
 #[derive(Args, Clone)]
 struct Common {
-    /// Model file (GGUF). Default: the fetched SmolLM2-135M-Instruct in $EDGEPROMPT_HOME.
+    /// Model: a GGUF file or a Hugging Face directory (config.json + *.safetensors). Default: the
+    /// fetched SmolLM2-135M-Instruct in $EDGEPROMPT_HOME.
     #[arg(long, env = "EDGEPROMPT_MODEL")]
     model: Option<PathBuf>,
     /// Worker threads (default: all cores).
@@ -254,7 +255,7 @@ fn load(common: &Common) -> Result<Loaded> {
                 path.display()
             );
         }
-        bail!("model file {} does not exist", path.display());
+        bail!("model {} does not exist", path.display());
     }
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
@@ -266,15 +267,16 @@ fn load(common: &Common) -> Result<Loaded> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let model = Model::load(&path, |done, total| {
+    // A GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    let ModelBundle {
+        model,
+        tokenizer: tok,
+        template,
+    } = load_model_dir_or_gguf(&path, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    let tok = Tokenizer::from_gguf(model.gguf())
-        .with_context(|| format!("{}: tokenizer", path.display()))?;
-    let template = ChatTemplate::from_gguf(model.gguf(), &tok)
-        .with_context(|| format!("{}: chat template", path.display()))?;
     let n_ctx = common.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(8192));
     if n_ctx < 2 {
         bail!("--ctx-size must be at least 2");

@@ -18,7 +18,6 @@ use ep_kv::{KvDtype, KvError};
 use ep_model::generate::{FinishReason, GenerateParams};
 use ep_model::tokenizer::Tokenizer;
 use ep_model::{Model, ModelError};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use crate::core::{Core, LayerGate};
@@ -185,23 +184,6 @@ pub struct Engine {
     n_blocks: usize,
 }
 
-/// A fingerprint of everything in the model that changes its KV: the configuration, the tensor
-/// table and samples of every tensor's bytes. Part of every prefix-cache hash.
-pub fn model_fingerprint(model: &Model) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(format!("{:?}", model.cfg).as_bytes());
-    let g = model.gguf();
-    let data = g.data_section();
-    for t in &g.tensors {
-        h.update(t.name.as_bytes());
-        h.update(format!("{:?}{:?}{}", t.ty, t.dims, t.offset).as_bytes());
-        let start = (t.offset as usize).min(data.len());
-        let end = (start + (t.size as usize).min(4096)).min(data.len());
-        h.update(&data[start..end]);
-    }
-    h.finalize().to_vec()
-}
-
 impl Engine {
     /// Starts the engine thread. `pool` runs the kernels (the global rayon pool when `None`).
     pub fn start(
@@ -215,7 +197,7 @@ impl Engine {
                 "max_step_tokens and max_seqs must be at least 1".into(),
             ));
         }
-        let fp = model_fingerprint(&model);
+        let fp = model.fingerprint();
         // Build the pool here so a bad budget fails the caller, not the thread.
         let probe = Core::new(&model, &tok, cfg.clone(), &fp)?;
         let n_blocks = probe.pool().n_blocks();

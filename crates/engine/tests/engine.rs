@@ -23,7 +23,7 @@ fn tiny() -> Loaded {
     let path = dir.path().join("tiny.gguf");
     std::fs::write(&path, testutil::tiny_model_bytes(7, "llama")).unwrap();
     let model = Model::load(&path, |_, _| {}).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
     Loaded {
         model: Arc::new(model),
         tok: Arc::new(tok),
@@ -33,7 +33,7 @@ fn tiny() -> Loaded {
 
 fn smollm2() -> Loaded {
     let model = Model::load(testutil::require_test_model(), |_, _| {}).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
     Loaded {
         model: Arc::new(model),
         tok: Arc::new(tok),
@@ -409,4 +409,16 @@ fn bad_requests_are_errors() {
         ..small_cfg(KvDtype::F16)
     };
     assert!(Engine::start(l.model.clone(), l.tok.clone(), cfg, None).is_err());
+}
+
+#[test]
+fn model_fingerprint_is_stable_and_distinguishes_models() {
+    let a = tiny();
+    let b = tiny();
+    assert_eq!(a.model.fingerprint(), b.model.fingerprint());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.gguf");
+    std::fs::write(&path, testutil::tiny_model_bytes(8, "llama")).unwrap();
+    let other = Model::load(&path, |_, _| {}).unwrap();
+    assert_ne!(a.model.fingerprint(), other.fingerprint());
 }

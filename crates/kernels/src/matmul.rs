@@ -315,3 +315,161 @@ impl Job<'_> {
         }
     }
 }
+
+/// `out[i*m + j]` = the f32 dot product (ggml's `vec_dot_f32` order) of weight row `j`, widened exactly
+/// to f32, with activation row `i` as given: unlike [`matmul`], the activations are not rounded to the
+/// weight type's vec-dot type. For dense F16 / BF16 weights that are compared against a framework that
+/// computes in f32 (Hugging Face checkpoints); for F32 weights it is [`matmul`]. Still one dot call per
+/// output element on the same two rows, so a result never depends on `n`, threads or chunking.
+pub fn matmul_f32_act(
+    w: &WeightRef,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_f32_act_with(simd::path(), w, x, n, out)
+}
+
+/// [`matmul_f32_act`] on a given kernel path.
+pub fn matmul_f32_act_with(
+    path: Path,
+    w: &WeightRef,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    if w.ty == GgmlType::F32 {
+        return matmul_with(path, w, x, n, out);
+    }
+    if !path.is_available() {
+        return Err(KernelError::PathUnavailable(path.name()));
+    }
+    w.validate()?;
+    if w.ty.vec_dot_type().is_none() {
+        return Err(KernelError::UnsupportedWeightType(w.ty.name()));
+    }
+    let (m, k) = (w.rows, w.cols);
+    check_len("matmul activations", x.len(), n.checked_mul(k))?;
+    check_len("matmul output", out.len(), n.checked_mul(m))?;
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let wrb = w.row_bytes()?;
+    let mut act = vec![0u8; n * 4 * k];
+    for (dst, src) in act.chunks_mut(4 * k).zip(x.chunks(k)) {
+        quantize_activation_row_with(path, GgmlType::F32, src, dst);
+    }
+    // A task owns weight rows j0..j0+len: each row is widened once, then dotted with every activation
+    // row, into `t[(j - j0) * n + i]`.
+    let rows = |j0: usize, t: &mut [f32], wf: &mut Vec<f32>, wb: &mut Vec<u8>| {
+        wf.resize(k, 0.0);
+        wb.resize(4 * k, 0);
+        for (jr, col) in t.chunks_mut(n).enumerate() {
+            let j = j0 + jr;
+            dequantize_row(w.ty, w.row(j, wrb), wf);
+            for (b, v) in wb.chunks_exact_mut(4).zip(wf.iter()) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            for (i, o) in col.iter_mut().enumerate() {
+                *o = quant::vec_dot_with(
+                    path,
+                    GgmlType::F32,
+                    k,
+                    wb,
+                    &act[i * 4 * k..(i + 1) * 4 * k],
+                );
+            }
+        }
+    };
+    let serial =
+        n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
+    let chunk = chunk_rows(m, rayon::current_num_threads());
+    let run = |dst: &mut [f32]| {
+        if serial {
+            rows(0, dst, &mut Vec::new(), &mut Vec::new());
+        } else {
+            dst.par_chunks_mut(chunk * n).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(wf, wb), (c, t)| rows(c * chunk, t, wf, wb),
+            );
+        }
+    };
+    if n == 1 {
+        run(out);
+    } else {
+        let mut t = vec![0f32; m * n];
+        run(&mut t);
+        for (i, orow) in out.chunks_mut(m).enumerate() {
+            for (j, o) in orow.iter_mut().enumerate() {
+                *o = t[j * n + i];
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{f32_to_bf16, f32_to_f16_hw};
+
+    fn weights(ty: GgmlType, m: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = Vec::new();
+        let mut wide = Vec::new();
+        for e in 0..m * k {
+            let v = ((e * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.37;
+            let (b, f) = match ty {
+                GgmlType::BF16 => {
+                    let b = f32_to_bf16(v);
+                    (b.to_le_bytes().to_vec(), crate::quant::bf16_to_f32(b))
+                }
+                _ => {
+                    let b = f32_to_f16_hw(v);
+                    (b.to_le_bytes().to_vec(), crate::quant::f16_to_f32(b))
+                }
+            };
+            bytes.extend(b);
+            wide.push(f);
+        }
+        (bytes, wide)
+    }
+
+    #[test]
+    fn f32_activations_match_f64_and_are_batch_invariant() {
+        let (m, k, n) = (37, 100, 9);
+        let x: Vec<f32> = (0..n * k)
+            .map(|e| ((e * 104729 % 997) as f32 / 997.0 - 0.5) * 3.0)
+            .collect();
+        for ty in [GgmlType::F16, GgmlType::BF16] {
+            let (bytes, wide) = weights(ty, m, k);
+            let w = WeightRef {
+                ty,
+                rows: m,
+                cols: k,
+                data: &bytes,
+            };
+            let mut out = vec![0f32; n * m];
+            matmul_f32_act(&w, &x, n, &mut out).unwrap();
+            for i in 0..n {
+                let mut one = vec![0f32; m];
+                matmul_f32_act(&w, &x[i * k..(i + 1) * k], 1, &mut one).unwrap();
+                assert_eq!(one, out[i * m..(i + 1) * m], "{ty:?} row {i}");
+                for j in 0..m {
+                    let r: f64 = (0..k)
+                        .map(|e| wide[j * k + e] as f64 * x[i * k + e] as f64)
+                        .sum();
+                    let d = (out[i * m + j] as f64 - r).abs();
+                    assert!(
+                        d <= 1e-5 * (1.0 + r.abs()),
+                        "{ty:?} ({i},{j}): {} vs {r}",
+                        out[i * m + j]
+                    );
+                }
+            }
+        }
+    }
+}

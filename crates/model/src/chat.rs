@@ -53,6 +53,9 @@ pub enum ChatError {
     /// `tokenizer.chat_template` is present but not a string.
     #[error("tokenizer.chat_template has type {0}, expected string")]
     NotAString(&'static str),
+    /// The template's file in a model directory could not be read.
+    #[error("{0}")]
+    File(String),
 }
 
 /// Marks errors that come from the template's `raise_exception`.
@@ -118,6 +121,25 @@ impl ChatTemplate {
                 .unwrap_or_default()
         };
         Self::new(source, &text(tok.bos_id()), &text(tok.eos_id())).map(Some)
+    }
+
+    /// The template of a Hugging Face model directory: `chat_template` in `tokenizer_config.json` (a
+    /// string, or a list of named templates of which "default", else the first, is used), else the file
+    /// `chat_template.jinja`; `None` when there is neither. The template sees the config's `bos_token` /
+    /// `eos_token` texts (else the tokenizer's).
+    pub fn from_hf_dir(dir: &std::path::Path, tok: &Tokenizer) -> Result<Option<Self>, ChatError> {
+        let Some((source, bos, eos)) = crate::hf_tokenizer::chat_template_source(dir)
+            .map_err(|e| ChatError::File(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let text = |id: Option<u32>| {
+            id.map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned())
+                .unwrap_or_default()
+        };
+        let bos = bos.unwrap_or_else(|| text(tok.bos_id()));
+        let eos = eos.unwrap_or_else(|| text(tok.eos_id()));
+        Self::new(&source, &bos, &eos).map(Some)
     }
 
     /// Renders the conversation. With `add_generation_prompt`, the template appends the opening of an

@@ -1,4 +1,4 @@
-//! EdgePrompt model layer: GGUF files, tokenizer, chat templates, the Llama-family forward pass and
+//! EdgePrompt model layer: GGUF files and Hugging Face model directories, tokenizer, chat templates, the Llama-family forward pass and
 //! sampling.
 
 use std::path::PathBuf;
@@ -7,6 +7,8 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
+mod hf_tokenizer;
 pub mod kv;
 pub mod llama;
 pub mod sampling;
@@ -15,6 +17,7 @@ pub mod testutil;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
+pub use hf::{load_model_dir_or_gguf, ModelBundle};
 pub use llama::{BatchSeq, LogitsFor, Model};
 
 /// Errors of the model layer. Messages name the file or the value at fault.
@@ -24,10 +27,15 @@ pub enum ModelError {
     Gguf(#[from] gguf::GgufError),
     #[error("{path}: architecture '{arch}' is not supported (supported: {})", config::SUPPORTED_ARCHS.join(", "))]
     UnsupportedArch { path: PathBuf, arch: String },
+    #[error("{path}: architecture '{arch}' is not supported (supported: {})", hf::SUPPORTED_HF_ARCHS.join(", "))]
+    UnsupportedHfArch { path: PathBuf, arch: String },
     #[error("{path}: tensor '{name}' is missing")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
+    /// A part of a model (tokenizer, chat template) that failed to load, with what went wrong.
+    #[error("{path}: {what}")]
+    Load { path: PathBuf, what: String },
     #[error(transparent)]
     Kernel(#[from] ep_kernels::matmul::KernelError),
     #[error(transparent)]

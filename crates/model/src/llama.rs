@@ -1,4 +1,5 @@
-//! The Llama-family forward pass over GGUF weights used in place.
+//! The Llama-family forward pass over weights used in place: a GGUF file, or the safetensors files of a
+//! Hugging Face model directory (see [`crate::hf`]).
 //!
 //! The pass is split into [`Model::embed`], [`Model::layer`] and [`Model::logits`] so a caller can run
 //! it layer by layer (and hold a sequence at a layer boundary while KV for the next layer arrives);
@@ -10,6 +11,7 @@ use std::path::Path;
 
 use ep_kernels::matmul::{self, WeightRef};
 use ep_kernels::{ops, GgmlType};
+use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
@@ -17,36 +19,54 @@ use crate::gguf::Gguf;
 use crate::kv::{Attention, AttnShape, SeqSlice};
 use crate::ModelError;
 
-/// A weight matrix in the mapped file: `rows` output features of `cols` inputs each.
+/// A weight matrix in a mapped file: `rows` output features of `cols` inputs each, `len` bytes at
+/// `offset` in the bytes of file `file` of the model's [`Weights`].
 #[derive(Clone, Copy, Debug)]
-struct Mat {
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    offset: usize,
-    len: usize,
+pub(crate) struct Mat {
+    pub(crate) ty: GgmlType,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) file: usize,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Mat,
-    wk: Mat,
-    wv: Mat,
-    wo: Mat,
-    ffn_norm: Vec<f32>,
-    w_gate: Mat,
-    w_up: Mat,
-    w_down: Mat,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Mat,
+    pub(crate) wk: Mat,
+    pub(crate) wv: Mat,
+    pub(crate) wo: Mat,
+    /// Optional projection biases (Qwen2 has Q/K/V biases), added after the matmul.
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) bo: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) w_gate: Mat,
+    pub(crate) w_up: Mat,
+    pub(crate) w_down: Mat,
 }
 
-/// A loaded model: configuration, the mapped file and where each weight lies in it.
+/// Where the weights live.
+pub(crate) enum Weights {
+    /// One GGUF file; [`Mat::offset`] is relative to its data section (file 0).
+    Gguf(Gguf),
+    /// Mapped safetensors files; [`Mat::offset`] is relative to the start of file [`Mat::file`].
+    Files(Vec<Mmap>),
+}
+
+/// A loaded model: configuration, the mapped file(s) and where each weight lies in them.
 pub struct Model {
     pub cfg: ModelConfig,
-    gguf: Gguf,
-    tok_embd: Mat,
-    output: Mat,
-    output_norm: Vec<f32>,
-    layers: Vec<Layer>,
+    pub(crate) weights: Weights,
+    pub(crate) tok_embd: Mat,
+    pub(crate) output: Mat,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    /// Matmuls keep the activations in f32 instead of rounding them to the weight type's vec-dot type
+    /// (Hugging Face checkpoints, whose reference computes in f32; GGUF models follow ggml).
+    pub(crate) f32_activations: bool,
 }
 
 /// One sequence's new tokens in a batch.
@@ -110,6 +130,7 @@ impl Model {
                 ty: t.ty,
                 rows,
                 cols,
+                file: 0,
                 offset: t.offset as usize,
                 len: t.size as usize,
             })
@@ -173,6 +194,10 @@ impl Model {
                 wk,
                 wv,
                 wo,
+                bq: None,
+                bk: None,
+                bv: None,
+                bo: None,
                 ffn_norm,
                 w_gate,
                 w_up,
@@ -181,17 +206,30 @@ impl Model {
         }
         Ok(Model {
             cfg,
-            gguf,
+            weights: Weights::Gguf(gguf),
             tok_embd,
             output,
             output_norm,
             layers,
+            f32_activations: false,
         })
     }
 
-    /// The underlying GGUF (metadata for the tokenizer and chat template).
-    pub fn gguf(&self) -> &Gguf {
-        &self.gguf
+    /// Opens a Hugging Face model directory (`config.json` + safetensors); see [`crate::hf`].
+    pub fn load_hf_dir(
+        dir: impl AsRef<Path>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        crate::hf::load_model(dir.as_ref(), progress)
+    }
+
+    /// The underlying GGUF (metadata for the tokenizer and chat template); `None` for a model loaded from
+    /// a Hugging Face directory.
+    pub fn gguf(&self) -> Option<&Gguf> {
+        match &self.weights {
+            Weights::Gguf(g) => Some(g),
+            Weights::Files(_) => None,
+        }
     }
 
     /// Shape of the attention step.
@@ -204,13 +242,84 @@ impl Model {
         }
     }
 
+    /// A digest of everything that shapes this model's KV: the configuration, every weight matrix's
+    /// type and shape, a sample of its bytes (the first and last 4 KiB and 4 KiB at its middle) and
+    /// the norm and bias vectors in full. Equal models give equal fingerprints in every process;
+    /// the prefix cache roots its block hashes in it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"edgeprompt/model-fingerprint/v1");
+        h.update(format!("{:?}", self.cfg).as_bytes());
+        h.update([u8::from(self.f32_activations)]);
+        let mat = |h: &mut Sha256, m: &Mat| {
+            let d = self.w(m).data;
+            h.update(format!("{:?}/{}/{}/{}", m.ty, m.rows, m.cols, d.len()).as_bytes());
+            let k = 4096.min(d.len());
+            let mid = d.len() / 2 - k / 2;
+            h.update(&d[..k]);
+            h.update(&d[mid..mid + k]);
+            h.update(&d[d.len() - k..]);
+        };
+        let vector = |h: &mut Sha256, v: &[f32]| {
+            h.update((v.len() as u64).to_le_bytes());
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        };
+        mat(&mut h, &self.tok_embd);
+        mat(&mut h, &self.output);
+        vector(&mut h, &self.output_norm);
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                mat(&mut h, m);
+            }
+            vector(&mut h, &l.attn_norm);
+            vector(&mut h, &l.ffn_norm);
+            for b in [&l.bq, &l.bk, &l.bv, &l.bo] {
+                match b {
+                    Some(b) => vector(&mut h, b),
+                    None => h.update([0u8]),
+                }
+            }
+        }
+        h.finalize().into()
+    }
+
     fn w(&self, m: &Mat) -> WeightRef<'_> {
+        let bytes: &[u8] = match &self.weights {
+            Weights::Gguf(g) => g.data_section(),
+            Weights::Files(f) => &f[m.file],
+        };
         WeightRef {
             ty: m.ty,
             rows: m.rows,
             cols: m.cols,
-            data: &self.gguf.data_section()[m.offset..m.offset + m.len],
+            // Loaders check every range against its file before building a `Mat`.
+            data: &bytes[m.offset..m.offset + m.len],
         }
+    }
+
+    /// `out = x · mᵀ` (+ `bias` per row), with the activation handling of this model's weights.
+    fn mm(
+        &self,
+        m: &Mat,
+        bias: Option<&[f32]>,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let w = self.w(m);
+        if self.f32_activations {
+            matmul::matmul_f32_act(&w, x, n, out)?;
+        } else {
+            matmul::matmul(&w, x, n, out)?;
+        }
+        if let Some(b) = bias.filter(|_| m.rows > 0) {
+            out.par_chunks_mut(m.rows)
+                .for_each(|row| ops::add_in_place(row, b));
+        }
+        Ok(())
     }
 
     /// Embeds a batch: looks up each token's row. Errors on an out-of-range token or a malformed batch.
@@ -268,26 +377,26 @@ impl Model {
         let mut q = vec![0f32; n * qw];
         let mut k = vec![0f32; n * kvw];
         let mut v = vec![0f32; n * kvw];
-        matmul::matmul(&self.w(&l.wq), &xn, n, &mut q)?;
-        matmul::matmul(&self.w(&l.wk), &xn, n, &mut k)?;
-        matmul::matmul(&self.w(&l.wv), &xn, n, &mut v)?;
+        self.mm(&l.wq, l.bq.as_deref(), &xn, n, &mut q)?;
+        self.mm(&l.wk, l.bk.as_deref(), &xn, n, &mut k)?;
+        self.mm(&l.wv, l.bv.as_deref(), &xn, n, &mut v)?;
         self.rope_rows(&mut q, &h.pos, c.n_head);
         self.rope_rows(&mut k, &h.pos, c.n_head_kv);
 
         let mut att = vec![0f32; n * qw];
         attn.attend(il, &h.slices, &q, &k, &v, &mut att)?;
         let mut o = vec![0f32; n * d];
-        matmul::matmul(&self.w(&l.wo), &att, n, &mut o)?;
+        self.mm(&l.wo, l.bo.as_deref(), &att, n, &mut o)?;
         ops::add_in_place(&mut h.x, &o);
 
         norm_rows(&h.x, &l.ffn_norm, c.rms_eps, &mut xn, d);
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
-        matmul::matmul(&self.w(&l.w_gate), &xn, n, &mut gate)?;
-        matmul::matmul(&self.w(&l.w_up), &xn, n, &mut up)?;
+        self.mm(&l.w_gate, None, &xn, n, &mut gate)?;
+        self.mm(&l.w_up, None, &xn, n, &mut up)?;
         let mut act = vec![0f32; n * c.n_ff];
         ops::swiglu(&gate, &up, &mut act);
-        matmul::matmul(&self.w(&l.w_down), &act, n, &mut o)?;
+        self.mm(&l.w_down, None, &act, n, &mut o)?;
         ops::add_in_place(&mut h.x, &o);
         Ok(())
     }
@@ -323,7 +432,7 @@ impl Model {
             );
         }
         let mut out = vec![0f32; rows.len() * self.cfg.n_vocab];
-        matmul::matmul(&self.w(&self.output), &xn, rows.len(), &mut out)?;
+        self.mm(&self.output, None, &xn, rows.len(), &mut out)?;
         Ok(out)
     }
 

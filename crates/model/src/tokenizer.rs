@@ -54,6 +54,12 @@ pub enum TokenizerError {
     Invalid(String),
     #[error("tokenizer backend error: {0}")]
     Backend(String),
+    /// A problem with a file of a Hugging Face model directory.
+    #[error("{path}: {what}")]
+    File {
+        path: std::path::PathBuf,
+        what: String,
+    },
 }
 
 const SUPPORTED_PRE: &str = "default (or empty), smollm, starcoder, refact, command-r, codeshell, \
@@ -327,6 +333,13 @@ enum Backend {
     Bpe(Box<tokenizers::Tokenizer>),
     /// SentencePiece (`tokenizer.ggml.model = "llama"`), llama.cpp's score-driven merge.
     Spm(SpmModel),
+    /// A Hugging Face `tokenizer.json`, run whole by the `tokenizers` crate (normalizer, pre-tokenizer,
+    /// model, added tokens): `plain` matches special added tokens in text, `split` (its
+    /// `encode_special_tokens` on) tokenizes their text as ordinary text.
+    Hf {
+        plain: Box<tokenizers::Tokenizer>,
+        split: Box<tokenizers::Tokenizer>,
+    },
 }
 
 /// A tokenizer built from GGUF metadata: byte-level BPE (llama.cpp vocabulary type
@@ -648,6 +661,125 @@ impl Tokenizer {
         })
     }
 
+    /// Builds the tokenizer of a Hugging Face model directory: `tokenizer.json` (required) run by the
+    /// `tokenizers` crate, with `tokenizer_config.json` (optional: `bos_token`, `eos_token`,
+    /// `add_bos_token`, `add_eos_token`) and `generation_config.json` (optional: more `eos_token_id`s,
+    /// which end generation too).
+    ///
+    /// Encoding equals transformers' `tokenizer(text)`: the text goes through `tokenizers` without its
+    /// post-processor and BOS / EOS are added per [`Tokenizer::add_bos`] / [`Tokenizer::add_eos`],
+    /// which are `add_bos_token` / `add_eos_token` when the config sets them and otherwise what the
+    /// post-processor adds to an empty text. Token pieces (for decoding) follow the decoder: byte-level
+    /// tokens are mapped back to bytes, SentencePiece-style tokens turn `▁` into a space and `<0xNN>`
+    /// into its byte, added tokens are their text.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self, TokenizerError> {
+        crate::hf_tokenizer::build(dir)
+    }
+
+    /// Assembles a tokenizer from a parsed `tokenizer.json` (see [`Tokenizer::from_hf_dir`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_hf_parts(
+        plain: tokenizers::Tokenizer,
+        texts: Vec<Option<String>>,
+        added: &HashMap<u32, bool>,
+        style: crate::hf_tokenizer::PieceStyle,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        extra_eog: &[u32],
+        add_bos: Option<bool>,
+        add_eos: Option<bool>,
+        unk: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
+        use crate::hf_tokenizer::PieceStyle;
+        let n = texts.len();
+        if n == 0 {
+            return Err(TokenizerError::Invalid("empty vocabulary".into()));
+        }
+        let mut split = plain.clone();
+        split.set_encode_special_tokens(true);
+        let inverse = char_to_byte_table();
+        let mut attrs = vec![ATTR_UNUSED; n];
+        let mut pieces = Vec::with_capacity(n * 6);
+        let mut piece_offsets = Vec::with_capacity(n + 1);
+        piece_offsets.push(0u32);
+        let mut special_order = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            let id = i as u32;
+            if let Some(t) = t {
+                let a = if let Some(&special) = added.get(&id) {
+                    special_order.push((id, t.clone()));
+                    if special {
+                        ATTR_CONTROL
+                    } else {
+                        ATTR_USER_DEFINED
+                    }
+                } else if Some(id) == unk {
+                    ATTR_UNKNOWN
+                } else if style == PieceStyle::Spm && is_byte_token(t) {
+                    ATTR_BYTE
+                } else {
+                    ATTR_NORMAL
+                };
+                attrs[i] = a;
+                if a & ATTR_SPECIAL != 0 {
+                    pieces.extend_from_slice(t.as_bytes());
+                } else if a & ATTR_BYTE != 0 {
+                    pieces.push(spm::byte_token_value(t));
+                } else {
+                    match style {
+                        PieceStyle::ByteLevel => byte_level_decode(t, &inverse, &mut pieces),
+                        PieceStyle::Spm => spm::unescape_into(t, &mut pieces),
+                        PieceStyle::Plain => pieces.extend_from_slice(t.as_bytes()),
+                    }
+                }
+            }
+            let end = u32::try_from(pieces.len())
+                .map_err(|_| TokenizerError::Invalid("vocabulary text too large".into()))?;
+            piece_offsets.push(end);
+        }
+        special_order.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+
+        let in_vocab = |id: &u32| (*id as usize) < n;
+        let mut eog: Vec<u32> = eos
+            .into_iter()
+            .chain(extra_eog.iter().copied())
+            .filter(in_vocab)
+            .collect();
+        for (id, text) in &special_order {
+            if EOG_TEXTS.contains(&text.as_str()) {
+                eog.push(*id);
+            }
+        }
+        eog.sort_unstable();
+        eog.dedup();
+
+        // What the post-processor adds around an empty text.
+        let empty = plain
+            .encode_fast("", true)
+            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        let ids = empty.get_ids();
+        let pp_bos = bos.is_some() && ids.first().copied() == bos;
+        let pp_eos = eos.is_some() && ids.last().copied() == eos && !(pp_bos && ids.len() == 1);
+        Ok(Tokenizer {
+            backend: Backend::Hf {
+                plain: Box::new(plain),
+                split: Box::new(split),
+            },
+            pre: "hf".into(),
+            n_vocab: n,
+            attrs,
+            pieces,
+            piece_offsets,
+            special_order,
+            extra_ids: HashMap::new(),
+            bos,
+            eos,
+            eog,
+            add_bos: add_bos.unwrap_or(pp_bos) && bos.is_some(),
+            add_eos: add_eos.unwrap_or(pp_eos) && eos.is_some(),
+        })
+    }
+
     /// Builds a byte-level BPE tokenizer from its parts (what [`Tokenizer::from_gguf`] reads).
     ///
     /// As in llama.cpp: BOS and EOS default to id 11 when the metadata does not name them (and the
@@ -894,7 +1026,15 @@ impl Tokenizer {
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
-        if !text.is_empty() {
+        if let Backend::Hf { plain, split } = &self.backend {
+            // The whole text through `tokenizers` (its added-token matching included), without its
+            // post-processor: BOS / EOS follow `add_bos` / `add_eos` here.
+            let hf = if parse_special { plain } else { split };
+            let enc = hf
+                .encode_fast(text, false)
+                .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+            out.extend_from_slice(enc.get_ids());
+        } else if !text.is_empty() {
             // SentencePiece prefixes a space to the first fragment and to each one after a special
             // token (whether or not BOS was added).
             let mut after_special = true;
@@ -976,6 +1116,7 @@ impl Tokenizer {
                 Ok(())
             }
             Backend::Spm(m) => m.encode_fragment(text, after_special, out),
+            Backend::Hf { .. } => unreachable!("HF tokenizers encode whole texts in encode_with"),
         }
     }
 
@@ -1082,23 +1223,25 @@ impl Tokenizer {
         match &self.backend {
             Backend::Bpe(hf) => hf.token_to_id(text),
             Backend::Spm(m) => m.token_to_id(text),
+            Backend::Hf { plain, .. } => plain.token_to_id(text),
         }
         .or_else(|| self.extra_ids.get(text).copied())
     }
 
     /// The `tokenizer.ggml.model` this tokenizer implements: `"gpt2"` (byte-level BPE) or `"llama"`
-    /// (SentencePiece).
+    /// (SentencePiece); `"hf"` for a Hugging Face `tokenizer.json`.
     pub fn model(&self) -> &'static str {
         match self.backend {
             Backend::Bpe(_) => "gpt2",
             Backend::Spm(_) => "llama",
+            Backend::Hf { .. } => "hf",
         }
     }
 
     /// Whether a space is prefixed to the text (SentencePiece `add_space_prefix`; false for BPE).
     pub fn add_space_prefix(&self) -> bool {
         match &self.backend {
-            Backend::Bpe(_) => false,
+            Backend::Bpe(_) | Backend::Hf { .. } => false,
             Backend::Spm(m) => m.add_space_prefix(),
         }
     }
@@ -1118,14 +1261,25 @@ impl Tokenizer {
         self.add_eos
     }
 
-    /// The underlying HF `tokenizers` tokenizer (byte-level BPE, no special-token handling); `None` for
-    /// SentencePiece vocabularies.
+    /// The underlying HF `tokenizers` tokenizer (for GGUF byte-level BPE: no special-token handling;
+    /// for a `tokenizer.json`: the whole tokenizer); `None` for SentencePiece vocabularies.
     pub fn hf(&self) -> Option<&tokenizers::Tokenizer> {
         match &self.backend {
             Backend::Bpe(hf) => Some(hf),
+            Backend::Hf { plain, .. } => Some(plain),
             Backend::Spm(_) => None,
         }
     }
+}
+
+/// `<0xNN>`: a SentencePiece byte-fallback token.
+fn is_byte_token(t: &str) -> bool {
+    let b = t.as_bytes();
+    b.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && b[3].is_ascii_hexdigit()
+        && b[4].is_ascii_hexdigit()
 }
 
 #[derive(Clone, Copy, Debug)]

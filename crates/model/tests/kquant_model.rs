@@ -134,7 +134,7 @@ fn prompt() -> Vec<u32> {
 fn kquant_model_has_kquant_matrices() {
     let dir = tempfile::tempdir().unwrap();
     let model = load(&dir, 7, TinyWeights::KQuant);
-    let ty = |name: &str| model.gguf().tensor(name).unwrap().ty;
+    let ty = |name: &str| model.gguf().unwrap().tensor(name).unwrap().ty;
     let mut seen = std::collections::BTreeSet::new();
     for l in 0..testutil::TINY_LAYERS {
         for m in [
@@ -155,7 +155,12 @@ fn kquant_model_has_kquant_matrices() {
     assert_eq!(model.cfg.n_embd, testutil::TINY_K_EMBD);
     let f32_model = load(&dir, 7, TinyWeights::KQuantAsF32);
     assert_eq!(
-        f32_model.gguf().tensor("blk.0.ffn_down.weight").unwrap().ty,
+        f32_model
+            .gguf()
+            .unwrap()
+            .tensor("blk.0.ffn_down.weight")
+            .unwrap()
+            .ty,
         GgmlType::F32
     );
 }

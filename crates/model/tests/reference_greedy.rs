@@ -89,7 +89,7 @@ fn greedy_continuations_match_llama_cpp() {
     let fx = fixture();
     assert!(fx.cases.len() >= 8, "fixture has {} cases", fx.cases.len());
     let model = Model::load(testutil::require_test_model(), |_, _| {}).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf().expect("a GGUF model")).unwrap();
     let (mut max_d, mut sum_d, mut n_d) = (0f64, 0f64, 0usize);
     let mut near_ties = 0;
     let mut failures = Vec::new();
