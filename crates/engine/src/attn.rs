@@ -16,20 +16,18 @@ pub struct PagedAttention<'a> {
     pub tables: &'a [Vec<BlockId>],
 }
 
-impl Attention for PagedAttention<'_> {
-    fn attend(
+impl PagedAttention<'_> {
+    /// Stores the batch's new K/V (`rows × kv_width` each) for `layer` into the sequences' blocks,
+    /// one write per run of rows inside one block.
+    pub fn store(
         &mut self,
         layer: usize,
         slices: &[SeqSlice],
-        q: &[f32],
         k: &[f32],
         v: &[f32],
-        out: &mut [f32],
     ) -> Result<(), ModelError> {
-        let sh = self.shape;
-        let (qw, kw, hd, g) = (sh.q_width(), sh.kv_width(), sh.head_dim, sh.group());
+        let kw = self.shape.kv_width();
         let bt = self.pool.layout().block_tokens;
-        // Store the new K/V, one write per run of rows inside one block.
         for sl in slices {
             let table = self
                 .tables
@@ -53,6 +51,24 @@ impl Attention for PagedAttention<'_> {
                 p += n;
             }
         }
+        Ok(())
+    }
+}
+
+impl Attention for PagedAttention<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        slices: &[SeqSlice],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let sh = self.shape;
+        let (qw, hd, g) = (sh.q_width(), sh.head_dim, sh.group());
+        let bt = self.pool.layout().block_tokens;
+        self.store(layer, slices, k, v)?;
         let mut by_row = vec![usize::MAX; q.len() / qw];
         for (i, sl) in slices.iter().enumerate() {
             by_row[sl.rows.clone()].fill(i);

@@ -23,6 +23,7 @@ use ep_model::{BatchSeq, LogitsFor, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::attn::PagedAttention;
+use crate::splice::{AttnMode, SpliceArena, SpliceAttention};
 use crate::{EngineConfig, EngineError, Event, Finished, Request, RequestId, StepStat};
 
 struct Seq<'a> {
@@ -88,6 +89,9 @@ pub struct Core<'a> {
     free_slots: Vec<usize>,
     arrivals: u64,
     preemptions: u64,
+    arena: SpliceArena,
+    /// Jointly attended nodes and keys of the last forward pass.
+    last_shared: (usize, usize),
 }
 
 /// A sequence's share of one step: tokens `start..start + n`.
@@ -137,6 +141,8 @@ impl<'a> Core<'a> {
             free_slots: Vec::new(),
             arrivals: 0,
             preemptions: 0,
+            arena: SpliceArena::default(),
+            last_shared: (0, 0),
         })
     }
 
@@ -408,6 +414,7 @@ impl<'a> Core<'a> {
     /// Runs one scheduling step and forward pass. Returns `None` when there was nothing to do.
     pub fn step(&mut self) -> Option<StepStat> {
         let t0 = Instant::now();
+        self.last_shared = (0, 0);
         self.admit();
         if self.running.is_empty() {
             return None;
@@ -527,6 +534,8 @@ impl<'a> Core<'a> {
             running: self.running.len(),
             waiting: self.waiting.len(),
             kv_used_bytes: self.pool.used_bytes(),
+            shared_nodes: self.last_shared.0,
+            shared_keys: self.last_shared.1,
             secs: t0.elapsed().as_secs_f64(),
         }
     }
@@ -566,12 +575,31 @@ impl<'a> Core<'a> {
     fn forward(&mut self, plan: &[Planned]) -> Result<Vec<(RequestId, Vec<f32>)>, EngineError> {
         let model = self.model;
         let batch = Self::batch_of(&self.running, plan);
-        let mut attn = PagedAttention {
-            shape: model.attn_shape(),
-            pool: &mut self.pool,
-            tables: &self.tables,
+        let logits = match self.cfg.attn_mode {
+            AttnMode::Paged => {
+                let mut attn = PagedAttention {
+                    shape: model.attn_shape(),
+                    pool: &mut self.pool,
+                    tables: &self.tables,
+                };
+                model.forward(&batch, &mut attn)?
+            }
+            mode => {
+                let mut attn = SpliceAttention {
+                    mode,
+                    shape: model.attn_shape(),
+                    pool: &mut self.pool,
+                    tables: &self.tables,
+                    arena: &mut self.arena,
+                    plan: None,
+                };
+                let l = model.forward(&batch, &mut attn)?;
+                if let Some(p) = &attn.plan {
+                    self.last_shared = (p.shared_nodes, p.shared_keys);
+                }
+                l
+            }
         };
-        let logits = model.forward(&batch, &mut attn)?;
         let nv = model.cfg.n_vocab;
         let mut out = Vec::new();
         let mut row = 0;

@@ -8,6 +8,8 @@
 
 pub mod attn;
 pub mod core;
+pub mod splice;
+mod splice_shim;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -21,6 +23,7 @@ use ep_model::{Model, ModelError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use crate::core::{Core, LayerGate};
+pub use crate::splice::AttnMode;
 
 /// Identifies a submitted request.
 pub type RequestId = u64;
@@ -58,6 +61,8 @@ pub struct EngineConfig {
     /// Finish every pending prompt before running decode steps (the offline-batch regime the
     /// benchmarks measure); otherwise decode steps carry prompt chunks along.
     pub prefill_first: bool,
+    /// How attention is computed (results are identical; cost differs).
+    pub attn_mode: AttnMode,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +75,7 @@ impl Default for EngineConfig {
             max_step_tokens: 512,
             max_seqs: 256,
             prefill_first: false,
+            attn_mode: AttnMode::Splice,
         }
     }
 }
@@ -146,6 +152,9 @@ pub struct StepStat {
     pub running: usize,
     pub waiting: usize,
     pub kv_used_bytes: usize,
+    /// Tree nodes attended jointly in this step (splice/relay) and the keys they hold.
+    pub shared_nodes: usize,
+    pub shared_keys: usize,
     pub secs: f64,
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ep_engine::{Engine, EngineConfig, Event, LayerGate, Output, Request};
+use ep_engine::{AttnMode, Engine, EngineConfig, Event, LayerGate, Output, Request};
 use ep_kv::KvDtype;
 use ep_model::generate::{GenerateParams, Session};
 use ep_model::sampling::SamplingParams;
@@ -100,6 +100,7 @@ fn small_cfg(dtype: KvDtype) -> EngineConfig {
         max_step_tokens: 48,
         max_seqs: 64,
         prefill_first: false,
+        attn_mode: AttnMode::Splice,
     }
 }
 
@@ -421,4 +422,92 @@ fn model_fingerprint_is_stable_and_distinguishes_models() {
     std::fs::write(&path, testutil::tiny_model_bytes(8, "llama")).unwrap();
     let other = Model::load(&path, |_, _| {}).unwrap();
     assert_ne!(a.model.fingerprint(), other.fingerprint());
+}
+
+/// Requests over three cloud prompts (public prefixes of different lengths) with their own questions:
+/// prompt `i` uses cloud prompt `i % 3`.
+fn cloud_requests(clouds: &[Vec<u32>], n: usize, vocab: u32, gp: &GenerateParams) -> Vec<Request> {
+    (0..n)
+        .map(|i| {
+            let c = &clouds[i % clouds.len()];
+            let mut p = c.clone();
+            p.extend((0..5 + (i * 7) % 23).map(|j| ((i * 131 + j * 17 + 5) as u32) % vocab));
+            Request {
+                public_prefix: c.len(),
+                salt: Some(format!("tenant-{}", i % 4).into_bytes()),
+                ..Request::new(p, gp.clone())
+            }
+        })
+        .collect()
+}
+
+/// The three attention modes give the same tokens as each request alone, bit for bit (splice and relay
+/// only regroup the per-key operations of paged attention), and splice/relay really attend shared
+/// nodes jointly.
+fn modes_agree(l: &Loaded, clouds: &[Vec<u32>], gen: usize) {
+    let vocab = l.model.cfg.n_vocab as u32;
+    let gp = params(gen, SamplingParams::greedy());
+    let reqs = cloud_requests(clouds, 16, vocab, &gp);
+    let want: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|r| alone_session(l, &r.prompt, &gp))
+        .collect();
+    for mode in [AttnMode::Paged, AttnMode::Relay, AttnMode::Splice] {
+        let e = engine(
+            l,
+            EngineConfig {
+                attn_mode: mode,
+                prefill_first: true,
+                max_step_tokens: 256,
+                ..small_cfg(KvDtype::F16)
+            },
+        );
+        let got = run_all(&e, reqs.clone());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.tokens, w, "{mode:?}: request {i}");
+        }
+        let steps = e.take_step_stats();
+        let joint = steps.iter().map(|s| s.shared_nodes).max().unwrap_or(0);
+        match mode {
+            AttnMode::Paged => assert_eq!(joint, 0),
+            // One system prefix at most.
+            AttnMode::Relay => assert_eq!(joint, 1, "relay attends one shared prefix"),
+            // The three cloud prompts at least.
+            AttnMode::Splice => assert!(joint >= 3, "splice attended {joint} nodes jointly"),
+        }
+    }
+}
+
+#[test]
+fn attention_modes_agree_over_three_cloud_prompts_tiny() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let clouds: Vec<Vec<u32>> = [96usize, 160, 128]
+        .iter()
+        .enumerate()
+        .map(|(c, &n)| {
+            (0..n)
+                .map(|i| ((i * 13 + c * 101 + 7) as u32) % v)
+                .collect()
+        })
+        .collect();
+    modes_agree(&l, &clouds, 10);
+}
+
+#[test]
+fn attention_modes_agree_over_three_cloud_prompts_smollm2() {
+    let l = smollm2();
+    let texts = [
+        "You are a support assistant for a telecom operator. Answer briefly and politely. ",
+        "You are a travel planner. Suggest one destination and one activity for each request. ",
+        "You are a careful math tutor. Show the key step, then the answer. ",
+    ];
+    let clouds: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            let unit = l.tok.encode(t, false).unwrap();
+            unit.iter().copied().cycle().take(200).collect()
+        })
+        .collect();
+    modes_agree(&l, &clouds, 8);
 }
