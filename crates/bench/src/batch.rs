@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ep_engine::{Engine, EngineConfig, EngineError, Request};
+use ep_engine::{AttnMode, Engine, EngineConfig, EngineError, Request};
 use ep_model::generate::GenerateParams;
 use ep_model::sampling::SamplingParams;
 use ep_model::tokenizer::Tokenizer;
@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::median;
 
 /// Attention modes the engine offers.
-pub const MODES: &[&str] = &["paged"];
+pub const MODES: &[&str] = &["paged", "relay", "splice"];
 
 /// Errors of the batch benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -256,11 +256,14 @@ fn run_point(
     model: &Arc<Model>,
     tok: &Arc<Tokenizer>,
     cfg: &BatchConfig,
+    mode: &str,
     prompts: &[(Vec<u32>, usize)],
     pool: Option<Arc<rayon::ThreadPool>>,
 ) -> Result<Run, BatchError> {
+    let attn_mode: AttnMode = mode.parse().map_err(BatchError::Config)?;
     let engine_cfg = EngineConfig {
         prefill_first: true,
+        attn_mode,
         ..cfg.engine.clone()
     };
     let engine = Engine::start(model.clone(), tok.clone(), engine_cfg, pool)?;
@@ -393,8 +396,8 @@ pub fn run(
     let mut done = 0;
     for _ in 0..cfg.reps {
         for (pi, pt) in points.iter().enumerate() {
-            for mode_runs in runs[pi].iter_mut() {
-                mode_runs.push(run_point(model, tok, cfg, &pt.3, pool.clone())?);
+            for (mode, mode_runs) in cfg.modes.iter().zip(runs[pi].iter_mut()) {
+                mode_runs.push(run_point(model, tok, cfg, mode, &pt.3, pool.clone())?);
                 done += 1;
                 progress(done, total);
             }
@@ -402,6 +405,14 @@ pub fn run(
     }
     let mut out = Vec::new();
     for (pi, (p, b, g, _)) in points.iter().enumerate() {
+        if runs[pi].iter().any(|r| r[0].sha != runs[pi][0][0].sha) {
+            tracing::warn!(
+                prefix = p,
+                batch = b,
+                groups = g,
+                "outputs differ between modes"
+            );
+        }
         for (mi, mode) in cfg.modes.iter().enumerate() {
             let rs = &runs[pi][mi];
             let sha = rs[0].sha.clone();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ep_engine::{Engine, EngineConfig, Event, Finished, Request};
+use ep_engine::{AttnMode, Engine, EngineConfig, Event, Finished, Request};
 use ep_kv::KvDtype;
 use ep_model::chat::{ChatMessage, ChatTemplate};
 use ep_model::generate::GenerateParams;
@@ -55,8 +55,8 @@ struct BatchArgs {
     common: Common,
     #[command(flatten)]
     engine: EngineOpts,
-    /// Attention modes to compare.
-    #[arg(long, value_delimiter = ',', default_value = "paged")]
+    /// Attention modes to compare (paged, relay, splice).
+    #[arg(long, value_delimiter = ',', default_value = "paged,relay,splice")]
     modes: Vec<String>,
     /// Cloud prompt lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "0,512,1024,2048,4096")]
@@ -136,6 +136,10 @@ struct EngineOpts {
     /// Tokens one forward step may process (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
+    /// Attention: splice (shared prefix-tree nodes attended jointly), relay (one shared system
+    /// prefix) or paged (every sequence its own blocks). Results are identical; speed differs.
+    #[arg(long, default_value = "splice")]
+    attn_mode: String,
 }
 
 impl EngineOpts {
@@ -150,7 +154,12 @@ impl EngineOpts {
         if self.block_size == 0 || !self.block_size.is_multiple_of(8) {
             bail!("--block-size must be a positive multiple of 8");
         }
+        let attn_mode: AttnMode = self
+            .attn_mode
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--attn-mode: {e}"))?;
         Ok(EngineConfig {
+            attn_mode,
             kv_dtype,
             block_tokens: self.block_size,
             kv_budget_bytes: self.kv_mem_mib << 20,
