@@ -19,7 +19,7 @@
 //! `attend_group` (all keys) and `attend_rows_group` (per-row key counts) over the concatenated chunks,
 //! for every KV dtype and on both paths (the AVX2 path equals the scalar one bit for bit).
 //!
-//! Speed: a node's keys are processed in tiles of about 16 KB of rows (widened to f32 once when many
+//! Speed: a node's keys are processed in tiles of about 32 KB of rows (widened to f32 once when many
 //! vectors share them), and inside a tile the vectors in register-blocked passes, so every K/V row comes
 //! from memory once per call however many vectors read it.
 
@@ -338,10 +338,15 @@ mod avx2 {
     /// Vectors that share a node before its rows are widened to an f32 tile (below, each row is
     /// widened inside the kernels instead; F32 rows are never copied).
     const WIDEN_MIN_VECTORS: usize = 6;
+    /// Vectors per pass in the scores phase (3 vectors × 4 keys = 12 accumulators) and in `P·V`
+    /// (3 vectors × 4 output slices).
+    const SCORE_PASS: usize = 3;
+    const PV_PASS: usize = 3;
 
-    /// Keys per tile: about 16 KB of f32 rows, a multiple of 8.
+    /// Keys per tile: about 32 KB of f32 rows, a multiple of 8 (more keys per lane per pass amortise
+    /// the loads and stores of the `P·V` accumulators).
     fn tile_keys(hd: usize) -> usize {
-        ((4096 / hd).clamp(8, 256) / 8) * 8
+        ((8192 / hd).clamp(8, 512) / 8) * 8
     }
 
     /// # Safety
@@ -379,8 +384,8 @@ mod avx2 {
         }
     }
 
-    /// The rows of one tile: `n` valid ones, then copies of the first up to the tile size (so that
-    /// kernels may compute whole key groups past `n` and drop the results).
+    /// The rows of one tile: `n` valid ones, then at least 7 copies of the first (so that kernels may
+    /// compute whole key groups past `n` and drop the results).
     enum Rows<'a, E> {
         Direct(&'a [*const E]),
         Widened(&'a [*const f32]),
@@ -391,8 +396,8 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU has AVX2 and F16C; `hd` is a multiple of 8; the chunks were checked for `hd` and hold at
-    /// least `n` more keys past the cursor; `0 < n <= raw.len() == wide.len()`,
-    /// `tile.len() == raw.len() * hd`.
+    /// least `n` more keys past the cursor; `0 < n`, `n + 7 <= raw.len() == wide.len()`,
+    /// `tile.len() >= n * hd`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn gather<'a, E: Elem>(
@@ -416,7 +421,7 @@ mod avx2 {
         for (r, &src) in raw[..n].iter().enumerate() {
             for c in (0..hd).step_by(8) {
                 // SAFETY: `src` is a checked row of `hd` values, `c + 8 <= hd`, and the tile holds
-                // `raw.len() * hd >= (r + 1) * hd` floats.
+                // at least `n * hd >= (r + 1) * hd` floats.
                 unsafe { _mm256_storeu_ps(tp.add(r * hd + c), E::load8(src.add(c))) };
             }
         }
@@ -536,8 +541,9 @@ mod avx2 {
         let hd = a.hd;
         let tk = tile_keys(hd);
         let widen = a.lims.len() >= WIDEN_MIN_VECTORS && std::mem::size_of::<E>() != 4;
-        let mut raw = vec![std::ptr::null::<E>(); tk];
-        let mut wide = vec![std::ptr::null::<f32>(); tk];
+        // Room for whole key groups (up to 8 keys) past the tile's last key.
+        let mut raw = vec![std::ptr::null::<E>(); tk + 8];
+        let mut wide = vec![std::ptr::null::<f32>(); tk + 8];
         let mut tile = vec![0f32; if widen { tk * hd } else { 0 }];
         let mut cur = Cursor { c: 0, i: 0 };
         let mut t0 = 0;
@@ -564,7 +570,7 @@ mod avx2 {
         // SAFETY: forwarded from the caller.
         unsafe {
             tiles::<E>(a, false, |t0, n, rows| {
-                passes(m, 4, |v0, gs| {
+                passes(m, SCORE_PASS, |v0, gs| {
                     let p = ScorePass {
                         hd: a.hd,
                         q: qp.wrapping_add(v0 * a.hd),
@@ -593,8 +599,8 @@ mod avx2 {
     }
 
     /// # Safety
-    /// As [`scores`]; `1 <= gs <= 4` vectors from `v0` (all in range), tile at node key `t0` with `n`
-    /// rows (`rows.len()` a multiple of 8, at least `n`).
+    /// As [`scores`]; `1 <= gs <= 3` vectors from `v0` (all in range), tile at node key `t0` with `n`
+    /// rows (`rows.len() >= n + 7`).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn score_pass_g<S: Elem>(
@@ -611,18 +617,17 @@ mod avx2 {
             match gs {
                 1 => score_pass::<S, 1, 8>(p, rows, counts::<1>(lims, v0, t0, n)),
                 2 => score_pass::<S, 2, 4>(p, rows, counts::<2>(lims, v0, t0, n)),
-                3 => score_pass::<S, 3, 2>(p, rows, counts::<3>(lims, v0, t0, n)),
-                _ => score_pass::<S, 4, 2>(p, rows, counts::<4>(lims, v0, t0, n)),
+                _ => score_pass::<S, 3, 4>(p, rows, counts::<3>(lims, v0, t0, n)),
             }
         }
     }
 
-    /// Scores of `G` vectors for the tile's keys, `KB` keys at a time (`G * KB <= 8` accumulators),
+    /// Scores of `G` vectors for the tile's keys, `KB` keys at a time (`G * KB <= 16` accumulators),
     /// each 8-dimension slice of a key row loaded once for the `G` vectors; vector `h` writes its first
     /// `cnt[h]` keys.
     ///
     /// # Safety
-    /// As [`score_pass_g`]; `rows.len()` is a multiple of `KB` and every row holds `hd` values.
+    /// As [`score_pass_g`]; `rows` holds at least `max(cnt) + KB - 1` rows of `hd` values.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn score_pass<S: Elem, const G: usize, const KB: usize>(
         p: &ScorePass,
@@ -635,7 +640,7 @@ mod avx2 {
         let mut i = 0;
         while i < hi {
             let r: [*const S; KB] = std::array::from_fn(|k| rows[i + k]);
-            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut acc = [_mm256_setzero_ps(); 16];
             for c in (0..hd).step_by(8) {
                 // SAFETY: `c + 8 <= hd`; the pass's `G` query vectors and every row hold `hd` values.
                 unsafe {
@@ -649,9 +654,12 @@ mod avx2 {
                     }
                 }
             }
-            let mut s = [0f32; 8];
-            // SAFETY: `s` holds 8 floats.
-            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(hsum_x8(acc), scale_v)) };
+            let mut s = [0f32; 16];
+            for (g8, s8) in s.chunks_exact_mut(8).enumerate().take((G * KB).div_ceil(8)) {
+                let a8: [__m256; 8] = std::array::from_fn(|x| acc[8 * g8 + x]);
+                // SAFETY: `s8` holds 8 floats.
+                unsafe { _mm256_storeu_ps(s8.as_mut_ptr(), _mm256_mul_ps(hsum_x8(a8), scale_v)) };
+            }
             for h in 0..G {
                 for k in 0..KB {
                     if i + k < cnt[h] {
@@ -676,7 +684,7 @@ mod avx2 {
         // SAFETY: forwarded from the caller.
         unsafe {
             tiles::<E>(a, true, |t0, n, rows| {
-                passes(m, 4, |v0, gs| {
+                passes(m, PV_PASS, |v0, gs| {
                     let p = PvPass {
                         hd,
                         phase: (a.key_base + t0) % 8,
@@ -706,7 +714,7 @@ mod avx2 {
     }
 
     /// # Safety
-    /// As [`pv`]; `1 <= gs <= 4` vectors from `v0` (all in range), tile at node key `t0` with `n` rows.
+    /// As [`pv`]; `1 <= gs <= 3` vectors from `v0` (all in range), tile at node key `t0` with `n` rows.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn pv_pass_g<S: Elem>(
@@ -723,8 +731,7 @@ mod avx2 {
             match gs {
                 1 => pv_blocks::<S, 1>(p, rows, counts::<1>(lims, v0, t0, n)),
                 2 => pv_blocks::<S, 2>(p, rows, counts::<2>(lims, v0, t0, n)),
-                3 => pv_blocks::<S, 3>(p, rows, counts::<3>(lims, v0, t0, n)),
-                _ => pv_blocks::<S, 4>(p, rows, counts::<4>(lims, v0, t0, n)),
+                _ => pv_blocks::<S, 3>(p, rows, counts::<3>(lims, v0, t0, n)),
             }
         }
     }
@@ -738,7 +745,7 @@ mod avx2 {
     unsafe fn pv_blocks<S: Elem, const G: usize>(p: &PvPass, rows: &[*const S], cnt: [usize; G]) {
         let max_nt = match G {
             1 => 8,
-            2 => 4,
+            2 | 3 => 4,
             _ => 2,
         };
         let slices = p.hd / 8;
