@@ -9,7 +9,6 @@
 pub mod attn;
 pub mod core;
 pub mod splice;
-mod splice_shim;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};

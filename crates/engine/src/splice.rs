@@ -32,7 +32,7 @@ use ep_model::ModelError;
 use rayon::prelude::*;
 
 use crate::attn::PagedAttention;
-use crate::splice_shim::{splice_finish, splice_pv, splice_scores, splice_softmax};
+use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
 
 /// How the engine computes attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

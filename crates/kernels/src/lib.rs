@@ -4,7 +4,8 @@
 //! formats (so GGUF weights are used in place, without conversion), activation quantisation exactly as
 //! ggml's x86 CPU backend does it (so the integer dot products match llama.cpp's), the quantised dot
 //! products and matmul, the small float ops (RMSNorm, RoPE, softmax, SiLU), and attention over
-//! contiguous (`attention`) and paged (`paged`) KV storage.
+//! contiguous (`attention`) and paged (`paged`) KV storage, and the same paged attention split into phases
+//! that many sequences sharing a key prefix run together (`splice`).
 //!
 //! The kernels are hand-written rather than taken from a crate: no crate offers ggml's block formats with
 //! runtime-dispatched SIMD integer dot products (candle's Q4_1 path is scalar and measured 3–4× slower than
@@ -17,5 +18,6 @@ pub mod ops;
 pub mod paged;
 pub mod quant;
 pub mod simd;
+pub mod splice;
 
 pub use quant::GgmlType;

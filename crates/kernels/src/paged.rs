@@ -122,7 +122,7 @@ impl KvRows<'_> {
     }
 
     /// Elements `start..start + out.len()` widened to f32 (exact).
-    fn row_to_f32(&self, start: usize, out: &mut [f32]) {
+    pub(crate) fn row_to_f32(&self, start: usize, out: &mut [f32]) {
         let n = out.len();
         match self {
             KvRows::F32(s) => out.copy_from_slice(&s[start..][..n]),
@@ -152,7 +152,7 @@ pub struct KvChunk<'a> {
 
 /// Checks every chunk (one dtype throughout, K and V rows in bounds); returns the dtype (`None` when
 /// there are no chunks) and the total number of keys.
-fn check_chunks(chunks: &[KvChunk<'_>], hd: usize) -> (Option<KvDtype>, usize) {
+pub(crate) fn check_chunks(chunks: &[KvChunk<'_>], hd: usize) -> (Option<KvDtype>, usize) {
     let dtype = chunks.first().map(|c| c.k.dtype());
     let mut total = 0usize;
     for (i, c) in chunks.iter().enumerate() {
@@ -392,7 +392,7 @@ fn run(
 /// Dot product in `ops::dot_f16`'s order: lanes `i % 8` with FMA, reduced by [`hsum8`]; a tail (when
 /// `head_dim` is not a multiple of 8) accumulated separately and added last.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
@@ -482,7 +482,7 @@ fn scalar(
 #[cfg(target_arch = "x86_64")]
 // Head, lane and tile indices address several register arrays at once.
 #[allow(clippy::needless_range_loop)]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use half::{bf16, f16};
@@ -491,7 +491,7 @@ mod avx2 {
     use crate::attention::avx2::{hsum, hsum_x8, softmax};
 
     /// A KV element type: its rows and an 8-wide load widened to f32.
-    trait Elem: Copy {
+    pub(crate) trait Elem: Copy {
         fn rows<'a>(r: &KvRows<'a>) -> &'a [Self];
         /// # Safety
         /// 8 readable elements at `p`; the CPU has AVX2 and F16C.
@@ -530,7 +530,8 @@ mod avx2 {
             unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
         }
         fn round(p: &mut [f32]) {
-            // SAFETY: `round` is only called from `attend`, whose caller guarantees F16C.
+            // SAFETY: `round` is only called on the AVX2 paths (`attend`, the splice kernels), whose
+            // callers guarantee F16C.
             unsafe { round_f16(p) }
         }
     }
