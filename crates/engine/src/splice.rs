@@ -91,12 +91,15 @@ pub struct Plan {
     /// Tree nodes computed jointly, and the keys they hold.
     pub shared_nodes: usize,
     pub shared_keys: usize,
+    /// A sequence's own keys attended by several of its rows at once (a prompt chunk) where that pays.
+    pub joint_rows: bool,
 }
 
 impl Plan {
-    /// Whether any node is computed jointly (otherwise the plain paged path runs).
-    pub fn is_shared(&self) -> bool {
-        self.shared_nodes > 0
+    /// Whether anything is computed jointly — a shared node, or a prompt chunk's rows over their own
+    /// keys (otherwise the plain paged path runs, with no phase overhead).
+    pub fn is_joint(&self) -> bool {
+        self.shared_nodes > 0 || self.joint_rows
     }
 }
 
@@ -223,12 +226,20 @@ pub fn plan(
             );
         }
     }
+    // Rows of one prompt chunk read their sequence's own keys once for all of them; with several rows
+    // that pays like a node shared by that many sequences.
+    let joint_rows = mode != AttnMode::Paged
+        && stages.iter().flatten().any(|it| {
+            let n = it.rows.len();
+            !it.shared && n >= 2 && joint_pays(n, it.n_keys, n * g, shape.head_dim, dtype)
+        });
     Plan {
         rows,
         stages,
         row_len,
         shared_nodes,
         shared_keys,
+        joint_rows,
     }
 }
 
@@ -346,7 +357,9 @@ fn tasks_of(items: &[Item], nkv: usize, n_rows: usize, g: usize) -> Vec<Task<'_>
         for it in items {
             let v0 = (h * n_rows + it.rows.start) * g;
             let v1 = (h * n_rows + it.rows.end) * g;
-            let parts = if it.shared && v1 - v0 >= 8 * g { 2 } else { 1 };
+            // Large items split so both threads work on them (each part re-reads the item's K/V, from
+            // cache); a prompt chunk's rows split further, they are many.
+            let parts = ((v1 - v0) / (8 * g)).clamp(1, if it.shared { 2 } else { 8 });
             let step = (v1 - v0).div_ceil(parts).div_ceil(g) * g;
             let mut s = v0;
             while s < v1 {
@@ -381,7 +394,7 @@ impl Attention for SpliceAttention<'_> {
             self.plan = Some(plan(self.mode, sh, dtype, bt, slices, self.tables));
         }
         let plan = self.plan.as_ref().expect("made above");
-        if !plan.is_shared() {
+        if !plan.is_joint() {
             // Nothing shared pays: the plain path, with no splice overhead.
             let mut paged = PagedAttention {
                 shape: sh,
