@@ -253,8 +253,8 @@ fn reference(c: &Case, s: &Setup) -> Vec<f64> {
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
-                for t in 0..n {
-                    let p = c.dtype.round(((scores[t] - m).exp() / z) as f32) as f64;
+                for (t, &sc) in scores.iter().enumerate() {
+                    let p = c.dtype.round(((sc - m).exp() / z) as f32) as f64;
                     for (d, &x) in val(t).iter().enumerate() {
                         out[r * qw + h * hd + d] += p * x as f64;
                     }
