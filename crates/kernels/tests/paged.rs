@@ -8,53 +8,12 @@ use ep_kernels::paged::{
     attend_group, attend_rows_group, scalar_attend_group, scalar_attend_rows_group, GroupScratch,
     KvChunk, KvDtype, KvRows,
 };
-use half::{bf16, f16};
+use half::f16;
 use proptest::prelude::*;
 
-/// xorshift values uniform in `[-amp/2, amp/2)`.
-fn data(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * amp
-        })
-        .collect()
-}
+mod common;
 
-/// Owned storage of one block in some dtype.
-enum Buf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-}
-
-impl Buf {
-    fn new(dtype: KvDtype, x: &[f32]) -> Buf {
-        match dtype {
-            KvDtype::F32 => Buf::F32(x.to_vec()),
-            KvDtype::F16 => Buf::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
-            KvDtype::Bf16 => Buf::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
-        }
-    }
-    /// The rows from element `start` on.
-    fn rows(&self, start: usize) -> KvRows<'_> {
-        match self {
-            Buf::F32(s) => KvRows::F32(&s[start..]),
-            Buf::F16(s) => KvRows::F16(&s[start..]),
-            Buf::Bf16(s) => KvRows::Bf16(&s[start..]),
-        }
-    }
-    fn get(&self, i: usize) -> f32 {
-        match self {
-            Buf::F32(s) => s[i],
-            Buf::F16(s) => s[i].to_f32(),
-            Buf::Bf16(s) => s[i].to_f32(),
-        }
-    }
-}
+use common::{data, Buf};
 
 /// A paged store for one layer: blocks of `[cap × kv_width]` K and V rows, the chunk `i` using rows
 /// `first[i]..first[i] + lens[i]` of block `i` for KV head `kvh`.

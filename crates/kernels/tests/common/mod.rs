@@ -1,6 +1,7 @@
 //! Shared test helpers: input generators and naive references.
 #![allow(dead_code)]
 
+use ep_kernels::paged::{KvDtype, KvRows};
 use ep_kernels::quant::GgmlType;
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -147,4 +148,49 @@ pub fn random_activations(n: usize, k: usize, seed: u64) -> Vec<f32> {
         }
     }
     x
+}
+
+/// xorshift values uniform in `[-amp/2, amp/2)`.
+pub fn data(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * amp
+        })
+        .collect()
+}
+
+/// Owned storage of one block in some dtype.
+pub enum Buf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl Buf {
+    pub fn new(dtype: KvDtype, x: &[f32]) -> Buf {
+        match dtype {
+            KvDtype::F32 => Buf::F32(x.to_vec()),
+            KvDtype::F16 => Buf::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+            KvDtype::Bf16 => Buf::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
+        }
+    }
+    /// The rows from element `start` on.
+    pub fn rows(&self, start: usize) -> KvRows<'_> {
+        match self {
+            Buf::F32(s) => KvRows::F32(&s[start..]),
+            Buf::F16(s) => KvRows::F16(&s[start..]),
+            Buf::Bf16(s) => KvRows::Bf16(&s[start..]),
+        }
+    }
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Buf::F32(s) => s[i],
+            Buf::F16(s) => s[i].to_f32(),
+            Buf::Bf16(s) => s[i].to_f32(),
+        }
+    }
 }
