@@ -3,7 +3,7 @@
 
 use ep_kernels::paged::{attend_group, GroupScratch, KvChunk};
 use ep_kv::{BlockId, BlockPool};
-use ep_model::kv::{Attention, AttnShape, SeqSlice};
+use ep_model::kv::{slice_of_rows, Attention, AttnShape, SeqSlice};
 use ep_model::ModelError;
 use rayon::prelude::*;
 
@@ -69,10 +69,7 @@ impl Attention for PagedAttention<'_> {
         let (qw, hd, g) = (sh.q_width(), sh.head_dim, sh.group());
         let bt = self.pool.layout().block_tokens;
         self.store(layer, slices, k, v)?;
-        let mut by_row = vec![usize::MAX; q.len() / qw];
-        for (i, sl) in slices.iter().enumerate() {
-            by_row[sl.rows.clone()].fill(i);
-        }
+        let by_row = slice_of_rows(slices, q.len() / qw);
         let pool: &BlockPool = self.pool;
         let tables = self.tables;
         // One task per (query row, KV head): the group's query heads read each K/V row once.

@@ -784,22 +784,6 @@ impl<'a> Core<'a> {
     pub fn unpin(&mut self, pinned: &[BlockHash]) {
         self.cache.unpin(pinned);
     }
-
-    /// Hashes of the full blocks of `tokens` under `salt` (public up to `public_len`).
-    pub fn hashes_of(
-        &self,
-        tokens: &[u32],
-        public_len: usize,
-        salt: Option<&[u8]>,
-    ) -> Vec<BlockHash> {
-        block_hashes(
-            self.cache.root(),
-            tokens,
-            self.layout.block_tokens,
-            public_len,
-            salt,
-        )
-    }
 }
 
 pub(crate) fn validate(

@@ -190,6 +190,7 @@ pub struct Engine {
     shared: Arc<Mutex<Shared>>,
     thread: Option<JoinHandle<()>>,
     n_blocks: usize,
+    layout: ep_kv::KvLayout,
 }
 
 impl Engine {
@@ -208,7 +209,7 @@ impl Engine {
         let fp = model.fingerprint();
         // Build the pool here so a bad budget fails the caller, not the thread.
         let probe = Core::new(&model, &tok, cfg.clone(), &fp)?;
-        let n_blocks = probe.pool().n_blocks();
+        let (n_blocks, layout) = (probe.pool().n_blocks(), *probe.pool().layout());
         drop(probe);
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -231,6 +232,7 @@ impl Engine {
             shared,
             thread: Some(thread),
             n_blocks,
+            layout,
         })
     }
 
@@ -240,15 +242,7 @@ impl Engine {
 
     /// Validates and queues a request; its tokens arrive on the returned stream.
     pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
-        let sh = self.model.attn_shape();
-        let layout = ep_kv::KvLayout {
-            n_layer: sh.n_layer,
-            n_head_kv: sh.n_head_kv,
-            head_dim: sh.head_dim,
-            block_tokens: self.cfg.block_tokens,
-            dtype: self.cfg.kv_dtype,
-        };
-        core::validate(&self.model, &self.cfg, layout, self.n_blocks, &req)?;
+        core::validate(&self.model, &self.cfg, self.layout, self.n_blocks, &req)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         self.tx

@@ -54,6 +54,16 @@ pub struct SeqSlice {
     pub pos: usize,
 }
 
+/// For each of `n_rows` batch rows, the index of the slice holding it (`usize::MAX` for a row outside
+/// every slice, which attention leaves untouched).
+pub fn slice_of_rows(slices: &[SeqSlice], n_rows: usize) -> Vec<usize> {
+    let mut by_row = vec![usize::MAX; n_rows];
+    for (i, sl) in slices.iter().enumerate() {
+        by_row[sl.rows.clone()].fill(i);
+    }
+    by_row
+}
+
 /// Stores K/V of new tokens and computes attention for their queries.
 pub trait Attention {
     /// For `layer`: append `k`, `v` (rows × kv_width) for each slice, then write into `out`
@@ -205,12 +215,8 @@ impl Attention for ContiguousKv {
                 s.len = end;
             }
         }
-        // Which slice each query row belongs to (rows outside every slice stay untouched).
         let seqs = &self.seqs;
-        let mut by_row = vec![usize::MAX; q.len() / qw];
-        for (i, sl) in slices.iter().enumerate() {
-            by_row[sl.rows.clone()].fill(i);
-        }
+        let by_row = slice_of_rows(slices, q.len() / qw);
         // One task per (query row, head): a single decoding sequence still spreads over all threads.
         out.par_chunks_mut(hd).enumerate().for_each_init(
             || (HeadScratch::default(), vec![f16::ZERO; hd]),
