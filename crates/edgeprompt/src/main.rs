@@ -452,6 +452,7 @@ fn run_request(engine: &Engine, req: Request, on_text: &mut dyn FnMut(&str)) -> 
                 return Ok(Streamed { tokens, text, fin });
             }
             Event::Error(e) => bail!("{e}"),
+            Event::Kv(_) => {}
         }
     }
     bail!("the engine stopped before the request finished")

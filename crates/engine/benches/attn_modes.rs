@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use ep_engine::attn::PagedAttention;
-use ep_engine::splice::{AttnMode, SpliceArena, SpliceAttention};
+use ep_engine::splice::{plan_step, AttnMode, SpliceArena, SpliceAttention};
 use ep_kernels::paged::KvDtype;
 use ep_kv::{BlockId, BlockPool, KvLayout};
 use ep_model::kv::{Attention, AttnShape, SeqSlice};
@@ -114,16 +114,27 @@ fn step(s: &mut Setup, shape: AttnShape, mode: AttnMode, arena: &mut SpliceArena
         }
         .attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out)
         .unwrap(),
-        m => SpliceAttention {
-            mode: m,
-            shape,
-            pool: &mut s.pool,
-            tables: &s.tables,
-            arena,
-            plan: None,
+        m => {
+            let layout = *s.pool.layout();
+            let plan = plan_step(
+                m,
+                shape,
+                layout.dtype,
+                layout.block_tokens,
+                &s.slices,
+                &s.tables,
+            );
+            SpliceAttention {
+                mode: m,
+                shape,
+                pool: &mut s.pool,
+                tables: &s.tables,
+                arena,
+                plan: &plan,
+            }
+            .attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out)
+            .unwrap()
         }
-        .attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out)
-        .unwrap(),
     }
     out
 }

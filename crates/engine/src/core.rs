@@ -1,21 +1,33 @@
 //! The scheduler: continuous batching over the block pool, one forward step at a time.
 //!
+//! Every request is a [`Seq`] with an explicit [`State`] (waiting or running on a slot); two ordered
+//! indexes by arrival (`waiting`, `running`) say who is next to admit and who is the newest to
+//! preempt. A prompt's block hashes are computed once, at submission.
+//!
 //! Each [`Core::step`] (1) admits waiting requests first come, first served while their prompt blocks
-//! fit (free blocks plus what prefix-cache eviction can reclaim), sharing every full prompt block the
-//! prefix cache already holds; (2) picks the step's tokens under a token budget — one token for each
+//! fit (free blocks plus the prefix cache's idle count — a counter), sharing every full prompt block
+//! the cache already holds; (2) picks the step's tokens under a token budget — one token for each
 //! decoding sequence, then prompt chunks (chunked prefill) in arrival order; (3) grows block tables,
-//! evicting cached blocks and, when memory is still short, preempting the most recently arrived
+//! evicting idle cached blocks and, when memory is still short, preempting the most recently arrived
 //! sequence (its blocks are freed; it re-enters the queue and is recomputed later, giving the same
-//! tokens); (4) runs the forward pass layer by layer through the `paged` attention, holding a sequence
-//! whose external KV for the next layer is not yet present; (5) samples, streams tokens, registers
-//! newly filled blocks in the prefix cache and retires finished sequences.
+//! tokens); (4) runs **one** batched forward pass layer by layer: a sequence whose prefix KV is still
+//! being imported leaves the batch at the first layer not yet present, keeping its activations, and
+//! rejoins the batched pass at that layer in a later step once the layer has arrived — the rest of the
+//! batch is never held back; (5) samples, streams tokens, registers newly filled blocks in the prefix
+//! cache and retires finished sequences.
+//!
+//! Imports ([`Core::import_begin`], [`Core::import_rows`]) write another process's KV of a public
+//! prefix into pinned cache blocks, layer by layer; exports ([`crate::Request::export_kv`]) read a
+//! computed prompt's KV back in the pool's stored dtype.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ep_kv::{block_hashes, BlockHash, BlockId, BlockPool, KvLayout, PrefixCache};
 use ep_model::generate::FinishReason;
+use ep_model::kv::SeqSlice;
 use ep_model::llama::Hidden;
 use ep_model::sampling::{Sampler, StopMatcher};
 use ep_model::tokenizer::{StreamDecoder, Tokenizer};
@@ -23,12 +35,48 @@ use ep_model::{BatchSeq, LogitsFor, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::attn::PagedAttention;
-use crate::splice::{AttnMode, SpliceArena, SpliceAttention};
-use crate::{EngineConfig, EngineError, Event, Finished, Request, RequestId, StepStat};
+use crate::splice::{AttnMode, Plan, SpliceArena, SpliceAttention};
+use crate::{
+    EngineConfig, EngineError, Event, Failure, Finished, InvalidKind, InvalidRequest, PromptKv,
+    Request, RequestId, StepStat,
+};
+
+/// Identifies an import of external KV.
+pub type ImportId = u64;
+/// Identifies a pin of a cached prefix.
+pub type PinId = u64;
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Queued for admission (new, or preempted and to be recomputed).
+    Waiting,
+    /// Admitted: holds KV blocks and the forward pass's sequence number `slot`.
+    Running { slot: usize },
+}
+
+/// A prefill stopped at a layer boundary because its prefix's next layer has not arrived.
+struct Held {
+    h: Hidden,
+    /// The layer to run next.
+    next: usize,
+    /// Token rows `start..start + n`.
+    start: usize,
+    n: usize,
+}
+
+/// The partial last block of an import, copied layer by layer into a sequence's own block.
+struct TailCopy {
+    src: BlockId,
+    dst: BlockId,
+    n: usize,
+    /// Layers copied so far.
+    layers: usize,
+}
 
 struct Seq<'a> {
     id: RequestId,
-    slot: usize,
+    state: State,
     arrival: u64,
     req: Request,
     sampler: Sampler,
@@ -39,21 +87,26 @@ struct Seq<'a> {
     /// Prompt followed by the generated tokens.
     tokens: Vec<u32>,
     n_prompt: usize,
-    /// Tokens whose KV is in the blocks.
+    /// Tokens whose KV is in the blocks (for every layer).
     computed: usize,
     blocks: Vec<BlockId>,
-    /// Hashes of full blocks known so far (prompt blocks at admission, generated ones as they fill).
+    /// Hashes of the full blocks of `tokens` (computed once; extended as generated blocks fill).
     hashes: Vec<BlockHash>,
     /// Leading blocks that are in the prefix cache (matched, or inserted by this sequence).
     registered: usize,
     /// Blocks this sequence inserted before computing them: (index, hash).
     pending: Vec<(usize, BlockHash)>,
-    /// Prompt tokens found in the prefix cache at (first) admission.
+    /// Prompt tokens found in the prefix cache at (first) admission, and those of them imported.
     cached_tokens: usize,
+    imported_tokens: usize,
+    /// `cached_tokens` and `imported_tokens` are (re)measured at the next admission.
+    measure: bool,
     preemptions: usize,
     first_token: Option<Duration>,
-    /// A prefill held at a layer boundary: the activations and the next layer to run.
-    held: Option<(Hidden, usize, usize)>,
+    held: Option<Held>,
+    /// The import whose layers this sequence's prefix is waiting for.
+    gate: Option<ImportId>,
+    tail: Option<TailCopy>,
 }
 
 impl Seq<'_> {
@@ -67,11 +120,114 @@ impl Seq<'_> {
             None
         }
     }
+    fn slot(&self) -> usize {
+        match self.state {
+            State::Running { slot } => slot,
+            State::Waiting => usize::MAX,
+        }
+    }
 }
 
-/// A request waiting for admission (new, or preempted and to be recomputed).
-struct Waiting<'a> {
-    seq: Seq<'a>,
+/// Progress of an import, shared with its handle.
+#[derive(Debug, Default)]
+pub struct ImportProgress {
+    ready: AtomicUsize,
+    status: AtomicU8,
+}
+
+/// What became of an import.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportStatus {
+    /// Layers are still arriving.
+    Filling,
+    /// Every layer is present.
+    Complete,
+    /// It was abandoned before completing (its blocks were dropped).
+    Aborted,
+}
+
+impl ImportProgress {
+    /// Layers `0..ready_layers()` are present for every token.
+    pub fn ready_layers(&self) -> usize {
+        self.ready.load(Ordering::Acquire)
+    }
+    pub fn status(&self) -> ImportStatus {
+        match self.status.load(Ordering::Acquire) {
+            0 => ImportStatus::Filling,
+            1 => ImportStatus::Complete,
+            _ => ImportStatus::Aborted,
+        }
+    }
+}
+
+/// Errors of an import.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    #[error("the import is empty (no tokens)")]
+    Empty,
+    #[error("token id {0} is outside the vocabulary")]
+    Token(u32),
+    #[error("the KV of {tokens} tokens does not fit in the KV memory now ({free} blocks free or reclaimable, {need} needed)")]
+    OutOfKvMemory {
+        tokens: usize,
+        need: usize,
+        free: usize,
+    },
+    #[error("pinning {want} more blocks would pass the cap on pinned KV ({cap} blocks; {pinned} pinned)")]
+    PinCap {
+        want: usize,
+        pinned: usize,
+        cap: usize,
+    },
+    #[error("part of this prefix is being computed or imported by another request now; retry")]
+    Busy,
+    #[error("unknown import {0}")]
+    Unknown(ImportId),
+    #[error("rows {start}..{end} of layer {layer}: {what}")]
+    Rows {
+        layer: usize,
+        start: usize,
+        end: usize,
+        what: String,
+    },
+}
+
+struct Import {
+    n_tokens: usize,
+    hashes: Vec<BlockHash>,
+    /// Per full block: the block this import writes (`None`: already cached and computed).
+    targets: Vec<Option<BlockId>>,
+    pinned: Vec<BlockHash>,
+    /// The partial last block (held by the import) and its tokens.
+    tail: Option<(BlockId, Vec<u32>)>,
+    /// Per layer: which tokens are present (bitset) and how many.
+    covered: Vec<Vec<u64>>,
+    counts: Vec<usize>,
+    ready: usize,
+    progress: Arc<ImportProgress>,
+}
+
+impl Import {
+    fn complete(&self) -> bool {
+        self.ready == self.counts.len()
+    }
+}
+
+/// An entry of the per-layer log ([`EngineConfig::layer_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerEvent {
+    /// Layer `layer` ran in step `step` for these requests (one batched call).
+    Ran {
+        step: u64,
+        layer: usize,
+        requests: Vec<RequestId>,
+    },
+    /// Layer `layer` of import `import` became present before step `step`.
+    Arrived {
+        step: u64,
+        import: ImportId,
+        layer: usize,
+    },
 }
 
 /// The scheduler and the KV store of one engine.
@@ -82,8 +238,10 @@ pub struct Core<'a> {
     layout: KvLayout,
     pool: BlockPool,
     cache: PrefixCache,
-    waiting: VecDeque<Waiting<'a>>,
-    running: Vec<Seq<'a>>,
+    seqs: HashMap<RequestId, Seq<'a>>,
+    /// Waiting and running requests by arrival.
+    waiting: BTreeMap<u64, RequestId>,
+    running: BTreeMap<u64, RequestId>,
     /// Block tables by slot (the sequence id the forward pass sees).
     tables: Vec<Vec<BlockId>>,
     free_slots: Vec<usize>,
@@ -92,6 +250,15 @@ pub struct Core<'a> {
     arena: SpliceArena,
     /// Jointly attended nodes and keys of the last forward pass.
     last_shared: (usize, usize),
+    imports: HashMap<ImportId, Import>,
+    /// Imports with a partial last block, by the hash of their last full block (or the root).
+    import_tails: HashMap<BlockHash, ImportId>,
+    next_import: ImportId,
+    pins: HashMap<PinId, Vec<BlockHash>>,
+    next_pin: PinId,
+    max_pinned: usize,
+    steps: u64,
+    layer_log: Vec<LayerEvent>,
 }
 
 /// A sequence's share of one step: tokens `start..start + n`.
@@ -110,39 +277,40 @@ enum Grow {
 }
 
 impl<'a> Core<'a> {
+    /// A scheduler over a fresh pool; `root` is the prefix cache's root (see `ep_kv::identity`).
     pub fn new(
         model: &'a Model,
         tok: &'a Tokenizer,
         cfg: EngineConfig,
-        fingerprint: &[u8],
+        root: BlockHash,
     ) -> Result<Self, EngineError> {
-        let sh = model.attn_shape();
-        let layout = KvLayout {
-            n_layer: sh.n_layer,
-            n_head_kv: sh.n_head_kv,
-            head_dim: sh.head_dim,
-            block_tokens: cfg.block_tokens,
-            dtype: cfg.kv_dtype,
-        };
+        let layout = layout_of(model, &cfg);
         let pool = BlockPool::new(layout, cfg.kv_budget_bytes)?;
-        let mut fp = fingerprint.to_vec();
-        fp.extend_from_slice(format!("/{}/{}", cfg.kv_dtype.name(), cfg.block_tokens).as_bytes());
-        let cache = PrefixCache::new(BlockHash::root(&fp));
+        let max_pinned = ((pool.n_blocks() as f64) * cfg.max_pinned_share.clamp(0.0, 1.0)) as usize;
         Ok(Self {
             model,
             tok,
             cfg,
             layout,
             pool,
-            cache,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
+            cache: PrefixCache::new(root),
+            seqs: HashMap::new(),
+            waiting: BTreeMap::new(),
+            running: BTreeMap::new(),
             tables: Vec::new(),
             free_slots: Vec::new(),
             arrivals: 0,
             preemptions: 0,
             arena: SpliceArena::default(),
             last_shared: (0, 0),
+            imports: HashMap::new(),
+            import_tails: HashMap::new(),
+            next_import: 1,
+            pins: HashMap::new(),
+            next_pin: 1,
+            max_pinned,
+            steps: 0,
+            layer_log: Vec::new(),
         })
     }
 
@@ -152,11 +320,14 @@ impl<'a> Core<'a> {
     pub fn cache(&self) -> &PrefixCache {
         &self.cache
     }
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
     pub fn preemptions(&self) -> u64 {
         self.preemptions
     }
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.seqs.is_empty()
     }
     pub fn n_running(&self) -> usize {
         self.running.len()
@@ -164,9 +335,17 @@ impl<'a> Core<'a> {
     pub fn n_waiting(&self) -> usize {
         self.waiting.len()
     }
+    /// The most blocks pins (and imports) may hold.
+    pub fn max_pinned_blocks(&self) -> usize {
+        self.max_pinned
+    }
+    /// Removes and returns the per-layer log gathered so far.
+    pub fn take_layer_log(&mut self) -> Vec<LayerEvent> {
+        std::mem::take(&mut self.layer_log)
+    }
 
     /// Checks a request against the model and the memory; the error says what is wrong.
-    pub fn validate(&self, req: &Request) -> Result<(), EngineError> {
+    pub fn validate(&self, req: &Request) -> Result<(), InvalidRequest> {
         validate(
             self.model,
             &self.cfg,
@@ -176,21 +355,28 @@ impl<'a> Core<'a> {
         )
     }
 
-    /// Queues a request. Its events go to `tx`.
+    /// Queues a request (its prompt is hashed here, once). Its events go to `tx`.
     pub fn add(
         &mut self,
         id: RequestId,
         req: Request,
         tx: UnboundedSender<Event>,
         submitted: Instant,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), InvalidRequest> {
         self.validate(&req)?;
         let sampler = Sampler::new(req.params.sampling.clone())
-            .map_err(|e| EngineError::Request(e.to_string()))?;
+            .map_err(|e| InvalidRequest::new(InvalidKind::Sampling, e.to_string()))?;
         self.arrivals += 1;
+        let hashes = block_hashes(
+            self.cache.root(),
+            &req.prompt,
+            self.layout.block_tokens,
+            req.public_prefix,
+            req.salt.as_deref(),
+        );
         let seq = Seq {
             id,
-            slot: usize::MAX,
+            state: State::Waiting,
             arrival: self.arrivals,
             sampler,
             decoder: StreamDecoder::new(self.tok),
@@ -201,72 +387,85 @@ impl<'a> Core<'a> {
             n_prompt: req.prompt.len(),
             computed: 0,
             blocks: Vec::new(),
-            hashes: Vec::new(),
+            hashes,
             registered: 0,
             pending: Vec::new(),
             cached_tokens: 0,
+            imported_tokens: 0,
+            measure: true,
             preemptions: 0,
             first_token: None,
             held: None,
+            gate: None,
+            tail: None,
             req,
         };
-        self.waiting.push_back(Waiting { seq });
+        self.waiting.insert(seq.arrival, id);
+        self.seqs.insert(id, seq);
         Ok(())
+    }
+
+    /// Ends a request with `failure` and frees its memory. Returns whether it was known.
+    fn drop_seq(&mut self, id: RequestId, failure: Failure) -> bool {
+        let Some(s) = self.take(id) else {
+            return false;
+        };
+        let _ = s.tx.send(Event::Error(failure));
+        self.release(s);
+        true
     }
 
     /// Stops a request now and frees its memory. Returns whether it was known.
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        if let Some(i) = self.waiting.iter().position(|w| w.seq.id == id) {
-            let w = self.waiting.remove(i).expect("index from position");
-            let _ = w.seq.tx.send(Event::Error("cancelled".into()));
-            return true;
-        }
-        if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            let s = self.running.swap_remove(i);
-            let _ = s.tx.send(Event::Error("cancelled".into()));
-            self.release(s);
-            return true;
-        }
-        false
+        self.drop_seq(id, Failure::Cancelled)
     }
 
     /// Cancels every request whose stream was dropped.
     pub fn reap_closed(&mut self) {
         let closed: Vec<RequestId> = self
-            .running
-            .iter()
-            .map(|s| (s.id, s.tx.is_closed()))
-            .chain(
-                self.waiting
-                    .iter()
-                    .map(|w| (w.seq.id, w.seq.tx.is_closed())),
-            )
-            .filter(|(_, c)| *c)
-            .map(|(id, _)| id)
+            .seqs
+            .values()
+            .filter(|s| s.tx.is_closed())
+            .map(|s| s.id)
             .collect();
         for id in closed {
             self.cancel(id);
         }
     }
 
-    /// Frees a sequence's blocks and slot (blocks registered and computed stay cached).
+    /// Removes a sequence from the map and its index.
+    fn take(&mut self, id: RequestId) -> Option<Seq<'a>> {
+        let s = self.seqs.remove(&id)?;
+        match s.state {
+            State::Waiting => self.waiting.remove(&s.arrival),
+            State::Running { .. } => self.running.remove(&s.arrival),
+        };
+        Some(s)
+    }
+
+    /// Frees a sequence's blocks and slot (blocks registered and computed stay cached, idle once
+    /// nothing else holds them; the deepest go first).
     fn release(&mut self, mut s: Seq<'a>) -> Seq<'a> {
         for &(i, h) in s.pending.iter().rev() {
             self.cache.remove_pending(&mut self.pool, &h, s.blocks[i]);
         }
         s.pending.clear();
-        for &b in &s.blocks {
-            self.pool.release(b);
+        for &b in s.blocks.iter().rev() {
+            self.cache.release(&mut self.pool, b);
+        }
+        if let Some(t) = s.tail.take() {
+            self.cache.release(&mut self.pool, t.src);
         }
         s.blocks.clear();
         s.registered = 0;
         s.computed = 0;
         s.held = None;
-        if s.slot != usize::MAX {
-            self.tables[s.slot].clear();
-            self.free_slots.push(s.slot);
-            s.slot = usize::MAX;
+        s.gate = None;
+        if let State::Running { slot } = s.state {
+            self.tables[slot].clear();
+            self.free_slots.push(slot);
         }
+        s.state = State::Waiting;
         s
     }
 
@@ -277,7 +476,7 @@ impl<'a> Core<'a> {
         })
     }
 
-    /// Takes a free block, evicting cached blocks if needed.
+    /// Takes a free block, evicting an idle cached block if needed.
     fn alloc_block(&mut self) -> Option<BlockId> {
         if let Some(b) = self.pool.alloc() {
             return Some(b);
@@ -288,51 +487,50 @@ impl<'a> Core<'a> {
         None
     }
 
+    /// Blocks obtainable now: free plus idle cached ones.
+    fn available(&self) -> usize {
+        self.pool.n_free() + self.cache.reclaimable()
+    }
+
     /// Admits waiting requests in arrival order while memory allows.
     fn admit(&mut self) {
         let bt = self.layout.block_tokens;
-        let mut i = 0;
-        while i < self.waiting.len() && self.running.len() < self.cfg.max_seqs {
-            let s = &self.waiting[i].seq;
-            let hashes = block_hashes(
-                self.cache.root(),
-                &s.tokens,
-                bt,
-                s.req.public_prefix,
-                s.req.salt.as_deref(),
-            );
+        let root = self.cache.root();
+        let queue: Vec<RequestId> = self.waiting.values().copied().collect();
+        for id in queue {
+            if self.running.len() >= self.cfg.max_seqs {
+                break;
+            }
+            let s = self.seqs.get_mut(&id).expect("waiting sequences exist");
+            // Hashes of blocks generated before a preemption.
+            while s.hashes.len() < s.tokens.len() / bt {
+                let idx = s.hashes.len();
+                let prev = idx.checked_sub(1).map_or(root, |p| s.hashes[p]);
+                let h = prev.chain(&s.tokens[idx * bt..(idx + 1) * bt], s.salt_for(idx, bt));
+                s.hashes.push(h);
+            }
+            let s = &self.seqs[&id];
             // Never match the whole sequence: the last token is recomputed for its logits.
-            let usable = (s.tokens.len() - 1) / bt;
-            let hits = self.cache.peek(&hashes[..usable.min(hashes.len())]);
+            let usable = ((s.tokens.len() - 1) / bt).min(s.hashes.len());
+            let hits = self.cache.lookup(&s.hashes[..usable]);
             if hits.iter().any(|h| !h.ready) {
                 // Another sequence is computing this prefix now: wait for it rather than compute it
                 // twice; later requests may pass meanwhile (this one is admitted once it is ready).
-                i += 1;
                 continue;
             }
-            let reused_reclaimable = hashes[..hits.len()]
-                .iter()
-                .filter(|h| self.cache.is_reclaimable(&self.pool, h))
-                .count();
             let need = self.layout.blocks_for(s.tokens.len() + 1) - hits.len();
-            let avail =
-                self.pool.n_free() + self.cache.reclaimable(&self.pool) - reused_reclaimable;
+            let avail = self.available() - self.cache.idle_among(&s.hashes[..hits.len()]);
             if need > avail {
                 // First come, first served: nothing behind a request that does not fit may pass it.
                 break;
             }
-            let mut s = self.waiting.remove(i).expect("index in range").seq;
-            let hits = self.cache.lookup(&hashes[..hits.len()]);
-            for h in &hits {
-                self.pool.retain(h.block);
-            }
-            s.blocks = hits.iter().map(|h| h.block).collect();
-            s.registered = hits.len();
-            s.computed = hits.len() * bt;
-            if s.preemptions == 0 {
-                s.cached_tokens = s.computed;
-            }
-            s.hashes = hashes;
+            let mut s = self.take(id).expect("waiting sequences exist");
+            let n_hits = hits.len();
+            s.blocks = self.cache.acquire(&mut self.pool, &s.hashes[..n_hits]);
+            s.registered = n_hits;
+            s.computed = n_hits * bt;
+            s.gate = hits.iter().find_map(|h| h.importing);
+            let mut imported = hits.iter().filter(|h| h.imported).count() * bt;
             // Blocks for the rest of the prompt (and the first generated token), inserted into the
             // cache as pending so an identical prompt waits for them instead of recomputing.
             let mut ok = true;
@@ -348,8 +546,39 @@ impl<'a> Core<'a> {
             if !ok {
                 // Reclaimable space was overestimated (should not happen): put it back.
                 let s = self.release(s);
-                self.waiting.insert(i, Waiting { seq: s });
+                self.waiting.insert(s.arrival, s.id);
+                self.seqs.insert(s.id, s);
                 break;
+            }
+            // The partial last block of an import this prompt extends: copied, not recomputed.
+            let key = n_hits.checked_sub(1).map_or(root, |i| s.hashes[i]);
+            if let Some(&iid) = self.import_tails.get(&key) {
+                let imp = &self.imports[&iid];
+                if let Some((src, toks)) = &imp.tail {
+                    let at = n_hits * bt;
+                    if n_hits == imp.hashes.len()
+                        && s.tokens.len() > at + toks.len()
+                        && s.tokens[at..at + toks.len()] == toks[..]
+                    {
+                        self.pool.retain(*src);
+                        s.tail = Some(TailCopy {
+                            src: *src,
+                            dst: s.blocks[n_hits],
+                            n: toks.len(),
+                            layers: 0,
+                        });
+                        s.computed += toks.len();
+                        imported += toks.len();
+                        if !imp.complete() {
+                            s.gate = Some(iid);
+                        }
+                    }
+                }
+            }
+            if s.measure {
+                s.cached_tokens = s.computed;
+                s.imported_tokens = imported;
+                s.measure = false;
             }
             while s.registered < s.hashes.len() && s.registered < s.blocks.len() {
                 let idx = s.registered;
@@ -363,52 +592,51 @@ impl<'a> Core<'a> {
                 s.pending.push((idx, s.hashes[idx]));
                 s.registered += 1;
             }
-            s.slot = self.take_slot();
-            self.running.push(s);
+            let slot = self.take_slot();
+            s.state = State::Running { slot };
+            self.tables[slot].clone_from(&s.blocks);
+            self.running.insert(s.arrival, s.id);
+            self.seqs.insert(s.id, s);
         }
     }
 
-    /// Frees running sequence `i` and queues it for recomputation (arrival order kept).
-    fn preempt(&mut self, i: usize) {
-        let s = self.running.remove(i);
+    /// Frees running sequence `id` and queues it for recomputation (arrival order kept).
+    fn preempt(&mut self, id: RequestId) {
+        let Some(s) = self.take(id) else { return };
         let mut s = self.release(s);
         s.preemptions += 1;
         self.preemptions += 1;
         tracing::debug!(request = s.id, "preempted (KV memory full); will recompute");
-        let at = self
-            .waiting
-            .iter()
-            .position(|w| w.seq.arrival > s.arrival)
-            .unwrap_or(self.waiting.len());
-        self.waiting.insert(at, Waiting { seq: s });
+        self.waiting.insert(s.arrival, s.id);
+        self.seqs.insert(s.id, s);
     }
 
     /// Makes sure sequence `id` has blocks for `upto` positions, evicting cached blocks and then
     /// preempting the most recently arrived sequence (which may be `id` itself).
     fn grow(&mut self, id: RequestId, upto: usize) -> Grow {
         loop {
-            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+            let Some(s) = self.seqs.get(&id).filter(|s| s.state != State::Waiting) else {
                 return Grow::Preempted;
             };
-            if self.running[i].blocks.len() >= self.layout.blocks_for(upto) {
+            if s.blocks.len() >= self.layout.blocks_for(upto) {
                 return Grow::Ready;
             }
             if let Some(b) = self.alloc_block() {
-                self.running[i].blocks.push(b);
+                let s = self.seqs.get_mut(&id).expect("checked above");
+                s.blocks.push(b);
+                self.tables[s.slot()].push(b);
                 continue;
             }
-            let newest = (0..self.running.len())
-                .max_by_key(|&j| self.running[j].arrival)
-                .expect("sequence i is running");
-            if newest == i && self.running.len() == 1 {
+            let (_, &newest) = self
+                .running
+                .iter()
+                .next_back()
+                .expect("sequence id is running");
+            if newest == id && self.running.len() == 1 {
                 return Grow::Alone;
             }
             self.preempt(newest);
         }
-    }
-
-    fn index_of(&self, id: RequestId) -> Option<usize> {
-        self.running.iter().position(|s| s.id == id)
     }
 
     /// Runs one scheduling step and forward pass. Returns `None` when there was nothing to do.
@@ -419,20 +647,24 @@ impl<'a> Core<'a> {
         if self.running.is_empty() {
             return None;
         }
+        self.steps += 1;
         // Decode sequences first, then prompt chunks, under the token budget.
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| {
-            let s = &self.running[i];
-            (s.tokens.len() - s.computed > 1, s.arrival)
-        });
-        let any_prefill = self
+        let mut order: Vec<(bool, u64, RequestId)> = self
             .running
             .iter()
-            .any(|s| s.held.is_none() && s.tokens.len() - s.computed > 1);
+            .map(|(&a, &id)| {
+                let s = &self.seqs[&id];
+                (s.tokens.len() - s.computed > 1, a, id)
+            })
+            .collect();
+        order.sort_unstable();
+        let any_prefill = order
+            .iter()
+            .any(|&(p, _, id)| p && self.seqs[&id].held.is_none());
         let mut budget = self.cfg.max_step_tokens;
         let mut plan: Vec<(RequestId, usize)> = Vec::new();
-        for i in order {
-            let s = &self.running[i];
+        for &(_, _, id) in &order {
+            let s = &self.seqs[&id];
             if s.held.is_some() {
                 continue;
             }
@@ -445,27 +677,32 @@ impl<'a> Core<'a> {
                 break;
             }
             budget -= n;
-            plan.push((s.id, n));
+            plan.push((id, n));
         }
         // Blocks for every planned token (may preempt sequences, planned ones included).
         for &(id, n) in &plan {
-            let Some(i) = self.index_of(id) else { continue };
-            let upto = self.running[i].computed + n;
+            let Some(s) = self.seqs.get(&id) else {
+                continue;
+            };
+            let upto = s.computed + n;
             if let Grow::Alone = self.grow(id, upto) {
                 // The only sequence and still out of memory: it can never grow, so it ends here.
-                let i = self.index_of(id).expect("a lone sequence is not preempted");
-                let s = self.running.swap_remove(i);
+                let s = &self.seqs[&id];
+                let f = Failure::OutOfKvMemory {
+                    tokens: s.tokens.len(),
+                    capacity: self.pool.n_blocks() * self.layout.block_tokens,
+                };
                 tracing::warn!(
                     request = id,
                     "KV memory full with a single sequence; stopping it"
                 );
-                self.finish(s, FinishReason::Length);
+                self.drop_seq(id, f);
             }
         }
         let planned: Vec<Planned> = plan
             .into_iter()
             .filter_map(|(id, n)| {
-                let s = &self.running[self.index_of(id)?];
+                let s = self.seqs.get(&id).filter(|s| s.state != State::Waiting)?;
                 Some(Planned {
                     id,
                     start: s.computed,
@@ -473,62 +710,34 @@ impl<'a> Core<'a> {
                 })
             })
             .collect();
-        for s in &self.running {
-            self.tables[s.slot].clone_from(&s.blocks);
-        }
         let (mut prefill_tokens, mut decode_tokens) = (0, 0);
-        let mut gated = Vec::new();
-        let mut plain = Vec::new();
-        for p in planned {
+        for p in &planned {
             if p.n > 1 {
                 prefill_tokens += p.n;
             } else {
                 decode_tokens += 1;
             }
-            let i = self.index_of(p.id).expect("planned sequences are running");
-            if self.running[i].req.gate.is_some() {
-                gated.push(p);
-            } else {
-                plain.push(p);
-            }
         }
-        let mut logits_rows: Vec<(RequestId, Vec<f32>)> = Vec::new();
-        if !plain.is_empty() {
-            match self.forward(&plain) {
-                Ok(l) => logits_rows.extend(l),
-                Err(e) => {
-                    let ids: Vec<RequestId> = plain.iter().map(|p| p.id).collect();
-                    self.fail(&ids, &e.to_string());
+        let has_held = self.seqs.values().any(|s| s.held.is_some());
+        if planned.is_empty() && !has_held {
+            return None;
+        }
+        let tf = Instant::now();
+        let (rows, layer_calls) = match self.forward(&planned) {
+            Ok(r) => r,
+            Err(e) => {
+                let ids: Vec<RequestId> = planned.iter().map(|p| p.id).collect();
+                for id in ids {
+                    self.drop_seq(id, Failure::Internal(e.to_string()));
                 }
+                (Vec::new(), 0)
             }
-        }
-        // Gated sequences run alone, layer by layer, as far as their external KV allows; held ones
-        // resume where they stopped.
-        for p in gated {
-            match self.forward_gated(&p) {
-                Ok(l) => logits_rows.extend(l),
-                Err(e) => self.fail(&[p.id], &e.to_string()),
-            }
-        }
-        let held: Vec<RequestId> = self
-            .running
-            .iter()
-            .filter(|s| s.held.is_some())
-            .map(|s| s.id)
-            .collect();
-        for id in held {
-            match self.resume_held(id) {
-                Ok(l) => logits_rows.extend(l),
-                Err(e) => self.fail(&[id], &e.to_string()),
-            }
-        }
+        };
+        let forward_secs = tf.elapsed().as_secs_f64();
         self.register_blocks();
-        self.sample_and_emit(logits_rows);
-        Some(self.stat(t0, prefill_tokens, decode_tokens))
-    }
-
-    fn stat(&self, t0: Instant, prefill_tokens: usize, decode_tokens: usize) -> StepStat {
-        StepStat {
+        self.sample_and_emit(rows);
+        let secs = t0.elapsed().as_secs_f64();
+        Some(StepStat {
             prefill_tokens,
             decode_tokens,
             running: self.running.len(),
@@ -536,144 +745,219 @@ impl<'a> Core<'a> {
             kv_used_bytes: self.pool.used_bytes(),
             shared_nodes: self.last_shared.0,
             shared_keys: self.last_shared.1,
-            secs: t0.elapsed().as_secs_f64(),
+            layer_calls,
+            secs,
+            sched_secs: secs - forward_secs,
+        })
+    }
+
+    /// Layers present for sequence `id`'s prefix (all when it waits for no import).
+    fn allowed_layers(&self, id: RequestId) -> usize {
+        let n_layer = self.model.cfg.n_layer;
+        match self.seqs[&id].gate.and_then(|g| self.imports.get(&g)) {
+            Some(imp) => imp.ready,
+            None => n_layer,
         }
     }
 
-    fn fail(&mut self, ids: &[RequestId], msg: &str) {
-        for &id in ids {
-            if let Some(i) = self.index_of(id) {
-                let s = self.running.swap_remove(i);
-                let _ = s.tx.send(Event::Error(msg.to_string()));
-                self.release(s);
-            }
-        }
-    }
-
-    fn batch_of<'s>(running: &'s [Seq<'a>], plan: &[Planned]) -> Vec<BatchSeq<'s>> {
-        plan.iter()
-            .map(|p| {
-                let s = running
-                    .iter()
-                    .find(|s| s.id == p.id)
-                    .expect("planned sequences are running");
-                BatchSeq {
-                    seq: s.slot,
-                    tokens: &s.tokens[p.start..p.start + p.n],
-                    pos: p.start,
-                    logits: if p.start + p.n == s.tokens.len() {
-                        LogitsFor::Last
-                    } else {
-                        LogitsFor::None
-                    },
-                }
-            })
-            .collect()
-    }
-
-    /// One forward pass over the planned rows; returns the logits of the rows that sample.
-    fn forward(&mut self, plan: &[Planned]) -> Result<Vec<(RequestId, Vec<f32>)>, EngineError> {
-        let model = self.model;
-        let batch = Self::batch_of(&self.running, plan);
-        let logits = match self.cfg.attn_mode {
-            AttnMode::Paged => {
-                let mut attn = PagedAttention {
-                    shape: model.attn_shape(),
-                    pool: &mut self.pool,
-                    tables: &self.tables,
-                };
-                model.forward(&batch, &mut attn)?
-            }
-            mode => {
-                let mut attn = SpliceAttention {
-                    mode,
-                    shape: model.attn_shape(),
-                    pool: &mut self.pool,
-                    tables: &self.tables,
-                    arena: &mut self.arena,
-                    plan: None,
-                };
-                let l = model.forward(&batch, &mut attn)?;
-                if let Some(p) = &attn.plan {
-                    self.last_shared = (p.shared_nodes, p.shared_keys);
-                }
-                l
-            }
-        };
-        let nv = model.cfg.n_vocab;
-        let mut out = Vec::new();
-        let mut row = 0;
-        for p in plan {
-            let i = self.index_of(p.id).expect("planned sequences are running");
-            let s = &mut self.running[i];
-            s.computed = p.start + p.n;
-            if s.computed == s.tokens.len() {
-                out.push((p.id, logits[row * nv..(row + 1) * nv].to_vec()));
-                row += 1;
-            }
-        }
-        Ok(out)
-    }
-
-    fn forward_gated(&mut self, p: &Planned) -> Result<Option<(RequestId, Vec<f32>)>, EngineError> {
-        let h = self
-            .model
-            .embed(&Self::batch_of(&self.running, std::slice::from_ref(p)))?;
-        let i = self.index_of(p.id).expect("planned sequences are running");
-        self.running[i].held = Some((h, 0, p.n));
-        self.resume_held(p.id)
-    }
-
-    /// Runs a held prefill through the layers its gate has made available.
-    fn resume_held(&mut self, id: RequestId) -> Result<Option<(RequestId, Vec<f32>)>, EngineError> {
+    /// One batched forward pass: the planned rows from layer 0, held prefills joining at their layer
+    /// once it is present, sequences whose next layer is missing leaving (held for a later step).
+    /// Returns the logits of the rows that sample and the number of layer calls.
+    #[allow(clippy::type_complexity)]
+    fn forward(
+        &mut self,
+        plan: &[Planned],
+    ) -> Result<(Vec<(RequestId, Vec<f32>)>, usize), EngineError> {
         let model = self.model;
         let n_layer = model.cfg.n_layer;
-        let Some(i) = self.index_of(id) else {
-            return Ok(None);
+        let batch: Vec<BatchSeq<'_>> = plan
+            .iter()
+            .map(|p| {
+                let s = &self.seqs[&p.id];
+                BatchSeq {
+                    seq: s.slot(),
+                    tokens: &s.tokens[p.start..p.start + p.n],
+                    pos: p.start,
+                    logits: LogitsFor::None,
+                }
+            })
+            .collect();
+        let mut cur = model.embed(&batch)?;
+        drop(batch);
+        // Members of `cur` in slice order: (id, start, n).
+        let mut members: Vec<(RequestId, usize, usize)> =
+            plan.iter().map(|p| (p.id, p.start, p.n)).collect();
+        let held_ids: Vec<RequestId> = {
+            let mut v: Vec<(u64, RequestId)> = self
+                .seqs
+                .values()
+                .filter(|s| s.held.is_some())
+                .map(|s| (s.arrival, s.id))
+                .collect();
+            v.sort_unstable();
+            v.into_iter().map(|x| x.1).collect()
         };
-        let ready = self.running[i]
-            .req
-            .gate
-            .as_ref()
-            .map_or(n_layer, |g| g.ready_layers());
-        let Some((mut h, mut next, n)) = self.running[i].held.take() else {
-            return Ok(None);
-        };
-        {
-            let mut attn = PagedAttention {
-                shape: model.attn_shape(),
-                pool: &mut self.pool,
-                tables: &self.tables,
-            };
-            while next < n_layer && next < ready {
-                model.layer(next, &mut h, &mut attn)?;
-                next += 1;
+        let mut plan_cache: Option<Plan> = None;
+        let mut layer_calls = 0;
+        for l in 0..n_layer {
+            let mut changed = l == 0;
+            // Held prefills whose next layer is `l` and present join.
+            for &id in &held_ids {
+                let next = self.seqs[&id].held.as_ref().map(|h| h.next);
+                if next == Some(l) && self.allowed_layers(id) > l {
+                    let h = self.seqs.get_mut(&id).and_then(|s| s.held.take());
+                    let h = h.expect("held above");
+                    append_hidden(&mut cur, &h.h);
+                    members.push((id, h.start, h.n));
+                    changed = true;
+                }
+            }
+            // Sequences whose layer `l` is missing leave, keeping their activations.
+            let mut i = 0;
+            while i < members.len() {
+                let (id, start, n) = members[i];
+                if self.allowed_layers(id) <= l {
+                    let h = take_hidden(&mut cur, i);
+                    self.seqs.get_mut(&id).expect("member").held = Some(Held {
+                        h,
+                        next: l,
+                        start,
+                        n,
+                    });
+                    members.remove(i);
+                    changed = true;
+                } else {
+                    i += 1;
+                }
+            }
+            if members.is_empty() {
+                continue;
+            }
+            // Partial import blocks copied into the sequences' own blocks for this layer.
+            for &(id, _, _) in &members {
+                if let Some(t) = self.seqs.get_mut(&id).and_then(|s| s.tail.as_mut()) {
+                    if t.layers == l {
+                        self.pool.copy_block_layer(l, t.src, t.dst, t.n);
+                        t.layers += 1;
+                    }
+                }
+            }
+            if changed || plan_cache.is_none() {
+                plan_cache = Some(crate::splice::plan_step(
+                    self.cfg.attn_mode,
+                    model.attn_shape(),
+                    self.layout.dtype,
+                    self.layout.block_tokens,
+                    &cur.slices,
+                    &self.tables,
+                ));
+            }
+            let p = plan_cache.as_ref().expect("made above");
+            self.last_shared = (p.shared_nodes, p.shared_keys);
+            match self.cfg.attn_mode {
+                AttnMode::Paged => {
+                    let mut attn = PagedAttention {
+                        shape: model.attn_shape(),
+                        pool: &mut self.pool,
+                        tables: &self.tables,
+                    };
+                    model.layer(l, &mut cur, &mut attn)?;
+                }
+                mode => {
+                    let mut attn = SpliceAttention {
+                        mode,
+                        shape: model.attn_shape(),
+                        pool: &mut self.pool,
+                        tables: &self.tables,
+                        arena: &mut self.arena,
+                        plan: p,
+                    };
+                    model.layer(l, &mut cur, &mut attn)?;
+                }
+            }
+            layer_calls += 1;
+            if self.cfg.layer_log {
+                self.layer_log.push(LayerEvent::Ran {
+                    step: self.steps,
+                    layer: l,
+                    requests: members.iter().map(|m| m.0).collect(),
+                });
             }
         }
-        if next < n_layer {
-            self.running[i].held = Some((h, next, n));
-            return Ok(None);
+        // Members completed every layer: their tokens are computed.
+        let mut rows = Vec::new();
+        let mut logit_rows = Vec::new();
+        for (i, &(id, start, n)) in members.iter().enumerate() {
+            let s = self.seqs.get_mut(&id).expect("member");
+            s.computed = start + n;
+            if s.computed == s.tokens.len() {
+                rows.push(id);
+                logit_rows.push(cur.slices[i].rows.end - 1);
+            }
+            if s.tail.as_ref().is_some_and(|t| t.layers == n_layer) {
+                let t = s.tail.take().expect("checked");
+                self.cache.release(&mut self.pool, t.src);
+            }
+            if s.gate
+                .is_some_and(|g| self.imports.get(&g).is_none_or(|i| i.complete()))
+            {
+                s.gate = None;
+            }
         }
-        let s = &mut self.running[i];
-        s.computed += n;
-        if s.computed == s.tokens.len() {
-            let last = h.pos.len() - 1;
-            let l = model.logits(&h, &[last])?;
-            return Ok(Some((id, l)));
+        let mut out = Vec::with_capacity(rows.len());
+        if !rows.is_empty() {
+            let logits = model.logits(&cur, &logit_rows)?;
+            let nv = model.cfg.n_vocab;
+            for (j, id) in rows.into_iter().enumerate() {
+                self.export_if_asked(id);
+                out.push((id, logits[j * nv..(j + 1) * nv].to_vec()));
+            }
         }
-        Ok(None)
+        Ok((out, layer_calls))
+    }
+
+    /// Sends the KV of a prompt whose request asked for it (once, when the prompt is computed).
+    fn export_if_asked(&mut self, id: RequestId) {
+        let s = &self.seqs[&id];
+        if !s.req.export_kv || s.generated() > 0 {
+            return;
+        }
+        let bt = self.layout.block_tokens;
+        let n = s.n_prompt;
+        let mut layers = Vec::with_capacity(self.layout.n_layer);
+        for l in 0..self.layout.n_layer {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            let mut t = 0;
+            while t < n {
+                let m = (bt - t % bt).min(n - t);
+                self.pool
+                    .read_raw(l, s.blocks[t / bt], t % bt, m, &mut k, &mut v);
+                t += m;
+            }
+            layers.push((k, v));
+        }
+        let kv = PromptKv {
+            tokens: s.tokens[..n].to_vec(),
+            layout: self.layout,
+            block_hashes: block_hashes(self.cache.root(), &s.tokens[..n], bt, n, None),
+            layers,
+        };
+        let _ = s.tx.send(Event::Kv(Box::new(kv)));
     }
 
     /// Inserts newly filled blocks into the prefix cache and marks computed pending ones ready.
     fn register_blocks(&mut self) {
         let bt = self.layout.block_tokens;
         let root = self.cache.root();
-        for s in &mut self.running {
+        let ids: Vec<RequestId> = self.running.values().copied().collect();
+        for id in ids {
+            let s = self.seqs.get_mut(&id).expect("running sequences exist");
             let full = s.computed / bt;
+            let (cache, pool) = (&mut self.cache, &mut self.pool);
             // Pending blocks now computed.
             s.pending.retain(|&(idx, h)| {
                 if idx < full {
-                    self.cache.mark_ready(&h);
+                    cache.mark_ready(pool, &h);
                     false
                 } else {
                     true
@@ -689,10 +973,7 @@ impl<'a> Core<'a> {
             while s.registered < full {
                 let idx = s.registered;
                 let parent = idx.checked_sub(1).map(|p| s.hashes[p]);
-                if !self
-                    .cache
-                    .insert(&mut self.pool, s.hashes[idx], parent, s.blocks[idx], true)
-                {
+                if !cache.insert(pool, s.hashes[idx], parent, s.blocks[idx], true) {
                     break;
                 }
                 s.registered += 1;
@@ -703,10 +984,11 @@ impl<'a> Core<'a> {
     fn sample_and_emit(&mut self, rows: Vec<(RequestId, Vec<f32>)>) {
         let mut done: Vec<(RequestId, FinishReason)> = Vec::new();
         for (id, logits) in rows {
-            let Some(i) = self.index_of(id) else { continue };
             let max_len = self.cfg.max_seq_len;
             let tok = self.tok;
-            let s = &mut self.running[i];
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
             let next = s.sampler.sample(&logits, &s.tokens);
             s.tokens.push(next);
             let elapsed = s.submitted.elapsed();
@@ -737,8 +1019,7 @@ impl<'a> Core<'a> {
             }
         }
         for (id, r) in done {
-            if let Some(i) = self.running.iter().position(|s| s.id == id) {
-                let s = self.running.swap_remove(i);
+            if let Some(s) = self.take(id) {
                 self.finish(s, r);
             }
         }
@@ -758,6 +1039,7 @@ impl<'a> Core<'a> {
             reason,
             prompt_tokens: s.n_prompt,
             cached_tokens: s.cached_tokens,
+            imported_tokens: s.imported_tokens,
             generated: s.generated(),
             text_tail: tail,
             first_token: s.first_token.unwrap_or_default(),
@@ -766,9 +1048,9 @@ impl<'a> Core<'a> {
         }));
     }
 
-    /// Pins the cached blocks of a public (unsalted) token prefix so eviction keeps them; returns the
-    /// hashes pinned (for [`PrefixCache::unpin`]).
-    pub fn pin_prefix(&mut self, tokens: &[u32]) -> Vec<BlockHash> {
+    /// Pins the cached blocks of a public (unsalted) token prefix so eviction keeps them, within the
+    /// cap on pinned blocks. Returns the pin and the number of blocks it holds.
+    pub fn pin_prefix(&mut self, tokens: &[u32]) -> Result<(PinId, usize), ImportError> {
         let hashes = block_hashes(
             self.cache.root(),
             tokens,
@@ -776,13 +1058,332 @@ impl<'a> Core<'a> {
             tokens.len(),
             None,
         );
-        let present = self.cache.peek(&hashes).len();
-        self.cache.pin(&hashes[..present])
+        let present = self.cache.present(&hashes);
+        self.check_pin_cap(&hashes[..present], 0)?;
+        let pinned = self.cache.pin(&hashes[..present]);
+        let n = pinned.len();
+        let id = self.next_pin;
+        self.next_pin += 1;
+        self.pins.insert(id, pinned);
+        Ok((id, n))
+    }
+
+    fn check_pin_cap(&self, hashes: &[BlockHash], new_nodes: usize) -> Result<(), ImportError> {
+        let want = self.cache.unpinned_among(hashes) + new_nodes;
+        let pinned = self.cache.pinned_nodes();
+        if pinned + want > self.max_pinned {
+            return Err(ImportError::PinCap {
+                want,
+                pinned,
+                cap: self.max_pinned,
+            });
+        }
+        Ok(())
     }
 
     /// Undoes a [`pin_prefix`](Self::pin_prefix).
-    pub fn unpin(&mut self, pinned: &[BlockHash]) {
-        self.cache.unpin(pinned);
+    pub fn unpin(&mut self, pin: PinId) {
+        if let Some(hs) = self.pins.remove(&pin) {
+            self.cache.unpin(&self.pool, &hs);
+        }
+    }
+
+    /// Starts importing the KV of the public prefix `tokens`: its full blocks enter the prefix cache as
+    /// one pinned public run (blocks already cached and computed are reused), the partial last block
+    /// is held by the import; layers become usable as [`import_rows`](Self::import_rows) fills them.
+    pub fn import_begin(
+        &mut self,
+        tokens: Vec<u32>,
+    ) -> Result<(ImportId, Arc<ImportProgress>), ImportError> {
+        if tokens.is_empty() {
+            return Err(ImportError::Empty);
+        }
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.n_vocab)
+        {
+            return Err(ImportError::Token(t));
+        }
+        let bt = self.layout.block_tokens;
+        let n = tokens.len();
+        let hashes = block_hashes(self.cache.root(), &tokens, bt, n, None);
+        let hits = self.cache.lookup(&hashes);
+        if hits.iter().any(|h| !h.ready || h.importing.is_some()) {
+            return Err(ImportError::Busy);
+        }
+        let tail_len = n % bt;
+        let new_full = hashes.len() - hits.len();
+        let need = new_full + usize::from(tail_len > 0);
+        let free = self.available() - self.cache.idle_among(&hashes[..hits.len()]);
+        if need > free {
+            return Err(ImportError::OutOfKvMemory {
+                tokens: n,
+                need,
+                free,
+            });
+        }
+        self.check_pin_cap(&hashes[..hits.len()], new_full)?;
+        let id = self.next_import;
+        self.next_import += 1;
+        // Pin the present part first so allocation cannot evict it.
+        let mut pinned = self.cache.pin(&hashes[..hits.len()]);
+        let mut targets: Vec<Option<BlockId>> = vec![None; hits.len()];
+        for i in hits.len()..hashes.len() {
+            let b = self.alloc_block().expect("counted above");
+            let parent = i.checked_sub(1).map(|p| hashes[p]);
+            let ok = self
+                .cache
+                .insert(&mut self.pool, hashes[i], parent, b, true);
+            debug_assert!(ok, "import nodes are new");
+            self.cache.set_importing(&self.pool, &hashes[i], Some(id));
+            pinned.extend(self.cache.pin(&hashes[i..i + 1]));
+            // The tree holds the block now; drop the allocation's reference.
+            self.pool.release(b);
+            targets.push(Some(b));
+        }
+        let tail = (tail_len > 0).then(|| {
+            let b = self.alloc_block().expect("counted above");
+            (b, tokens[n - tail_len..].to_vec())
+        });
+        let n_layer = self.layout.n_layer;
+        let words = n.div_ceil(64);
+        let mut covered = vec![vec![0u64; words]; n_layer];
+        let mut counts = vec![0usize; n_layer];
+        // Tokens of blocks already cached are present in every layer.
+        let present_tokens = hits.len() * bt;
+        for l in 0..n_layer {
+            for t in 0..present_tokens {
+                covered[l][t / 64] |= 1 << (t % 64);
+            }
+            counts[l] = present_tokens;
+        }
+        let progress = Arc::new(ImportProgress::default());
+        let mut imp = Import {
+            n_tokens: n,
+            hashes,
+            targets,
+            pinned,
+            tail,
+            covered,
+            counts,
+            ready: 0,
+            progress: progress.clone(),
+        };
+        if imp.tail.is_some() {
+            let key = imp
+                .hashes
+                .last()
+                .copied()
+                .unwrap_or_else(|| self.cache.root());
+            self.import_tails.insert(key, id);
+        }
+        Self::advance(&mut imp);
+        let done = imp.complete();
+        self.imports.insert(id, imp);
+        if done {
+            self.finish_import(id);
+        }
+        Ok((id, progress))
+    }
+
+    /// Recomputes how many leading layers are complete.
+    fn advance(imp: &mut Import) -> bool {
+        let before = imp.ready;
+        while imp.ready < imp.counts.len() && imp.counts[imp.ready] == imp.n_tokens {
+            imp.ready += 1;
+        }
+        imp.progress.ready.store(imp.ready, Ordering::Release);
+        imp.ready > before
+    }
+
+    fn finish_import(&mut self, id: ImportId) {
+        let Some(imp) = self.imports.get(&id) else {
+            return;
+        };
+        for (h, t) in imp.hashes.iter().zip(&imp.targets) {
+            if t.is_some() {
+                self.cache.set_importing(&self.pool, h, None);
+            }
+        }
+        imp.progress.status.store(1, Ordering::Release);
+    }
+
+    /// Writes layer `layer`'s K and V of tokens `start..end` (little-endian bytes of the stored
+    /// dtype, rows of `kv_width` values) into an import. Each token of each layer is written once.
+    pub fn import_rows(
+        &mut self,
+        id: ImportId,
+        layer: usize,
+        start: usize,
+        end: usize,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(), ImportError> {
+        let bt = self.layout.block_tokens;
+        let row = self.layout.kv_width() * self.layout.dtype.bytes();
+        let bad = |what: &str| ImportError::Rows {
+            layer,
+            start,
+            end,
+            what: what.to_string(),
+        };
+        let imp = self.imports.get(&id).ok_or(ImportError::Unknown(id))?;
+        if layer >= self.layout.n_layer {
+            return Err(bad("no such layer"));
+        }
+        if start >= end || end > imp.n_tokens {
+            return Err(bad(&format!(
+                "outside the import's {} tokens",
+                imp.n_tokens
+            )));
+        }
+        if k.len() != (end - start) * row || v.len() != k.len() {
+            return Err(bad(&format!(
+                "{} + {} bytes, expected {} each",
+                k.len(),
+                v.len(),
+                (end - start) * row
+            )));
+        }
+        if (start..end).any(|t| imp.covered[layer][t / 64] & (1 << (t % 64)) != 0) {
+            return Err(bad("tokens already present"));
+        }
+        let n_full = imp.hashes.len();
+        let mut t = start;
+        while t < end {
+            let m = (bt - t % bt).min(end - t);
+            let bi = t / bt;
+            let target = if bi < n_full {
+                imp.targets[bi]
+            } else {
+                imp.tail.as_ref().map(|x| x.0)
+            };
+            if let Some(b) = target {
+                let r = (t - start) * row..(t - start + m) * row;
+                self.pool.write_raw(layer, b, t % bt, &k[r.clone()], &v[r]);
+            }
+            t += m;
+        }
+        let imp = self.imports.get_mut(&id).expect("checked above");
+        for t in start..end {
+            imp.covered[layer][t / 64] |= 1 << (t % 64);
+        }
+        imp.counts[layer] += end - start;
+        let before = imp.ready;
+        if Self::advance(imp) {
+            let now = imp.ready;
+            if self.cfg.layer_log {
+                for l in before..now {
+                    self.layer_log.push(LayerEvent::Arrived {
+                        step: self.steps,
+                        import: id,
+                        layer: l,
+                    });
+                }
+            }
+            tracing::debug!(import = id, layers = now, "imported KV layers present");
+            if self.imports[&id].complete() {
+                self.finish_import(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Layers complete in an import.
+    pub fn import_ready_layers(&self, id: ImportId) -> Option<usize> {
+        self.imports.get(&id).map(|i| i.ready)
+    }
+
+    /// Ends an import: a complete one just drops its pin (its blocks stay cached, idle once unused);
+    /// an incomplete one is abandoned — its blocks leave the cache and the sequences waiting on it are
+    /// preempted, to recompute the prefix themselves.
+    pub fn import_release(&mut self, id: ImportId) {
+        let Some(imp) = self.imports.remove(&id) else {
+            return;
+        };
+        if let Some((b, _)) = &imp.tail {
+            let key = imp
+                .hashes
+                .last()
+                .copied()
+                .unwrap_or_else(|| self.cache.root());
+            if self.import_tails.get(&key) == Some(&id) {
+                self.import_tails.remove(&key);
+            }
+            self.cache.release(&mut self.pool, *b);
+        }
+        if imp.complete() {
+            self.cache.unpin(&self.pool, &imp.pinned);
+            return;
+        }
+        imp.progress.status.store(2, Ordering::Release);
+        // Every sequence holding a block of this import recomputes.
+        let gated: Vec<RequestId> = self
+            .seqs
+            .values()
+            .filter(|s| s.gate == Some(id))
+            .map(|s| s.id)
+            .collect();
+        for sid in gated {
+            self.preempt(sid);
+            if let Some(s) = self.seqs.get_mut(&sid) {
+                s.measure = true;
+            }
+        }
+        self.cache.unpin(&self.pool, &imp.pinned);
+        for (h, t) in imp.hashes.iter().zip(&imp.targets).rev() {
+            if t.is_some() {
+                self.cache.remove_leaf(&mut self.pool, h);
+            }
+        }
+        tracing::warn!(
+            import = id,
+            "KV import abandoned before all layers arrived; its requests recompute"
+        );
+    }
+}
+
+fn layout_of(model: &Model, cfg: &EngineConfig) -> KvLayout {
+    let sh = model.attn_shape();
+    KvLayout {
+        n_layer: sh.n_layer,
+        n_head_kv: sh.n_head_kv,
+        head_dim: sh.head_dim,
+        block_tokens: cfg.block_tokens,
+        dtype: cfg.kv_dtype,
+    }
+}
+
+/// Appends the rows of `src` to `dst` (slices rebased).
+fn append_hidden(dst: &mut Hidden, src: &Hidden) {
+    let base = dst.pos.len();
+    dst.x.extend_from_slice(&src.x);
+    dst.pos.extend_from_slice(&src.pos);
+    dst.slices.extend(src.slices.iter().map(|s| SeqSlice {
+        seq: s.seq,
+        rows: s.rows.start + base..s.rows.end + base,
+        pos: s.pos,
+    }));
+}
+
+/// Removes slice `i`'s rows from `h` and returns them as a batch of their own.
+fn take_hidden(h: &mut Hidden, i: usize) -> Hidden {
+    let d = h.x.len() / h.pos.len().max(1);
+    let s = h.slices.remove(i);
+    let n = s.rows.len();
+    let x: Vec<f32> = h.x.drain(s.rows.start * d..s.rows.end * d).collect();
+    let pos: Vec<usize> = h.pos.drain(s.rows.clone()).collect();
+    for o in &mut h.slices[i..] {
+        o.rows = o.rows.start - n..o.rows.end - n;
+    }
+    Hidden {
+        x,
+        slices: vec![SeqSlice {
+            seq: s.seq,
+            rows: 0..n,
+            pos: s.pos,
+        }],
+        pos,
     }
 }
 
@@ -792,15 +1393,17 @@ pub(crate) fn validate(
     layout: KvLayout,
     n_blocks: usize,
     req: &Request,
-) -> Result<(), EngineError> {
+) -> Result<(), InvalidRequest> {
     let n = req.prompt.len();
+    let bad = InvalidRequest::new;
     if n == 0 {
-        return Err(EngineError::Request(
+        return Err(bad(
+            InvalidKind::EmptyPrompt,
             "the prompt is empty (no tokens)".into(),
         ));
     }
     if n >= cfg.max_seq_len {
-        return Err(EngineError::Request(format!(
+        return Err(bad(InvalidKind::PromptTooLong, format!(
             "the prompt has {n} tokens, more than the context of {} allows (it must leave room for one generated token)",
             cfg.max_seq_len
         )));
@@ -810,44 +1413,43 @@ pub(crate) fn validate(
         .iter()
         .find(|&&t| t as usize >= model.cfg.n_vocab)
     {
-        return Err(EngineError::Request(format!(
-            "token id {t} is outside the vocabulary ({} tokens)",
-            model.cfg.n_vocab
-        )));
+        return Err(bad(
+            InvalidKind::TokenOutOfVocabulary,
+            format!(
+                "token id {t} is outside the vocabulary ({} tokens)",
+                model.cfg.n_vocab
+            ),
+        ));
     }
     if req.params.max_tokens == 0 {
-        return Err(EngineError::Request("max_tokens must be at least 1".into()));
+        return Err(bad(
+            InvalidKind::MaxTokens,
+            "max_tokens must be at least 1".into(),
+        ));
+    }
+    if req.public_prefix > n {
+        return Err(bad(
+            InvalidKind::PublicPrefix,
+            format!(
+                "the public prefix ({}) is longer than the prompt ({n})",
+                req.public_prefix
+            ),
+        ));
     }
     req.params
         .sampling
         .validate()
-        .map_err(|e| EngineError::Request(e.to_string()))?;
+        .map_err(|e| bad(InvalidKind::Sampling, e.to_string()))?;
     if layout.blocks_for(n + 1) > n_blocks {
-        return Err(EngineError::Request(format!(
-            "the prompt has {n} tokens; the KV budget holds {} ({} blocks of {})",
-            n_blocks * layout.block_tokens,
-            n_blocks,
-            layout.block_tokens
-        )));
+        return Err(bad(
+            InvalidKind::ExceedsKvBudget,
+            format!(
+                "the prompt has {n} tokens; the KV budget holds {} ({} blocks of {})",
+                n_blocks * layout.block_tokens,
+                n_blocks,
+                layout.block_tokens
+            ),
+        ));
     }
     Ok(())
-}
-
-/// A gate over a sequence's external KV: layers `0..ready_layers()` are present.
-#[derive(Debug, Default)]
-pub struct LayerGate {
-    ready: std::sync::atomic::AtomicUsize,
-}
-
-impl LayerGate {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-    pub fn ready_layers(&self) -> usize {
-        self.ready.load(std::sync::atomic::Ordering::Acquire)
-    }
-    /// Declares layers `0..n` present.
-    pub fn set_ready(&self, n: usize) {
-        self.ready.fetch_max(n, std::sync::atomic::Ordering::AcqRel);
-    }
 }

@@ -15,17 +15,66 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ep_kv::{KvDtype, KvError};
+use ep_kv::{BlockHash, KvDtype, KvError, KvLayout};
 use ep_model::generate::{FinishReason, GenerateParams};
 use ep_model::tokenizer::Tokenizer;
 use ep_model::{Model, ModelError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
-pub use crate::core::{Core, LayerGate};
+pub use crate::core::{
+    Core, ImportError, ImportId, ImportProgress, ImportStatus, LayerEvent, PinId, State,
+};
 pub use crate::splice::AttnMode;
 
 /// Identifies a submitted request.
 pub type RequestId = u64;
+
+/// What kind of request was refused (an HTTP layer maps each to a status code without parsing text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InvalidKind {
+    EmptyPrompt,
+    PromptTooLong,
+    TokenOutOfVocabulary,
+    MaxTokens,
+    Sampling,
+    PublicPrefix,
+    /// The prompt alone needs more KV than the whole budget.
+    ExceedsKvBudget,
+}
+
+/// A refused request: its kind and a message naming the value at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    pub kind: InvalidKind,
+    pub message: String,
+}
+
+impl InvalidRequest {
+    pub fn new(kind: InvalidKind, message: String) -> Self {
+        Self { kind, message }
+    }
+}
+
+/// Why a request ended without finishing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// Cancelled by its caller (or its stream was dropped).
+    #[error("cancelled")]
+    Cancelled,
+    /// The sequence grew beyond what the KV memory can hold even with nothing else running.
+    #[error(
+        "out of KV memory: the sequence reached {tokens} tokens; the KV budget holds {capacity}"
+    )]
+    OutOfKvMemory { tokens: usize, capacity: usize },
+    /// Refused at submission.
+    #[error("invalid request: {0}")]
+    Invalid(InvalidRequest),
+    /// A fault inside the engine (a bug or a model error).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +84,11 @@ pub enum EngineError {
     #[error(transparent)]
     Kv(#[from] KvError),
     #[error("invalid request: {0}")]
-    Request(String),
+    Invalid(#[from] InvalidRequest),
+    #[error(transparent)]
+    Failed(#[from] Failure),
+    #[error(transparent)]
+    Import(#[from] ImportError),
     #[error("the engine has stopped")]
     Stopped,
     #[error("engine configuration: {0}")]
@@ -62,6 +115,11 @@ pub struct EngineConfig {
     pub prefill_first: bool,
     /// How attention is computed (results are identical; cost differs).
     pub attn_mode: AttnMode,
+    /// The share of the pool's blocks that pins and imports may hold (so pins cannot starve requests).
+    pub max_pinned_share: f64,
+    /// Record which requests ran each layer of each step, and when imported layers arrived
+    /// ([`Engine::take_layer_log`]).
+    pub layer_log: bool,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +133,8 @@ impl Default for EngineConfig {
             max_seqs: 256,
             prefill_first: false,
             attn_mode: AttnMode::Splice,
+            max_pinned_share: 0.5,
+            layer_log: false,
         }
     }
 }
@@ -92,9 +152,8 @@ pub struct Request {
     pub salt: Option<Vec<u8>>,
     /// Leading prompt tokens that are public (a cloud prompt), shareable across tenants.
     pub public_prefix: usize,
-    /// External KV arriving layer by layer: the prefill is held at a layer boundary until the gate
-    /// reports that layer present.
-    pub gate: Option<Arc<LayerGate>>,
+    /// Send the prompt's KV ([`Event::Kv`]) once it is computed, before the first token.
+    pub export_kv: bool,
 }
 
 impl Request {
@@ -104,9 +163,20 @@ impl Request {
             params,
             salt: None,
             public_prefix: 0,
-            gate: None,
+            export_kv: false,
         }
     }
+}
+
+/// The KV of a computed prompt in the pool's stored dtype: per layer, K rows then V rows of every
+/// prompt position (`kv_width` values each, little-endian).
+#[derive(Clone, Debug)]
+pub struct PromptKv {
+    pub tokens: Vec<u32>,
+    pub layout: KvLayout,
+    /// Chained hashes of the full blocks (public, unsalted) under the engine's cache root.
+    pub block_hashes: Vec<ep_kv::BlockHash>,
+    pub layers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What a request's stream carries.
@@ -120,10 +190,12 @@ pub enum Event {
         /// Time since submission.
         elapsed: Duration,
     },
+    /// The prompt's KV, for a request with [`Request::export_kv`].
+    Kv(Box<PromptKv>),
     /// The request ended.
     Done(Finished),
     /// The request failed or was cancelled; no more events follow.
-    Error(String),
+    Error(Failure),
 }
 
 /// The end of a request.
@@ -131,8 +203,10 @@ pub enum Event {
 pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
-    /// Prompt tokens whose KV came from the prefix cache.
+    /// Prompt tokens whose KV came from the prefix cache (imported or computed earlier).
     pub cached_tokens: usize,
+    /// Of those, tokens whose KV came from an import.
+    pub imported_tokens: usize,
     pub generated: usize,
     /// Text held back until the end (the tail of the last token's text).
     pub text_tail: String,
@@ -154,7 +228,11 @@ pub struct StepStat {
     /// Tree nodes attended jointly in this step (splice/relay) and the keys they hold.
     pub shared_nodes: usize,
     pub shared_keys: usize,
+    /// `Model::layer` calls in the step (one per layer for the whole batch; 0 when nothing ran).
+    pub layer_calls: usize,
     pub secs: f64,
+    /// The scheduler's own share of `secs` (everything but the forward pass).
+    pub sched_secs: f64,
 }
 
 /// Engine-wide counters.
@@ -168,11 +246,28 @@ pub struct EngineStats {
     pub steps: u64,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, ImportError>>;
+
 enum Cmd {
     Submit(RequestId, Box<Request>, UnboundedSender<Event>, Instant),
     Cancel(RequestId),
-    Pin(Vec<u32>, mpsc::Sender<usize>),
+    Pin(Vec<u32>, Reply<(PinId, usize)>),
+    Unpin(PinId),
+    ImportBegin(Vec<u32>, Reply<(ImportId, Arc<ImportProgress>)>),
+    ImportRows(Box<ImportRows>),
+    ImportRelease(ImportId),
+    TakeLayerLog(oneshot::Sender<Vec<LayerEvent>>),
     Stop,
+}
+
+struct ImportRows {
+    id: ImportId,
+    layer: usize,
+    start: usize,
+    end: usize,
+    k: Vec<u8>,
+    v: Vec<u8>,
+    error: Arc<Mutex<Option<ImportError>>>,
 }
 
 #[derive(Default)]
@@ -190,7 +285,8 @@ pub struct Engine {
     shared: Arc<Mutex<Shared>>,
     thread: Option<JoinHandle<()>>,
     n_blocks: usize,
-    layout: ep_kv::KvLayout,
+    layout: KvLayout,
+    root: BlockHash,
 }
 
 impl Engine {
@@ -206,9 +302,9 @@ impl Engine {
                 "max_step_tokens and max_seqs must be at least 1".into(),
             ));
         }
-        let fp = model.fingerprint();
+        let root = cache_root_of(&model, &tok, &cfg);
         // Build the pool here so a bad budget fails the caller, not the thread.
-        let probe = Core::new(&model, &tok, cfg.clone(), &fp)?;
+        let probe = Core::new(&model, &tok, cfg.clone(), root)?;
         let (n_blocks, layout) = (probe.pool().n_blocks(), *probe.pool().layout());
         drop(probe);
         let (tx, rx) = mpsc::channel();
@@ -217,7 +313,7 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("ep-engine".into())
             .spawn(move || {
-                let run = || engine_loop(&m, &t, c, &fp, rx, &sh);
+                let run = || engine_loop(&m, &t, c, root, rx, &sh);
                 match pool {
                     Some(p) => p.install(run),
                     None => run(),
@@ -233,11 +329,20 @@ impl Engine {
             thread: Some(thread),
             n_blocks,
             layout,
+            root,
         })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+    /// The KV layout of the pool.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+    /// The root of the prefix cache's block hashes.
+    pub fn cache_root(&self) -> BlockHash {
+        self.root
     }
 
     /// Validates and queues a request; its tokens arrive on the returned stream.
@@ -260,14 +365,98 @@ impl Engine {
         let _ = self.tx.send(Cmd::Cancel(id));
     }
 
-    /// Pins the cached blocks of a public token prefix (computed by an earlier request) so eviction
-    /// keeps them. Returns the number of blocks pinned.
-    pub fn pin_prefix(&self, tokens: Vec<u32>) -> Result<usize, EngineError> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Cmd::Pin(tokens, tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)
+    fn ask<T>(
+        &self,
+        cmd: impl FnOnce(Reply<T>) -> Cmd,
+    ) -> Result<oneshot::Receiver<Result<T, ImportError>>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(cmd(tx)).map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    fn pin_handle(&self, r: (PinId, usize)) -> PinHandle {
+        PinHandle {
+            id: r.0,
+            blocks: r.1,
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Pins the cached blocks of a public token prefix (computed or imported earlier) so eviction
+    /// keeps them, until the returned handle is dropped. Pinned blocks have a cap of their own
+    /// ([`EngineConfig::max_pinned_share`]).
+    pub async fn pin_prefix(&self, tokens: Vec<u32>) -> Result<PinHandle, EngineError> {
+        let rx = self.ask(|r| Cmd::Pin(tokens, r))?;
+        let r = rx.await.map_err(|_| EngineError::Stopped)??;
+        Ok(self.pin_handle(r))
+    }
+
+    /// [`pin_prefix`](Self::pin_prefix) for callers outside an async runtime.
+    pub fn pin_prefix_blocking(&self, tokens: Vec<u32>) -> Result<PinHandle, EngineError> {
+        let rx = self.ask(|r| Cmd::Pin(tokens, r))?;
+        let r = rx.blocking_recv().map_err(|_| EngineError::Stopped)??;
+        Ok(self.pin_handle(r))
+    }
+
+    fn import_handle(&self, r: (ImportId, Arc<ImportProgress>), tokens: Vec<u32>) -> KvImport {
+        KvImport {
+            id: r.0,
+            progress: r.1,
+            tokens,
+            layout: self.layout,
+            tx: self.tx.clone(),
+            error: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Starts importing the KV of the public prefix `tokens` (computed by another process for this
+    /// model and layout; see `ep_kv::identity`): write its layers with [`KvImport::write_rows`].
+    /// Requests whose prompt extends the prefix may be submitted at once: they run each layer as
+    /// soon as it is present. The imported blocks stay pinned until the handle is dropped (an
+    /// incomplete import is then abandoned and its requests recompute).
+    pub async fn import(&self, tokens: Vec<u32>) -> Result<KvImport, EngineError> {
+        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), r))?;
+        let r = rx.await.map_err(|_| EngineError::Stopped)??;
+        Ok(self.import_handle(r, tokens))
+    }
+
+    /// [`import`](Self::import) for callers outside an async runtime.
+    pub fn import_blocking(&self, tokens: Vec<u32>) -> Result<KvImport, EngineError> {
+        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), r))?;
+        let r = rx.blocking_recv().map_err(|_| EngineError::Stopped)??;
+        Ok(self.import_handle(r, tokens))
+    }
+
+    /// Computes a prompt (through the prefix cache) and returns its KV in the stored dtype.
+    pub fn export_blocking(&self, tokens: Vec<u32>) -> Result<PromptKv, EngineError> {
+        let params = GenerateParams {
+            max_tokens: 1,
+            ignore_eos: true,
+            ..GenerateParams::default()
+        };
+        let mut req = Request::new(tokens, params);
+        req.export_kv = true;
+        req.public_prefix = req.prompt.len();
+        let mut st = self.submit(req)?;
+        let mut kv = None;
+        while let Some(e) = st.blocking_next() {
+            match e {
+                Event::Kv(k) => kv = Some(*k),
+                Event::Error(f) => return Err(EngineError::Failed(f)),
+                Event::Done(_) => break,
+                Event::Token { .. } => {}
+            }
+        }
+        kv.ok_or(EngineError::Stopped)
+    }
+
+    /// Removes and returns the per-layer log (see [`EngineConfig::layer_log`]).
+    pub fn take_layer_log_blocking(&self) -> Vec<LayerEvent> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::TakeLayerLog(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.blocking_recv().unwrap_or_default()
     }
 
     /// Removes and returns the per-step statistics gathered so far.
@@ -277,6 +466,119 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         self.shared.lock().expect("engine stats lock").stats
+    }
+}
+
+/// The prefix-cache root of an engine for `model` with `cfg`'s KV dtype and block size (exact KV).
+pub fn cache_root_of(model: &Model, _tok: &Tokenizer, cfg: &EngineConfig) -> BlockHash {
+    let mut fp = model.fingerprint().to_vec();
+    fp.extend_from_slice(format!("/{}/{}", cfg.kv_dtype.name(), cfg.block_tokens).as_bytes());
+    BlockHash::root(&fp)
+}
+
+/// A pin of a cached prefix; dropping it unpins.
+#[derive(Debug)]
+pub struct PinHandle {
+    id: PinId,
+    blocks: usize,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl PinHandle {
+    /// Blocks it holds pinned.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+}
+
+impl Drop for PinHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Unpin(self.id));
+    }
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+/// An import of external KV in progress (or complete, holding its blocks pinned).
+pub struct KvImport {
+    id: ImportId,
+    progress: Arc<ImportProgress>,
+    tokens: Vec<u32>,
+    layout: KvLayout,
+    tx: mpsc::Sender<Cmd>,
+    error: Arc<Mutex<Option<ImportError>>>,
+}
+
+impl KvImport {
+    /// The prefix being imported.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    /// Layers present for every token.
+    pub fn ready_layers(&self) -> usize {
+        self.progress.ready_layers()
+    }
+    pub fn status(&self) -> ImportStatus {
+        self.progress.status()
+    }
+    /// The first error the engine found in written rows (the import is then abandoned).
+    pub fn error(&self) -> Option<ImportError> {
+        self.error.lock().expect("import error lock").clone()
+    }
+
+    /// Queues layer `layer`'s K and V rows of tokens `start..end` (little-endian bytes of the stored
+    /// dtype). Shapes are checked here; the engine writes them between steps.
+    pub fn write_rows(
+        &self,
+        layer: usize,
+        start: usize,
+        end: usize,
+        k: Vec<u8>,
+        v: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        let row = self.layout.kv_width() * self.layout.dtype.bytes();
+        if layer >= self.layout.n_layer
+            || start >= end
+            || end > self.tokens.len()
+            || k.len() != (end - start) * row
+            || v.len() != k.len()
+        {
+            return Err(ImportError::Rows {
+                layer,
+                start,
+                end,
+                what: format!(
+                    "does not fit {} layers × {} tokens × {row} bytes per row",
+                    self.layout.n_layer,
+                    self.tokens.len()
+                ),
+            }
+            .into());
+        }
+        if let Some(e) = self.error() {
+            return Err(e.into());
+        }
+        self.tx
+            .send(Cmd::ImportRows(Box::new(ImportRows {
+                id: self.id,
+                layer,
+                start,
+                end,
+                k,
+                v,
+                error: self.error.clone(),
+            })))
+            .map_err(|_| EngineError::Stopped)
+    }
+}
+
+impl Drop for KvImport {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::ImportRelease(self.id));
     }
 }
 
@@ -293,11 +595,11 @@ fn engine_loop(
     model: &Model,
     tok: &Tokenizer,
     cfg: EngineConfig,
-    fp: &[u8],
+    root: BlockHash,
     rx: mpsc::Receiver<Cmd>,
     shared: &Mutex<Shared>,
 ) {
-    let mut core = match Core::new(model, tok, cfg, fp) {
+    let mut core = match Core::new(model, tok, cfg, root) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("engine failed to start: {e}");
@@ -305,35 +607,63 @@ fn engine_loop(
         }
     };
     let mut steps = 0u64;
+    let mut idle = false;
     loop {
-        // Take every queued command; block for one when there is nothing to run.
+        // Take every queued command; block for one when there is nothing to run (or only requests
+        // waiting for imported layers, which arrive as commands).
         let mut cmds: Vec<Cmd> = rx.try_iter().collect();
-        if cmds.is_empty() && !core.has_work() {
-            match rx.recv() {
-                Ok(c) => cmds.push(c),
-                Err(_) => return,
-            }
+        if cmds.is_empty() && (!core.has_work() || idle) {
+            let got = if core.has_work() {
+                match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            cmds.extend(got);
             cmds.extend(rx.try_iter());
         }
         for c in cmds {
             match c {
                 Cmd::Submit(id, req, tx, at) => {
                     if let Err(e) = core.add(id, *req, tx.clone(), at) {
-                        let _ = tx.send(Event::Error(e.to_string()));
+                        let _ = tx.send(Event::Error(Failure::Invalid(e)));
                     }
                 }
                 Cmd::Cancel(id) => {
                     core.cancel(id);
                 }
                 Cmd::Pin(tokens, reply) => {
-                    let _ = reply.send(core.pin_prefix(&tokens).len());
+                    let _ = reply.send(core.pin_prefix(&tokens));
+                }
+                Cmd::Unpin(id) => core.unpin(id),
+                Cmd::ImportBegin(tokens, reply) => {
+                    let _ = reply.send(core.import_begin(tokens));
+                }
+                Cmd::ImportRows(r) => {
+                    if let Err(e) = core.import_rows(r.id, r.layer, r.start, r.end, &r.k, &r.v) {
+                        tracing::warn!(import = r.id, "bad imported KV rows: {e}");
+                        *r.error.lock().expect("import error lock") = Some(e);
+                        core.import_release(r.id);
+                    }
+                }
+                Cmd::ImportRelease(id) => core.import_release(id),
+                Cmd::TakeLayerLog(reply) => {
+                    let _ = reply.send(core.take_layer_log());
                 }
                 Cmd::Stop => return,
             }
         }
         core.reap_closed();
+        idle = true;
         if let Some(st) = core.step() {
             steps += 1;
+            idle = st.layer_calls == 0;
             let mut sh = shared.lock().expect("engine stats lock");
             if sh.steps.len() < 1 << 20 {
                 sh.steps.push(st);
@@ -346,9 +676,6 @@ fn engine_loop(
                 preemptions: core.preemptions(),
                 steps,
             };
-        } else if core.has_work() {
-            // Only held sequences or requests waiting on a prefix in flight: do not spin.
-            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -390,7 +717,8 @@ impl RequestStream {
                     out.finished = Some(f);
                     return Ok(out);
                 }
-                Event::Error(m) => return Err(EngineError::Request(m)),
+                Event::Error(f) => return Err(EngineError::Failed(f)),
+                Event::Kv(_) => {}
             }
         }
         Err(EngineError::Stopped)

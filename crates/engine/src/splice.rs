@@ -318,15 +318,35 @@ pub struct SpliceArena {
     out: Vec<f32>,
 }
 
-/// Splice (or relay) attention over the block pool for one forward pass. The plan is made on the first
-/// layer and reused for the others.
+/// The plan one step hands to every layer: [`plan`], reduced to the plain path (nothing joint) where
+/// the joint phases would not pay or their score rows would not stay in cache.
+pub fn plan_step(
+    mode: AttnMode,
+    shape: AttnShape,
+    dtype: KvDtype,
+    bt: usize,
+    slices: &[SeqSlice],
+    tables: &[Vec<BlockId>],
+) -> Plan {
+    let mut p = plan(mode, shape, dtype, bt, slices, tables);
+    if !p.is_joint(p.rows.len() * shape.n_head) {
+        // Report what runs: the plain path.
+        p.shared_nodes = 0;
+        p.shared_keys = 0;
+        p.joint_rows = false;
+    }
+    p
+}
+
+/// Splice (or relay) attention over the block pool for one layer of a forward pass, by a plan made
+/// for the batch's slices ([`plan_step`]).
 pub struct SpliceAttention<'a> {
     pub mode: AttnMode,
     pub shape: AttnShape,
     pub pool: &'a mut BlockPool,
     pub tables: &'a [Vec<BlockId>],
     pub arena: &'a mut SpliceArena,
-    pub plan: Option<Plan>,
+    pub plan: &'a Plan,
 }
 
 /// Splits `data` (vectors of `stride` values) into the mutable pieces of the given vector ranges,
@@ -397,17 +417,7 @@ impl Attention for SpliceAttention<'_> {
         let sh = self.shape;
         let bt = self.pool.layout().block_tokens;
         let dtype = self.pool.layout().dtype;
-        if self.plan.is_none() {
-            let mut p = plan(self.mode, sh, dtype, bt, slices, self.tables);
-            if !p.is_joint(p.rows.len() * sh.n_head) {
-                // Report what runs: the plain path.
-                p.shared_nodes = 0;
-                p.shared_keys = 0;
-                p.joint_rows = false;
-            }
-            self.plan = Some(p);
-        }
-        let plan = self.plan.as_ref().expect("made above");
+        let plan = self.plan;
         if plan.shared_nodes == 0 && !plan.joint_rows {
             // Nothing shared pays: the plain path, with no splice overhead.
             let mut paged = PagedAttention {

@@ -1,11 +1,16 @@
 //! The engine end to end: batch invariance through the scheduler (every request gives exactly the tokens
 //! it gives alone), preemption by recompute, the memory budget, prefix sharing with pins and tenant
-//! salts, cancellation and layer gates. On the tiny random model always, on SmolLM2 when present.
+//! salts, pin handles and their cap, typed failures (cancelled, out of KV memory, invalid requests), KV
+//! export and import (streamed layer by layer into the batched forward). On the tiny random model
+//! always, on SmolLM2 when present.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ep_engine::{AttnMode, Engine, EngineConfig, Event, LayerGate, Output, Request};
+use ep_engine::{
+    AttnMode, Engine, EngineConfig, EngineError, Event, Failure, ImportStatus, InvalidKind,
+    InvalidRequest, LayerEvent, Output, Request,
+};
 use ep_kv::KvDtype;
 use ep_model::generate::{GenerateParams, Session};
 use ep_model::sampling::SamplingParams;
@@ -101,6 +106,7 @@ fn small_cfg(dtype: KvDtype) -> EngineConfig {
         max_seqs: 64,
         prefill_first: false,
         attn_mode: AttnMode::Splice,
+        ..EngineConfig::default()
     }
 }
 
@@ -306,10 +312,76 @@ fn pinned_prefix_survives_eviction() {
     // Pinned: it stays.
     let e = engine(&l, cfg);
     assert_eq!(ask(&e), 0);
-    assert_eq!(e.pin_prefix(cloud.clone()).unwrap(), 4);
+    let pin = e.pin_prefix_blocking(cloud.clone()).unwrap();
+    assert_eq!(pin.blocks(), 4);
     flood(&e);
     assert!(e.stats().evictions > 0);
     assert_eq!(ask(&e), 64, "the pinned prefix was evicted");
+    // Dropping the handle unpins: the next flood evicts it.
+    drop(pin);
+    flood(&e);
+    assert_eq!(
+        ask(&e),
+        0,
+        "the prefix stayed pinned after its handle was dropped"
+    );
+}
+
+#[test]
+fn pins_have_a_cap_of_their_own() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(1, SamplingParams::greedy());
+    let block_bytes = 2 * 2 * 16 * 32 * 2;
+    // 20 blocks; pins may hold a quarter of them (5).
+    let e = engine(
+        &l,
+        EngineConfig {
+            kv_budget_bytes: 20 * block_bytes,
+            max_pinned_share: 0.25,
+            ..small_cfg(KvDtype::F16)
+        },
+    );
+    let a: Vec<u32> = (0..64).map(|i| (i * 5 + 1) % v).collect();
+    let b: Vec<u32> = (0..48).map(|i| (i * 7 + 3) % v).collect();
+    for p in [&a, &b] {
+        let mut q = p.clone();
+        q.push(1);
+        run_all(&e, vec![Request::new(q, gp.clone())]);
+    }
+    let pa = e.pin_prefix_blocking(a.clone()).unwrap();
+    assert_eq!(pa.blocks(), 4);
+    // 4 + 3 > 5: refused, and nothing of b is pinned.
+    let err = e.pin_prefix_blocking(b.clone()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Import(ep_engine::ImportError::PinCap { .. })
+        ),
+        "{err}"
+    );
+    // Pinning a again adds no new pinned block.
+    let pa2 = e.pin_prefix_blocking(a.clone()).unwrap();
+    drop((pa, pa2));
+    let pb = e.pin_prefix_blocking(b).unwrap();
+    assert_eq!(pb.blocks(), 3);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pins_work_from_async_code() {
+    let l = tiny();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let p: Vec<u32> = (0..33).collect();
+    let mut st = e
+        .submit(Request::new(p.clone(), params(1, SamplingParams::greedy())))
+        .unwrap();
+    while let Some(ev) = st.next().await {
+        if matches!(ev, Event::Done(_)) {
+            break;
+        }
+    }
+    let pin = e.pin_prefix(p[..32].to_vec()).await.unwrap();
+    assert_eq!(pin.blocks(), 2);
 }
 
 #[test]
@@ -351,35 +423,341 @@ fn cancellation_frees_the_sequence_at_once() {
 }
 
 #[test]
-fn gated_prefill_waits_for_its_layers_without_blocking_others() {
+fn cancel_is_a_typed_failure() {
     let l = tiny();
-    let gp = params(5, SamplingParams::greedy());
-    let p1: Vec<u32> = (10..60).collect();
-    let p2: Vec<u32> = (100..130).collect();
-    let want1 = alone_session(&l, &p1, &gp);
-    let want2 = alone_session(&l, &p2, &gp);
     let e = engine(&l, small_cfg(KvDtype::F16));
-    let gate = LayerGate::new();
-    let mut gated = e
-        .submit(Request {
-            gate: Some(gate.clone()),
-            ..Request::new(p1, gp.clone())
-        })
+    let mut s = e
+        .submit(Request::new(
+            (0..20).collect(),
+            params(100_000, SamplingParams::greedy()),
+        ))
         .unwrap();
-    // The ungated request completes while the gated one has no layer yet.
-    let other = run_all(&e, vec![Request::new(p2, gp.clone())]);
-    assert_eq!(other[0].tokens, want2);
-    assert!(
-        gated.try_next().is_none(),
-        "the gated request produced output before its KV was present"
+    assert!(matches!(s.blocking_next(), Some(Event::Token { .. })));
+    e.cancel(s.id());
+    loop {
+        match s.blocking_next() {
+            Some(Event::Token { .. }) => continue,
+            Some(Event::Error(f)) => {
+                assert_eq!(f, Failure::Cancelled);
+                break;
+            }
+            other => panic!("expected a cancellation, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn out_of_kv_memory_is_a_typed_failure_not_length() {
+    let l = tiny();
+    let block_bytes = 2 * 2 * 16 * 32 * 2;
+    let e = engine(
+        &l,
+        EngineConfig {
+            kv_budget_bytes: 4 * block_bytes,
+            ..small_cfg(KvDtype::F16)
+        },
     );
-    gate.set_ready(1);
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(gated.try_next().is_none(), "held at layer 1 of 2");
-    std::thread::sleep(Duration::from_millis(20));
-    gate.set_ready(l.model.cfg.n_layer);
-    let out = gated.collect_blocking().unwrap();
-    assert_eq!(out.tokens, want1);
+    let err = e
+        .submit(Request::new(
+            (0..10).collect(),
+            params(1000, SamplingParams::greedy()),
+        ))
+        .unwrap()
+        .collect_blocking()
+        .unwrap_err();
+    match err {
+        EngineError::Failed(Failure::OutOfKvMemory { tokens, capacity }) => {
+            assert_eq!(capacity, 64);
+            assert_eq!(tokens, 65, "stopped when position 64 needed a fifth block");
+        }
+        other => panic!("expected out of KV memory, got {other}"),
+    }
+}
+
+/// Prompts sharing `prefix`, each with its own question.
+fn extend_prefix(prefix: &[u32], n: usize, vocab: u32) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let mut p = prefix.to_vec();
+            p.extend((0..3 + i % 7).map(|j| ((i * 37 + j * 11 + 1) as u32) % vocab));
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn imported_kv_gives_the_computed_tokens() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(8, SamplingParams::greedy());
+    // 6 full blocks and a partial one.
+    let prefix: Vec<u32> = (0..100).map(|i| (i * 7 + 2) % v).collect();
+    let kv = engine(&l, small_cfg(KvDtype::F16))
+        .export_blocking(prefix.clone())
+        .unwrap();
+    assert_eq!(kv.layers.len(), l.model.cfg.n_layer);
+    assert_eq!(kv.block_hashes.len(), 6);
+    let row = kv.layout.kv_width() * 2;
+    assert!(kv
+        .layers
+        .iter()
+        .all(|(k, v)| k.len() == 100 * row && v.len() == 100 * row));
+    let ps = extend_prefix(&prefix, 4, v);
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(&l, p, &gp)).collect();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let imp = e.import_blocking(prefix.clone()).unwrap();
+    for (layer, (k, vv)) in kv.layers.iter().enumerate() {
+        imp.write_rows(layer, 0, 100, k.clone(), vv.clone())
+            .unwrap();
+    }
+    let got = run_all(
+        &e,
+        ps.iter()
+            .map(|p| Request {
+                public_prefix: prefix.len(),
+                ..Request::new(p.clone(), gp.clone())
+            })
+            .collect(),
+    );
+    assert_eq!(imp.status(), ImportStatus::Complete);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.tokens, w, "request {i}");
+        let f = g.finished.as_ref().unwrap();
+        assert_eq!(
+            f.imported_tokens, 100,
+            "request {i}: the partial block is imported too"
+        );
+        assert_eq!(f.cached_tokens, 100);
+    }
+    // The import really is used: other V bytes change the tokens.
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let imp = e.import_blocking(prefix.clone()).unwrap();
+    for (layer, (k, vv)) in kv.layers.iter().enumerate() {
+        let bent: Vec<u8> = vv.iter().map(|b| b ^ 0x40).collect();
+        imp.write_rows(layer, 0, 100, k.clone(), bent).unwrap();
+    }
+    let got = run_all(
+        &e,
+        ps.iter()
+            .map(|p| Request {
+                public_prefix: prefix.len(),
+                ..Request::new(p.clone(), gp.clone())
+            })
+            .collect(),
+    );
+    assert!(
+        got.iter().zip(&want).any(|(g, w)| &g.tokens != w),
+        "altered imported V bytes did not change any output"
+    );
+}
+
+#[test]
+fn bad_import_rows_are_refused() {
+    let l = tiny();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let prefix: Vec<u32> = (0..40).collect();
+    let imp = e.import_blocking(prefix).unwrap();
+    let row = e.layout().kv_width() * 2;
+    // Wrong sizes, layers and ranges are refused before they reach the engine.
+    assert!(imp
+        .write_rows(0, 0, 40, vec![0; 39 * row], vec![0; 39 * row])
+        .is_err());
+    assert!(imp
+        .write_rows(9, 0, 40, vec![0; 40 * row], vec![0; 40 * row])
+        .is_err());
+    assert!(imp
+        .write_rows(0, 30, 50, vec![0; 20 * row], vec![0; 20 * row])
+        .is_err());
+    // Rows written twice: the engine refuses them and abandons the import.
+    imp.write_rows(0, 0, 20, vec![0; 20 * row], vec![0; 20 * row])
+        .unwrap();
+    imp.write_rows(0, 10, 30, vec![0; 20 * row], vec![0; 20 * row])
+        .unwrap();
+    for _ in 0..500 {
+        if imp.error().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(imp.error().is_some());
+    assert_eq!(imp.status(), ImportStatus::Aborted);
+    assert!(e.import_blocking(vec![]).is_err());
+}
+
+#[test]
+fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
+    let l = tiny();
+    let n_layer = l.model.cfg.n_layer;
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(6, SamplingParams::greedy());
+    let prefix: Vec<u32> = (0..100).map(|i| (i * 5 + 9) % v).collect();
+    let kv = engine(&l, small_cfg(KvDtype::F16))
+        .export_blocking(prefix.clone())
+        .unwrap();
+    let ps = extend_prefix(&prefix, 16, v);
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(&l, p, &gp)).collect();
+    let other_prompt: Vec<u32> = (0..30).map(|i| (i * 3 + 1) % v).collect();
+    let e = engine(
+        &l,
+        EngineConfig {
+            layer_log: true,
+            max_step_tokens: 512,
+            ..small_cfg(KvDtype::F16)
+        },
+    );
+    let mut other = e
+        .submit(Request::new(
+            other_prompt,
+            params(3000, SamplingParams::greedy()),
+        ))
+        .unwrap();
+    let imp = e.import_blocking(prefix.clone()).unwrap();
+    let streams: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            e.submit(Request {
+                public_prefix: prefix.len(),
+                ..Request::new(p.clone(), gp.clone())
+            })
+            .unwrap()
+        })
+        .collect();
+    let ids: Vec<u64> = streams.iter().map(|s| s.id()).collect();
+    let row = kv.layout.kv_width() * 2;
+    for (layer, (k, vv)) in kv.layers.iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(40));
+        // Two frames per layer, by token range.
+        imp.write_rows(
+            layer,
+            0,
+            64,
+            k[..64 * row].to_vec(),
+            vv[..64 * row].to_vec(),
+        )
+        .unwrap();
+        imp.write_rows(
+            layer,
+            64,
+            100,
+            k[64 * row..].to_vec(),
+            vv[64 * row..].to_vec(),
+        )
+        .unwrap();
+    }
+    let got: Vec<Output> = streams
+        .into_iter()
+        .map(|s| s.collect_blocking().unwrap())
+        .collect();
+    e.cancel(other.id());
+    while other.blocking_next().is_some() {}
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            &g.tokens, w,
+            "request {i}: streamed import vs computed alone"
+        );
+    }
+    let log = e.take_layer_log_blocking();
+    let arrived = |layer: usize| {
+        log.iter()
+            .position(|ev| matches!(ev, LayerEvent::Arrived { layer: x, .. } if *x == layer))
+            .unwrap_or_else(|| panic!("layer {layer} never arrived"))
+    };
+    let mut steps_of_layer = vec![Vec::new(); n_layer];
+    for (at, ev) in log.iter().enumerate() {
+        if let LayerEvent::Ran {
+            step,
+            layer,
+            requests,
+        } = ev
+        {
+            let n = ids.iter().filter(|id| requests.contains(id)).count();
+            // The 16 run together: one batched call per layer per step, never split.
+            assert!(
+                n == 0 || n == ids.len(),
+                "layer {layer} of step {step} ran {n} of 16"
+            );
+            if n > 0 {
+                steps_of_layer[*layer].push((at, *step));
+            }
+        }
+    }
+    for l in 0..n_layer {
+        // The first time is the prefill over the imported prefix (later ones are decode steps).
+        let (at, _) = steps_of_layer[l][0];
+        assert!(at > arrived(l), "layer {l} ran before it arrived");
+        if l + 1 < n_layer {
+            assert!(at < arrived(l + 1), "layer {l} waited for layer {}", l + 1);
+        }
+    }
+    // The first token comes at most 2 steps after the last layer arrived.
+    let last_arrival_step = match &log[arrived(n_layer - 1)] {
+        LayerEvent::Arrived { step, .. } => *step,
+        _ => unreachable!(),
+    };
+    let (_, last_ran) = steps_of_layer[n_layer - 1][0];
+    assert!(
+        last_ran <= last_arrival_step + 2,
+        "{last_ran} vs {last_arrival_step}"
+    );
+    // Each step calls each layer at most once.
+    let mut per_step: std::collections::HashMap<(u64, usize), usize> = Default::default();
+    for ev in &log {
+        if let LayerEvent::Ran { step, layer, .. } = ev {
+            *per_step.entry((*step, *layer)).or_default() += 1;
+        }
+    }
+    assert!(per_step.values().all(|&c| c == 1));
+    // The other request kept decoding while the layers arrived.
+    let other_id = other.id();
+    let first = match &log[arrived(0)] {
+        LayerEvent::Arrived { step, .. } => *step,
+        _ => unreachable!(),
+    };
+    let ran_other = log
+        .iter()
+        .filter(|ev| matches!(ev, LayerEvent::Ran { step, requests, layer: 0 } if *step > first && *step <= last_arrival_step && requests.contains(&other_id)))
+        .count();
+    assert!(
+        ran_other >= 2,
+        "the other request was held back ({ran_other} steps)"
+    );
+    for g in &got {
+        assert_eq!(g.finished.as_ref().unwrap().imported_tokens, 100);
+    }
+}
+
+#[test]
+fn abandoned_import_makes_its_requests_recompute() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(5, SamplingParams::greedy());
+    let prefix: Vec<u32> = (0..70).map(|i| (i * 3 + 4) % v).collect();
+    let kv = engine(&l, small_cfg(KvDtype::F16))
+        .export_blocking(prefix.clone())
+        .unwrap();
+    let ps = extend_prefix(&prefix, 3, v);
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(&l, p, &gp)).collect();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let imp = e.import_blocking(prefix.clone()).unwrap();
+    imp.write_rows(0, 0, 70, kv.layers[0].0.clone(), kv.layers[0].1.clone())
+        .unwrap();
+    let streams: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            e.submit(Request {
+                public_prefix: prefix.len(),
+                ..Request::new(p.clone(), gp.clone())
+            })
+            .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(30));
+    drop(imp);
+    for (i, (s, w)) in streams.into_iter().zip(&want).enumerate() {
+        let out = s.collect_blocking().unwrap();
+        assert_eq!(&out.tokens, w, "request {i}");
+        assert_eq!(out.finished.unwrap().imported_tokens, 0);
+    }
 }
 
 #[test]
@@ -387,15 +765,37 @@ fn bad_requests_are_errors() {
     let l = tiny();
     let e = engine(&l, small_cfg(KvDtype::F16));
     let gp = params(4, SamplingParams::greedy());
-    assert!(e.submit(Request::new(vec![], gp.clone())).is_err());
+    let kind = |r: Request| match e.submit(r).err().unwrap() {
+        EngineError::Invalid(InvalidRequest { kind, message }) => {
+            assert!(!message.is_empty());
+            kind
+        }
+        other => panic!("expected an invalid request, got {other}"),
+    };
+    assert_eq!(
+        kind(Request::new(vec![], gp.clone())),
+        InvalidKind::EmptyPrompt
+    );
     let v = l.model.cfg.n_vocab as u32;
-    let err = e.submit(Request::new(vec![v], gp.clone())).err().unwrap();
-    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
-    let err = e
-        .submit(Request::new(vec![1; 5000], gp.clone()))
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("context"), "{err}");
+    assert_eq!(
+        kind(Request::new(vec![v], gp.clone())),
+        InvalidKind::TokenOutOfVocabulary
+    );
+    assert_eq!(
+        kind(Request::new(vec![1; 5000], gp.clone())),
+        InvalidKind::PromptTooLong
+    );
+    assert_eq!(
+        kind(Request::new(vec![1], params(0, SamplingParams::greedy()))),
+        InvalidKind::MaxTokens
+    );
+    assert_eq!(
+        kind(Request {
+            public_prefix: 3,
+            ..Request::new(vec![1], gp.clone())
+        }),
+        InvalidKind::PublicPrefix
+    );
     let bad = GenerateParams {
         sampling: SamplingParams {
             top_p: 2.0,
@@ -403,7 +803,7 @@ fn bad_requests_are_errors() {
         },
         ..gp
     };
-    assert!(e.submit(Request::new(vec![1], bad)).is_err());
+    assert_eq!(kind(Request::new(vec![1], bad)), InvalidKind::Sampling);
     // A budget too small for one block is a configuration error.
     let cfg = EngineConfig {
         kv_budget_bytes: 10,

@@ -10,7 +10,7 @@
 //! reference's from an f64 one, and a value at a rounding boundary may land on either side).
 
 use ep_engine::attn::PagedAttention;
-use ep_engine::splice::{AttnMode, SpliceArena, SpliceAttention};
+use ep_engine::splice::{plan_step, AttnMode, SpliceArena, SpliceAttention};
 use ep_kernels::paged::KvDtype;
 use ep_kv::{BlockId, BlockPool, KvLayout};
 use ep_model::kv::{Attention, AttnShape, SeqSlice};
@@ -209,16 +209,25 @@ fn run(c: &Case, mode: AttnMode) -> (Vec<f32>, Setup, usize) {
         }
         _ => {
             let mut arena = SpliceArena::default();
+            let layout = *s.pool.layout();
+            let plan = plan_step(
+                mode,
+                c.shape,
+                layout.dtype,
+                layout.block_tokens,
+                &s.slices,
+                &s.tables,
+            );
             let mut a = SpliceAttention {
                 mode,
                 shape: c.shape,
                 pool: &mut s.pool,
                 tables: &s.tables,
                 arena: &mut arena,
-                plan: None,
+                plan: &plan,
             };
             a.attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out).unwrap();
-            shared = a.plan.as_ref().unwrap().shared_nodes;
+            shared = plan.shared_nodes;
         }
     }
     (out, s, shared)

@@ -86,6 +86,41 @@ impl Slabs {
         }
     }
 
+    /// Values `at..at + n` as little-endian bytes of the stored dtype, appended to `out`.
+    fn read_bytes(&self, at: usize, n: usize, out: &mut Vec<u8>) {
+        match self {
+            Slabs::F32(d) => d[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Slabs::F16(d) | Slabs::Bf16(d) => d[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+
+    /// Stores little-endian bytes of the stored dtype at value `at` (`src.len()` a multiple of the
+    /// value size).
+    fn write_bytes(&mut self, at: usize, src: &[u8]) {
+        match self {
+            Slabs::F32(d) => {
+                for (o, b) in d[at..at + src.len() / 4]
+                    .iter_mut()
+                    .zip(src.chunks_exact(4))
+                {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Slabs::F16(d) | Slabs::Bf16(d) => {
+                for (o, b) in d[at..at + src.len() / 2]
+                    .iter_mut()
+                    .zip(src.chunks_exact(2))
+                {
+                    *o = u16::from_le_bytes([b[0], b[1]]);
+                }
+            }
+        }
+    }
+
     fn copy_within(&mut self, from: usize, to: usize, n: usize) {
         match self {
             Slabs::F32(d) => d.copy_within(from..from + n, to),
@@ -231,6 +266,48 @@ impl BlockPool {
             self.k[l].copy_within(from as usize * sl, to as usize * sl, len);
             self.v[l].copy_within(from as usize * sl, to as usize * sl, len);
         }
+    }
+
+    /// Copies the first `n` slots of block `from` into block `to` in one layer.
+    pub fn copy_block_layer(&mut self, layer: usize, from: BlockId, to: BlockId, n: usize) {
+        let sl = self.layout.slab_len();
+        let len = n.min(self.layout.block_tokens) * self.layout.kv_width();
+        self.k[layer].copy_within(from as usize * sl, to as usize * sl, len);
+        self.v[layer].copy_within(from as usize * sl, to as usize * sl, len);
+    }
+
+    /// Appends the stored K (to `k`) and V (to `v`) of slots `slot..slot + n` of block `b` in `layer`,
+    /// as little-endian bytes of the stored dtype (no conversion).
+    pub fn read_raw(
+        &self,
+        layer: usize,
+        b: BlockId,
+        slot: usize,
+        n: usize,
+        k: &mut Vec<u8>,
+        v: &mut Vec<u8>,
+    ) {
+        let w = self.layout.kv_width();
+        assert!(slot + n <= self.layout.block_tokens, "read past block end");
+        let at = b as usize * self.layout.slab_len() + slot * w;
+        self.k[layer].read_bytes(at, n * w, k);
+        self.v[layer].read_bytes(at, n * w, v);
+    }
+
+    /// Stores K and V rows given as little-endian bytes of the stored dtype (`n × kv_width` values
+    /// each) into slots `slot..` of block `b` in `layer`.
+    pub fn write_raw(&mut self, layer: usize, b: BlockId, slot: usize, k: &[u8], v: &[u8]) {
+        let w = self.layout.kv_width();
+        let vb = self.layout.dtype.bytes();
+        assert_eq!(k.len(), v.len());
+        assert!(k.len().is_multiple_of(w * vb), "partial row");
+        assert!(
+            slot * w * vb + k.len() <= self.layout.slab_len() * vb,
+            "write past block end"
+        );
+        let at = b as usize * self.layout.slab_len() + slot * w;
+        self.k[layer].write_bytes(at, k);
+        self.v[layer].write_bytes(at, v);
     }
 
     /// Raw K/V of one block in one layer as f32 (tests and the wire format).

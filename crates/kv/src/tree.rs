@@ -6,12 +6,18 @@
 //! SHA-256 over a fixed byte encoding (little-endian, versioned), truncated to 128 bits: deterministic
 //! across processes and machines, unlike a process-seeded hasher.
 //!
-//! The tree holds one pool reference per node. A node is evictable when nothing else references its
-//! block, it has no children and it is not pinned; eviction takes the least recently used such leaf.
+//! The tree holds one pool reference per node. A node is **idle** when it is computed, unpinned and
+//! nothing but the tree references its block; idle nodes wait in an LRU list (ordered by when they
+//! became idle) and are evicted from its old end when a block is needed. Releasing a sequence's blocks
+//! last-to-first makes its deepest blocks the oldest, so leaves go before their ancestors (as vLLM's
+//! free-block queue does). Every node below an idle node is idle too (a sequence holds its whole path,
+//! pins cover whole prefixes), so the number of blocks eviction can free is exactly the idle count — a
+//! counter, not a walk. Every transition (a sequence acquiring or releasing a cached block, pins,
+//! readiness) goes through the cache so the list stays exact.
 //! A salt (one per tenant) makes private blocks unmatchable across tenants: the same tokens under
 //! different salts hash differently, and the chain carries the salt to every block after it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -106,9 +112,14 @@ struct Node {
     parent: Option<BlockHash>,
     children: u32,
     pins: u32,
-    last_use: u64,
     /// False while the sequence that inserted it has not yet computed all of its positions.
     ready: bool,
+    /// Position in the idle list while idle.
+    idle_key: Option<u64>,
+    /// The block's KV came from an import (another process computed it).
+    imported: bool,
+    /// The import still filling this block layer by layer (its id), if any.
+    importing: Option<u64>,
 }
 
 /// A cached block found by [`PrefixCache::lookup`].
@@ -116,13 +127,21 @@ struct Node {
 pub struct Hit {
     pub block: BlockId,
     pub ready: bool,
+    /// Its KV came from an import.
+    pub imported: bool,
+    /// An import is still writing its layers.
+    pub importing: Option<u64>,
 }
 
 /// Shared full blocks by chained hash.
 pub struct PrefixCache {
     root: BlockHash,
     nodes: HashMap<BlockHash, Node>,
-    tick: u64,
+    by_block: HashMap<BlockId, BlockHash>,
+    /// Idle nodes, oldest first.
+    idle: BTreeMap<u64, BlockHash>,
+    next_idle: u64,
+    pinned_nodes: usize,
     evictions: u64,
 }
 
@@ -131,7 +150,10 @@ impl PrefixCache {
         Self {
             root,
             nodes: HashMap::new(),
-            tick: 0,
+            by_block: HashMap::new(),
+            idle: BTreeMap::new(),
+            next_idle: 0,
+            pinned_nodes: 0,
             evictions: 0,
         }
     }
@@ -158,41 +180,107 @@ impl PrefixCache {
     pub fn is_pinned(&self, h: &BlockHash) -> bool {
         self.nodes.get(h).is_some_and(|n| n.pins > 0)
     }
+    /// Nodes with at least one pin.
+    pub fn pinned_nodes(&self) -> usize {
+        self.pinned_nodes
+    }
 
-    /// The longest prefix of `hashes` present in the tree, marking those nodes used now.
-    pub fn lookup(&mut self, hashes: &[BlockHash]) -> Vec<Hit> {
-        self.tick += 1;
+    fn hit(n: &Node) -> Hit {
+        Hit {
+            block: n.block,
+            ready: n.ready,
+            imported: n.imported,
+            importing: n.importing,
+        }
+    }
+
+    /// The longest prefix of `hashes` present in the tree (nothing changes).
+    pub fn lookup(&self, hashes: &[BlockHash]) -> Vec<Hit> {
+        hashes
+            .iter()
+            .map_while(|h| self.nodes.get(h))
+            .map(Self::hit)
+            .collect()
+    }
+
+    /// The same as [`lookup`](Self::lookup).
+    pub fn peek(&self, hashes: &[BlockHash]) -> Vec<Hit> {
+        self.lookup(hashes)
+    }
+
+    /// How many leading blocks of `hashes` are present.
+    pub fn present(&self, hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.nodes.contains_key(h))
+            .count()
+    }
+
+    /// Of the present prefix of `hashes`, how many nodes are idle (taking them uses up reclaimable
+    /// space).
+    pub fn idle_among(&self, hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .map_while(|h| self.nodes.get(h))
+            .filter(|n| n.idle_key.is_some())
+            .count()
+    }
+
+    /// Takes one pool reference to each block of the present prefix of `hashes` (a sequence starts
+    /// using them) and returns them.
+    pub fn acquire(&mut self, pool: &mut BlockPool, hashes: &[BlockHash]) -> Vec<BlockId> {
         let mut out = Vec::new();
         for h in hashes {
-            match self.nodes.get_mut(h) {
-                Some(n) => {
-                    n.last_use = self.tick;
-                    out.push(Hit {
-                        block: n.block,
-                        ready: n.ready,
-                    });
-                }
-                None => break,
+            let Some(n) = self.nodes.get_mut(h) else {
+                break;
+            };
+            pool.retain(n.block);
+            if let Some(k) = n.idle_key.take() {
+                self.idle.remove(&k);
             }
+            out.push(n.block);
         }
         out
     }
 
-    /// The longest present prefix of `hashes`, without touching recency.
-    pub fn peek(&self, hashes: &[BlockHash]) -> Vec<Hit> {
-        hashes
-            .iter()
-            .map_while(|h| self.nodes.get(h))
-            .map(|n| Hit {
-                block: n.block,
-                ready: n.ready,
-            })
-            .collect()
+    /// Drops one reference to `block` held outside the tree (a sequence's). A cached block left held
+    /// by the tree alone becomes idle (the newest in the LRU list). Release a sequence's blocks
+    /// last-to-first so its leaves are evicted before their ancestors.
+    pub fn release(&mut self, pool: &mut BlockPool, block: BlockId) {
+        pool.release(block);
+        if let Some(h) = self.by_block.get(&block).copied() {
+            self.refresh(pool, &h);
+        }
+    }
+
+    fn idle_now(n: &Node, pool: &BlockPool) -> bool {
+        n.ready && n.pins == 0 && n.importing.is_none() && pool.ref_count(n.block) == 1
+    }
+
+    /// Puts a node on or off the idle list according to its state.
+    fn refresh(&mut self, pool: &BlockPool, h: &BlockHash) {
+        let Some(n) = self.nodes.get_mut(h) else {
+            return;
+        };
+        let idle = Self::idle_now(n, pool);
+        match (idle, n.idle_key) {
+            (true, None) => {
+                let k = self.next_idle;
+                self.next_idle += 1;
+                n.idle_key = Some(k);
+                self.idle.insert(k, *h);
+            }
+            (false, Some(k)) => {
+                n.idle_key = None;
+                self.idle.remove(&k);
+            }
+            _ => {}
+        }
     }
 
     /// Adds `block` under `hash` (its parent must be present, or `None` for a first block) and takes a
-    /// pool reference to it. Returns false, changing nothing, when the hash is already present or the
-    /// parent is missing.
+    /// pool reference to it. Returns false, changing nothing, when the hash is already present, the
+    /// parent is missing, or the block is already another node's.
     pub fn insert(
         &mut self,
         pool: &mut BlockPool,
@@ -201,7 +289,7 @@ impl PrefixCache {
         block: BlockId,
         ready: bool,
     ) -> bool {
-        if self.nodes.contains_key(&hash) {
+        if self.nodes.contains_key(&hash) || self.by_block.contains_key(&block) {
             return false;
         }
         if let Some(p) = parent {
@@ -210,7 +298,6 @@ impl PrefixCache {
                 None => return false,
             }
         }
-        self.tick += 1;
         pool.retain(block);
         self.nodes.insert(
             hash,
@@ -219,18 +306,33 @@ impl PrefixCache {
                 parent,
                 children: 0,
                 pins: 0,
-                last_use: self.tick,
                 ready,
+                idle_key: None,
+                imported: false,
+                importing: None,
             },
         );
+        self.by_block.insert(block, hash);
+        self.refresh(pool, &hash);
         true
     }
 
     /// Marks a node's block as fully computed.
-    pub fn mark_ready(&mut self, hash: &BlockHash) {
+    pub fn mark_ready(&mut self, pool: &BlockPool, hash: &BlockHash) {
         if let Some(n) = self.nodes.get_mut(hash) {
             n.ready = true;
         }
+        self.refresh(pool, hash);
+    }
+
+    /// Marks a node as filled by import `import` (its layers are still arriving) or, with `None`, as
+    /// complete. Imported nodes stay marked as imported.
+    pub fn set_importing(&mut self, pool: &BlockPool, hash: &BlockHash, import: Option<u64>) {
+        if let Some(n) = self.nodes.get_mut(hash) {
+            n.imported = true;
+            n.importing = import;
+        }
+        self.refresh(pool, hash);
     }
 
     /// Removes a node that is not ready (its sequence went away before computing it) if it still maps
@@ -249,11 +351,29 @@ impl PrefixCache {
         true
     }
 
+    /// Removes a leaf node whatever its state (an import that was abandoned), dropping the tree's
+    /// reference. Returns whether it was removed (false when absent or it has children).
+    pub fn remove_leaf(&mut self, pool: &mut BlockPool, hash: &BlockHash) -> bool {
+        match self.nodes.get(hash) {
+            Some(n) if n.children == 0 => {}
+            _ => return false,
+        }
+        self.remove(pool, hash);
+        true
+    }
+
     fn remove(&mut self, pool: &mut BlockPool, hash: &BlockHash) {
         if let Some(n) = self.nodes.remove(hash) {
             if let Some(p) = n.parent.and_then(|p| self.nodes.get_mut(&p)) {
                 p.children -= 1;
             }
+            if let Some(k) = n.idle_key {
+                self.idle.remove(&k);
+            }
+            if n.pins > 0 {
+                self.pinned_nodes -= 1;
+            }
+            self.by_block.remove(&n.block);
             pool.release(n.block);
         }
     }
@@ -266,64 +386,76 @@ impl PrefixCache {
         for h in hashes {
             if let Some(node) = self.nodes.get_mut(h) {
                 node.pins += 1;
+                if node.pins == 1 {
+                    self.pinned_nodes += 1;
+                }
+                if let Some(k) = node.idle_key.take() {
+                    self.idle.remove(&k);
+                }
                 pinned.push(*h);
             }
         }
         pinned
     }
 
-    /// Undoes one pin of each node of `pinned` (what [`pin`](Self::pin) returned).
-    pub fn unpin(&mut self, pinned: &[BlockHash]) {
-        for h in pinned {
-            if let Some(node) = self.nodes.get_mut(h) {
-                node.pins = node.pins.saturating_sub(1);
-            }
-        }
-    }
-
-    fn evictable(&self, n: &Node, pool: &BlockPool) -> bool {
-        n.ready && n.pins == 0 && pool.ref_count(n.block) == 1
-    }
-
-    /// Blocks that eviction could free now: nodes held by the tree alone, unpinned and computed, with
-    /// no node below them that is not (a node is freed only after all its children).
-    pub fn reclaimable(&self, pool: &BlockPool) -> usize {
-        let mut blocked: std::collections::HashSet<BlockHash> = std::collections::HashSet::new();
-        for n in self.nodes.values().filter(|n| !self.evictable(n, pool)) {
-            let mut up = n.parent;
-            while let Some(p) = up {
-                if !blocked.insert(p) {
-                    break;
-                }
-                up = self.nodes.get(&p).and_then(|pn| pn.parent);
-            }
-        }
-        self.nodes
+    /// How many of the present nodes of `hashes` are not pinned yet (what pinning them adds to
+    /// [`pinned_nodes`](Self::pinned_nodes)).
+    pub fn unpinned_among(&self, hashes: &[BlockHash]) -> usize {
+        hashes
             .iter()
-            .filter(|(h, n)| self.evictable(n, pool) && !blocked.contains(h))
+            .filter_map(|h| self.nodes.get(h))
+            .filter(|n| n.pins == 0)
             .count()
     }
 
-    /// Whether the block behind `hash` would be freed by eviction (so taking it uses up reclaimable
-    /// space).
-    pub fn is_reclaimable(&self, pool: &BlockPool, hash: &BlockHash) -> bool {
-        self.nodes
-            .get(hash)
-            .is_some_and(|n| self.evictable(n, pool))
+    /// Undoes one pin of each node of `pinned` (what [`pin`](Self::pin) returned), last to first.
+    pub fn unpin(&mut self, pool: &BlockPool, pinned: &[BlockHash]) {
+        for h in pinned.iter().rev() {
+            if let Some(node) = self.nodes.get_mut(h) {
+                if node.pins == 1 {
+                    self.pinned_nodes -= 1;
+                }
+                node.pins = node.pins.saturating_sub(1);
+            }
+            self.refresh(pool, h);
+        }
     }
 
-    /// Evicts the least recently used evictable leaf, one at a time, until `want` blocks were freed or
-    /// none is left. Returns the number freed.
+    /// Blocks that eviction could free now: the idle nodes (everything below an idle node is idle).
+    pub fn reclaimable(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Whether the node behind `hash` is idle (taking it uses up reclaimable space).
+    pub fn is_reclaimable(&self, hash: &BlockHash) -> bool {
+        self.nodes.get(hash).is_some_and(|n| n.idle_key.is_some())
+    }
+
+    /// Evicts idle nodes, oldest first and never a node before its children, until `want` blocks were
+    /// freed or none is idle. Returns the number freed.
     pub fn evict(&mut self, pool: &mut BlockPool, want: usize) -> usize {
         let mut freed = 0;
+        // An idle node with (idle) children goes to the back so they go first; bounded, as each
+        // such node is passed over once per round of its children.
+        let mut skips = 0usize;
         while freed < want {
-            let victim = self
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.children == 0 && self.evictable(n, pool))
-                .min_by_key(|(h, n)| (n.last_use, **h))
-                .map(|(h, _)| *h);
-            let Some(h) = victim else { break };
+            let Some((&k, &h)) = self.idle.iter().next() else {
+                break;
+            };
+            let n = &self.nodes[&h];
+            if n.children > 0 {
+                skips += 1;
+                if skips > self.idle.len() {
+                    break;
+                }
+                self.idle.remove(&k);
+                let nk = self.next_idle;
+                self.next_idle += 1;
+                self.idle.insert(nk, h);
+                self.nodes.get_mut(&h).expect("idle node present").idle_key = Some(nk);
+                continue;
+            }
+            skips = 0;
             self.remove(pool, &h);
             self.evictions += 1;
             freed += 1;
