@@ -681,9 +681,9 @@ fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
             }
         }
     }
-    for l in 0..n_layer {
+    for (l, ran) in steps_of_layer.iter().enumerate() {
         // The first time is the prefill over the imported prefix (later ones are decode steps).
-        let (at, _) = steps_of_layer[l][0];
+        let (at, _) = ran[0];
         assert!(at > arrived(l), "layer {l} ran before it arrived");
         if l + 1 < n_layer {
             assert!(at < arrived(l + 1), "layer {l} waited for layer {}", l + 1);
