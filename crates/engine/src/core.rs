@@ -493,6 +493,8 @@ impl<'a> Core<'a> {
             }
         }
         let mut logits_rows: Vec<(RequestId, Vec<f32>)> = Vec::new();
+        // Time in the forward passes, so the step can report the scheduler's own time.
+        let t_fwd = Instant::now();
         if !plain.is_empty() {
             match self.forward(&plain) {
                 Ok(l) => logits_rows.extend(l),
@@ -522,12 +524,20 @@ impl<'a> Core<'a> {
                 Err(e) => self.fail(&[id], &e.to_string()),
             }
         }
+        let fwd = t_fwd.elapsed();
         self.register_blocks();
         self.sample_and_emit(logits_rows);
-        Some(self.stat(t0, prefill_tokens, decode_tokens))
+        Some(self.stat(t0, fwd, prefill_tokens, decode_tokens))
     }
 
-    fn stat(&self, t0: Instant, prefill_tokens: usize, decode_tokens: usize) -> StepStat {
+    fn stat(
+        &self,
+        t0: Instant,
+        fwd: Duration,
+        prefill_tokens: usize,
+        decode_tokens: usize,
+    ) -> StepStat {
+        let secs = t0.elapsed().as_secs_f64();
         StepStat {
             prefill_tokens,
             decode_tokens,
@@ -536,7 +546,8 @@ impl<'a> Core<'a> {
             kv_used_bytes: self.pool.used_bytes(),
             shared_nodes: self.last_shared.0,
             shared_keys: self.last_shared.1,
-            secs: t0.elapsed().as_secs_f64(),
+            secs,
+            sched_secs: (secs - fwd.as_secs_f64()).max(0.0),
         }
     }
 

@@ -154,7 +154,11 @@ pub struct StepStat {
     /// Tree nodes attended jointly in this step (splice/relay) and the keys they hold.
     pub shared_nodes: usize,
     pub shared_keys: usize,
+    /// Wall time of the whole step.
     pub secs: f64,
+    /// The scheduler's share of `secs`: everything but the forward passes (admission, planning, block
+    /// growth, eviction and preemption, prefix-cache registration, sampling and streaming).
+    pub sched_secs: f64,
 }
 
 /// Engine-wide counters.
