@@ -185,7 +185,7 @@ mod tests {
     fn runs_every_point_on_the_tiny_model() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tiny.gguf");
-        std::fs::write(&p, ep_model::testutil::tiny_model_bytes(1, "llama")).unwrap();
+        std::fs::write(&p, ep_testutil::tiny_model_bytes(1, "llama")).unwrap();
         let model = Model::load(&p, |_, _| {}).unwrap();
         let cfg = MicroConfig {
             prefill_tokens: 20,

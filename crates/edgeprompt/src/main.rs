@@ -14,7 +14,7 @@ use ep_model::chat::{ChatMessage, ChatTemplate};
 use ep_model::generate::GenerateParams;
 use ep_model::sampling::SamplingParams;
 use ep_model::tokenizer::Tokenizer;
-use ep_model::{load_model_dir_or_gguf, testutil, Model, ModelBundle};
+use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -256,7 +256,7 @@ fn load(common: &Common) -> Result<Loaded> {
     let path = common
         .model
         .clone()
-        .unwrap_or_else(testutil::default_model_path);
+        .unwrap_or_else(paths::default_model_path);
     if !path.exists() {
         if common.model.is_none() {
             bail!(

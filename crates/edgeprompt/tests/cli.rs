@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use ep_model::gguf::writer::{to_bytes, TensorOut};
 use ep_model::gguf::MetaValue;
-use ep_model::testutil;
+use ep_testutil as testutil;
 use serde_json::Value;
 
 fn bin() -> Command {

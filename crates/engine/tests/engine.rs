@@ -15,7 +15,8 @@ use ep_kv::KvDtype;
 use ep_model::generate::{GenerateParams, Session};
 use ep_model::sampling::SamplingParams;
 use ep_model::tokenizer::Tokenizer;
-use ep_model::{testutil, Model};
+use ep_model::Model;
+use ep_testutil as testutil;
 
 struct Loaded {
     model: Arc<Model>,

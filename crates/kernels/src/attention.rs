@@ -247,7 +247,7 @@ pub(crate) mod avx2 {
         scores.clear();
         scores.resize(kv.n_keys, 0.0);
         let (kbase, vbase) = (kv.k[kv.off..].as_ptr(), kv.v[kv.off..].as_ptr());
-        // SAFETY (both closures): `j < n_keys`, and the caller checked that key/value rows
+        // SAFETY: `j < n_keys` (here and in `vrow`), and the caller checked that key/value rows
         // `(n_keys - 1) * stride + off + hd` lie inside `k` and `v`.
         let row = |j: usize| unsafe { kbase.add(j * kv.stride) };
         let scale_v = _mm256_set1_ps(scale);
@@ -284,6 +284,7 @@ pub(crate) mod avx2 {
         for p in scores.iter_mut() {
             *p = f16::from_f32(*p).to_f32();
         }
+        // SAFETY: as for `row`.
         let vrow = |j: usize| unsafe { vbase.add(j * kv.stride) };
         for c in (0..hd).step_by(8) {
             let mut acc = [_mm256_setzero_ps(); 8];

@@ -869,7 +869,7 @@ pub mod avx2 {
         let out = &mut out[..Q8K_BYTES];
         let xp = x.as_ptr();
         let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        // SAFETY (every load below): `x` has 256 floats, read in 32 vectors of 8.
+        // SAFETY: (every load below) `x` has 256 floats, read in 32 vectors of 8.
         let load = |k: usize| unsafe { _mm256_loadu_ps(xp.add(8 * k)) };
         // amax: `maxps(|x|, acc)` returns `acc` when `|x|` is NaN, as the scalar `>` test skips it.
         let mut vmax = _mm256_setzero_ps();

@@ -11,13 +11,19 @@
 //! runtime-dispatched SIMD integer dot products (candle's Q4_1 path is scalar and measured 3–4× slower than
 //! llama.cpp on these machines).
 
+#[allow(unsafe_code)] // SIMD
 pub mod attention;
+#[allow(unsafe_code)] // SIMD
 pub mod kquant;
 pub mod matmul;
+#[allow(unsafe_code)] // SIMD
 pub mod ops;
+#[allow(unsafe_code)] // SIMD
 pub mod paged;
+#[allow(unsafe_code)] // SIMD
 pub mod quant;
 pub mod simd;
+#[allow(unsafe_code)] // SIMD
 pub mod splice;
 
 pub use quant::GgmlType;

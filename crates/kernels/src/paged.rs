@@ -709,7 +709,7 @@ pub(crate) mod avx2 {
                 continue;
             }
             let kp = E::rows(&ch.k)[ch.off..].as_ptr();
-            // SAFETY (closure): `i < n <= n_keys`, and the chunk was checked to hold rows
+            // SAFETY: `i < n <= n_keys`, and the chunk was checked to hold rows
             // `(n_keys - 1) * stride + off + hd` long.
             let row = |i: usize| unsafe { kp.add(i * ch.stride) };
             let mut i = 0;

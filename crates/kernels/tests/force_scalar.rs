@@ -1,6 +1,9 @@
 //! The scalar path can be forced by `EDGEPROMPT_FORCE_SCALAR=1` and by `set_force_scalar`, and gives the
 //! same results as the SIMD path. A separate test binary (one test) because it flips process-wide state.
 
+// `std::env::set_var` is `unsafe` (edition 2024): it sets process-wide state.
+#![allow(unsafe_code)]
+
 mod common;
 
 use common::{random_activations, random_weights};

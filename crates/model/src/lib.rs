@@ -6,14 +6,16 @@ use std::path::PathBuf;
 pub mod chat;
 pub mod config;
 pub mod generate;
+#[allow(unsafe_code)] // the read-only mmap of the model file
 pub mod gguf;
+#[allow(unsafe_code)] // the read-only mmaps of the safetensors files
 pub mod hf;
 mod hf_tokenizer;
 pub mod kv;
 pub mod llama;
+pub mod paths;
 pub mod sampling;
 pub mod spm;
-pub mod testutil;
 pub mod tokenizer;
 
 pub use config::ModelConfig;

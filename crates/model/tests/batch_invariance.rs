@@ -5,7 +5,8 @@
 mod common;
 
 use common::{alone, in_batch, pool};
-use ep_model::{testutil, Model};
+use ep_model::Model;
+use ep_testutil as testutil;
 
 fn assert_identical(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: row count");

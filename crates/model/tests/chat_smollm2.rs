@@ -2,8 +2,8 @@
 
 use ep_model::chat::{ChatMessage, ChatTemplate};
 use ep_model::gguf::Gguf;
-use ep_model::testutil::require_test_model;
 use ep_model::tokenizer::Tokenizer;
+use ep_testutil::require_test_model;
 
 #[test]
 fn renders_smollm2_template() {

@@ -4,8 +4,8 @@
 //! Q8_K quantisation of the activations).
 
 use ep_kernels::GgmlType;
-use ep_model::testutil::{self, TinyWeights};
 use ep_model::Model;
+use ep_testutil::{self as testutil, TinyWeights};
 
 mod common;
 

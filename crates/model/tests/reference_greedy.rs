@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use ep_model::kv::ContiguousKv;
 use ep_model::sampling::{argmax, log_softmax};
 use ep_model::tokenizer::Tokenizer;
-use ep_model::{testutil, BatchSeq, LogitsFor, Model};
+use ep_model::{BatchSeq, LogitsFor, Model};
+use ep_testutil as testutil;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use ep_model::gguf::Gguf;
-use ep_model::testutil::require_test_model;
 use ep_model::tokenizer::Tokenizer;
+use ep_testutil::require_test_model;
 use serde_json::Value;
 
 fn fixture() -> Value {

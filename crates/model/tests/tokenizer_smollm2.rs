@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use ep_model::gguf::Gguf;
-use ep_model::testutil::require_test_model;
 use ep_model::tokenizer::{StreamDecoder, Tokenizer};
+use ep_testutil::require_test_model;
 
 fn load() -> Option<Tokenizer> {
     let path = require_test_model();

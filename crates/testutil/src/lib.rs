@@ -1,25 +1,9 @@
-//! Helpers for tests and tools: where the default model lives.
+//! Helpers for the workspace's tests and benchmarks (a dev-dependency only): the model the tests run
+//! against, and tiny random-weight GGUF models written in memory.
 
 use std::path::PathBuf;
 
-/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `$EDGEPROMPT_HOME`, else `~/.cache/edgeprompt`.
-pub fn edgeprompt_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("EDGEPROMPT_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("edgeprompt")
-}
-
-/// Where the fetch script puts the default model.
-pub fn default_model_path() -> PathBuf {
-    edgeprompt_home().join(DEFAULT_MODEL_FILE)
-}
+pub use ep_model::paths::{default_model_path, edgeprompt_home, DEFAULT_MODEL_FILE};
 
 /// The model tests run against: `$EDGEPROMPT_MODEL`, else the default model path. `None` when absent.
 pub fn test_model_path() -> Option<PathBuf> {
@@ -159,9 +143,9 @@ pub fn tiny_model_bytes(seed: u64, arch: &str) -> Vec<u8> {
 
 /// [`tiny_model_bytes`] with the matrices of `weights` (and the shape that goes with them).
 pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec<u8> {
-    use crate::gguf::writer::{to_bytes, TensorOut};
-    use crate::gguf::MetaValue as M;
     use ep_kernels::GgmlType;
+    use ep_model::gguf::writer::{to_bytes, TensorOut};
+    use ep_model::gguf::MetaValue as M;
     use half::f16;
 
     let (n_embd, n_ff) = match weights {
