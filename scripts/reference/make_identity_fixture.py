@@ -39,6 +39,7 @@ Tokenizer digest (GGUF byte-level BPE; BLAKE3 stream; opt(x) = b"\\0" or b"\\1" 
 Setup and run (deterministic output):
     pip install blake3==1.0.11
     python3 scripts/reference/make_identity_fixture.py [--out fixtures/kv/identity.json]
+    python3 scripts/reference/make_identity_fixture.py --identity-of MODEL.gguf   # cross-check the CLI
 """
 
 import argparse
@@ -285,7 +286,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(FIXTURES, "identity.json"))
     ap.add_argument("--gguf", default=os.path.join(FIXTURES, "tiny.gguf"))
+    ap.add_argument("--identity-of", metavar="GGUF",
+                    help="print the content identity of a Llama GGUF (byte-level BPE, F32 norms) and exit; "
+                    "compare with `edgeprompt identity --model GGUF`")
     args = ap.parse_args()
+    if args.identity_of:
+        c = case(os.path.basename(args.identity_of), gguf_identity_fields(args.identity_of))
+        print(c["hex"])
+        return
 
     smollm = {
         "arch": "llama", "n_layer": 30, "n_embd": 576, "n_ff": 1536, "n_head": 9, "n_head_kv": 3,

@@ -199,7 +199,12 @@ impl ContentIdentity {
 
 /// The root every prefix cache chains its block hashes from: the identity's digest, the KV dtype, the
 /// block size and the codec (module docs). `identity` is [`ContentIdentity::digest`].
-pub fn cache_root(identity: &[u8; 32], dtype: KvDtype, block_tokens: usize, codec: u8) -> BlockHash {
+pub fn cache_root(
+    identity: &[u8; 32],
+    dtype: KvDtype,
+    block_tokens: usize,
+    codec: u8,
+) -> BlockHash {
     let mut fp = Vec::with_capacity(CACHE_ROOT_DOMAIN.len() + 32 + 6);
     fp.extend_from_slice(CACHE_ROOT_DOMAIN);
     fp.extend_from_slice(identity);

@@ -13,8 +13,8 @@ pub mod tree;
 pub mod wire;
 
 pub use ep_kernels::paged::KvDtype;
-pub use pool::{BlockId, BlockPool, KvLayout};
 pub use identity::{cache_root, ContentIdentity, NUMERICS_VERSION};
+pub use pool::{BlockId, BlockPool, KvLayout};
 pub use tree::{block_hashes, BlockHash, Hit, PrefixCache};
 
 /// Errors of the KV store.

@@ -63,8 +63,16 @@ fn identity_from_fields(f: &Value) -> ContentIdentity {
 
 fn check_case(c: &Value, id: &ContentIdentity) {
     let name = &c["name"];
-    assert_eq!(hex(&id.encode()), c["encoding"].as_str().unwrap(), "encoding of {name}");
-    assert_eq!(hex(&id.digest()), c["digest"].as_str().unwrap(), "digest of {name}");
+    assert_eq!(
+        hex(&id.encode()),
+        c["encoding"].as_str().unwrap(),
+        "encoding of {name}"
+    );
+    assert_eq!(
+        hex(&id.digest()),
+        c["digest"].as_str().unwrap(),
+        "digest of {name}"
+    );
     assert_eq!(id.to_hex(), c["hex"].as_str().unwrap(), "hex of {name}");
     let roots = c["roots"].as_array().unwrap();
     assert!(!roots.is_empty());
@@ -73,7 +81,11 @@ fn check_case(c: &Value, id: &ContentIdentity) {
         let bt = r["block_tokens"].as_u64().unwrap() as usize;
         let codec = r["codec"].as_u64().unwrap() as u8;
         let got = cache_root(&id.digest(), dtype, bt, codec);
-        assert_eq!(got.to_hex(), r["root"].as_str().unwrap(), "root of {name} {r}");
+        assert_eq!(
+            got.to_hex(),
+            r["root"].as_str().unwrap(),
+            "root of {name} {r}"
+        );
         assert_eq!(got, id.cache_root(dtype, bt, codec));
     }
 }
@@ -104,7 +116,10 @@ fn tiny_gguf_fixture_is_the_tiny_model() {
         std::fs::write(&p, &want).unwrap();
     }
     let have = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-    assert!(have == want, "fixtures/kv/tiny.gguf differs from tiny_model_bytes({TINY_SEED})");
+    assert!(
+        have == want,
+        "fixtures/kv/tiny.gguf differs from tiny_model_bytes({TINY_SEED})"
+    );
 }
 
 /// The whole identity of a real GGUF file — weights digest (tensor order), tokenizer digest and the
@@ -114,8 +129,16 @@ fn tiny_gguf_identity_matches_reference() {
     let f = fixture();
     let c = &f["tiny_gguf"];
     let (m, t) = load_tiny(&fixtures().join("tiny.gguf"));
-    assert_eq!(hex(&m.weights_digest()), c["fields"]["weights"].as_str().unwrap(), "weights digest");
-    assert_eq!(hex(&t.digest()), c["fields"]["tokenizer"].as_str().unwrap(), "tokenizer digest");
+    assert_eq!(
+        hex(&m.weights_digest()),
+        c["fields"]["weights"].as_str().unwrap(),
+        "weights digest"
+    );
+    assert_eq!(
+        hex(&t.digest()),
+        c["fields"]["tokenizer"].as_str().unwrap(),
+        "tokenizer digest"
+    );
     let id = ContentIdentity::of(&m, &t);
     assert_eq!(id, identity_from_fields(&c["fields"]));
     check_case(c, &id);
@@ -158,7 +181,11 @@ fn one_flipped_weight_byte_changes_the_identity() {
     std::fs::write(&a, &bytes).unwrap();
     let g = Gguf::open(&a).unwrap();
     let big = g.tensors.iter().max_by_key(|t| t.size).unwrap();
-    assert!(big.size > 3 * 4096 + 2, "{} is too small for the demonstration", big.name);
+    assert!(
+        big.size > 3 * 4096 + 2,
+        "{} is too small for the demonstration",
+        big.name
+    );
     let data_start = g.file_len() - g.data_section().len();
     // A quarter in: outside the three 4 KiB samples of the old fingerprint.
     let at = data_start + big.offset as usize + big.size as usize / 4;
@@ -196,12 +223,19 @@ fn cache_roots_differ_by_dtype_block_size_and_codec() {
     let n = roots.len();
     roots.sort();
     roots.dedup();
-    assert_eq!(roots.len(), n, "every (dtype, block size, codec) has its own root");
+    assert_eq!(
+        roots.len(),
+        n,
+        "every (dtype, block size, codec) has its own root"
+    );
     // And another identity never shares a root with this one.
     let mut other = id.clone();
     other.numerics_version += 1;
     assert_ne!(other.digest(), d);
-    assert_ne!(other.cache_root(KvDtype::F16, 16, 0), id.cache_root(KvDtype::F16, 16, 0));
+    assert_ne!(
+        other.cache_root(KvDtype::F16, 16, 0),
+        id.cache_root(KvDtype::F16, 16, 0)
+    );
 }
 
 /// Every field takes part in the encoding.
@@ -242,6 +276,27 @@ fn every_field_changes_the_digest() {
     assert_eq!(digests.len(), n);
 }
 
+/// The default model's identity, as computed by
+/// `python3 scripts/reference/make_identity_fixture.py --identity-of SmolLM2-135M-Instruct.Q4_1.gguf`
+/// (tied output, 30 layers: the tensor order on a real file). Skipped when the model is absent.
+#[test]
+fn default_model_identity_matches_reference() {
+    let Some(path) = test_model_path() else {
+        eprintln!("default model absent: skipped");
+        return;
+    };
+    if path.file_name().and_then(|n| n.to_str()) != Some(ep_model::testutil::DEFAULT_MODEL_FILE) {
+        eprintln!("not the default model: skipped");
+        return;
+    }
+    let b = load_model_dir_or_gguf(&path, |_, _| {}).unwrap();
+    let id = ContentIdentity::of(&b.model, &b.tokenizer);
+    assert_eq!(
+        id.to_hex(),
+        "epci1-2a660486ac137d1bb548fad1ad5fa7c991b296c02b40862c0bf05127850b7819"
+    );
+}
+
 /// The cost of `ContentIdentity::of` on the default model (skipped when it is absent). Run with
 /// `cargo test --release -p ep-kv --test identity -- --nocapture identity_cost`.
 #[test]
@@ -266,7 +321,10 @@ fn identity_cost_on_default_model() {
     let w = b.model.weights_digest();
     let weights = t.elapsed();
     assert_eq!(w, id.weights);
-    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let t = Instant::now();
     let w1 = single.install(|| b.model.weights_digest());
     let one_thread = t.elapsed();

@@ -142,7 +142,11 @@ pub(crate) fn build(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     let (add_bos, add_eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
     let mut digest = crate::tokenizer::DigestStream::new("hf");
     digest.file(Some(text.as_bytes()));
-    for name in ["tokenizer_config.json", "generation_config.json", "config.json"] {
+    for name in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "config.json",
+    ] {
         let p = dir.join(name);
         let bytes = if p.is_file() {
             Some(std::fs::read(&p).map_err(|e| file_err(&p, e.to_string()))?)

@@ -652,8 +652,8 @@ impl DigestStream {
     }
     fn special(&mut self, s: &SpecialIds) {
         for v in [
-            s.bos, s.eos, s.eot, s.eom, s.unk, s.sep, s.pad, s.mask, s.fim_pre, s.fim_suf, s.fim_mid,
-            s.fim_pad, s.fim_rep, s.fim_sep,
+            s.bos, s.eos, s.eot, s.eom, s.unk, s.sep, s.pad, s.mask, s.fim_pre, s.fim_suf,
+            s.fim_mid, s.fim_pad, s.fim_rep, s.fim_sep,
         ] {
             self.opt_i64(v);
         }
