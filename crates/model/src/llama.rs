@@ -255,7 +255,9 @@ impl Model {
     /// A digest of everything that shapes this model's KV: the configuration, every weight matrix's
     /// type and shape, a sample of its bytes (the first and last 4 KiB and 4 KiB at its middle) and
     /// the norm and bias vectors in full. Equal models give equal fingerprints in every process;
-    /// the prefix cache roots its block hashes in it.
+    /// the prefix cache roots its block hashes in it. Superseded by `ep_kv::identity::ContentIdentity`
+    /// (every weight byte, the tokenizer, the numerics version); kept until the engine roots its cache
+    /// in `ep_kv::identity::cache_root`.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
