@@ -37,6 +37,19 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the model's KV content identity (what KV it computes: shape, numerics, tokenizer, every
+    /// weight byte) as `epci1-<hex>`.
+    Identity(IdentityArgs),
+}
+
+#[derive(Args)]
+struct IdentityArgs {
+    /// Model: a GGUF file or a Hugging Face directory. Default: the fetched SmolLM2-135M-Instruct.
+    #[arg(long, env = "EDGEPROMPT_MODEL")]
+    model: Option<PathBuf>,
+    /// Print the identity's fields and digests as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -682,6 +695,47 @@ fn cmd_bench_batch(a: BatchArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_identity(a: IdentityArgs) -> Result<()> {
+    use ep_kv::identity::{hex, ContentIdentity, CODEC_RAW};
+    let common = Common {
+        model: a.model,
+        threads: None,
+        ctx_size: None,
+    };
+    let l = load(&common)?;
+    let id = ContentIdentity::of(&l.model, &l.tok);
+    if !a.json {
+        println!("{}", id.to_hex());
+        return Ok(());
+    }
+    let j = serde_json::json!({
+        "identity": id.to_hex(),
+        "digest": hex(&id.digest()),
+        "arch": id.arch,
+        "n_layer": id.n_layer,
+        "n_embd": id.n_embd,
+        "n_ff": id.n_ff,
+        "n_head": id.n_head,
+        "n_head_kv": id.n_head_kv,
+        "head_dim": id.head_dim,
+        "n_vocab": id.n_vocab,
+        "rope": if id.rope_neox { "neox" } else { "norm" },
+        "rope_dims": id.rope_dims,
+        "rope_base": id.rope_base,
+        "rope_freq_scale": id.rope_freq_scale,
+        "rms_eps": id.rms_eps,
+        "biases": id.biases,
+        "f32_activations": id.f32_activations,
+        "numerics_version": id.numerics_version,
+        "backend": id.backend,
+        "tokenizer": hex(&id.tokenizer),
+        "weights": hex(&id.weights),
+        "cache_root_f16_16_raw": id.cache_root(KvDtype::F16, 16, CODEC_RAW).to_hex(),
+    });
+    println!("{j}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -696,6 +750,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => cmd_chat(a),
         Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
+        Command::Identity(a) => cmd_identity(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

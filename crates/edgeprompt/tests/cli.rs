@@ -287,6 +287,48 @@ fn tiny_model_runs_through_the_cli() {
 }
 
 #[test]
+fn identity_prints_the_content_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_tmp(
+        dir.path(),
+        "a.gguf",
+        &testutil::tiny_model_bytes(3, "llama"),
+    );
+    let b = write_tmp(
+        dir.path(),
+        "b.gguf",
+        &testutil::tiny_model_bytes(4, "llama"),
+    );
+    let line = |args: &[&str]| {
+        let o = run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let ia = line(&["identity", "--model", &a]);
+    let ia = ia.trim_end();
+    assert!(
+        ia.starts_with("epci1-") && ia.len() == 6 + 64 && !ia.contains('\n'),
+        "{ia:?}"
+    );
+    assert!(ia[6..].bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(line(&["identity", "--model", &a]).trim_end(), ia);
+    assert_ne!(line(&["identity", "--model", &b]).trim_end(), ia);
+    let o = run(&["identity", "--model", &a, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["identity"], ia);
+    assert_eq!(j["n_layer"], testutil::TINY_LAYERS as u64);
+    assert_eq!(j["n_head_kv"], testutil::TINY_KV_HEADS as u64);
+    assert_eq!(j["numerics_version"], 1);
+    assert_eq!(j["backend"], "cpu-ggml");
+    assert_eq!(j["weights"].as_str().unwrap().len(), 64);
+    assert_clean_failure(
+        &["identity", "--model", "/nonexistent.gguf"],
+        "does not exist",
+    );
+}
+
+#[test]
 fn bench_micro_writes_json_records() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = write_tmp(

@@ -3,11 +3,17 @@
 //!
 //! The engine owns one [`BlockPool`] and one [`PrefixCache`]; sequences hold block tables (lists of
 //! [`BlockId`]) into the pool. Scheduling policy (who gets blocks, who is preempted) lives in the engine.
+//!
+//! [`identity`] defines what KV was computed by (the content identity and the cache root every chain
+//! starts from); [`wire`] the byte format KV travels in between processes.
 
+pub mod identity;
 pub mod pool;
 pub mod tree;
+pub mod wire;
 
 pub use ep_kernels::paged::KvDtype;
+pub use identity::{cache_root, ContentIdentity, NUMERICS_VERSION};
 pub use pool::{BlockId, BlockPool, KvLayout};
 pub use tree::{block_hashes, BlockHash, Hit, PrefixCache};
 

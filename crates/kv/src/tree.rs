@@ -1,7 +1,7 @@
 //! The prefix tree: full KV blocks keyed by a chained hash, shared between sequences, evicted LRU.
 //!
 //! Block `i` of a sequence is identified by `hash_i = H(hash_{i-1}, tokens of block i, salt)`, with
-//! `hash_{-1}` the root: a hash of the model's fingerprint and the KV layout. Equal hashes mean equal
+//! `hash_{-1}` the root: a hash of the model's identity and the KV layout ([`crate::identity::cache_root`]). Equal hashes mean equal
 //! token prefixes under the same model, layout and salt, so the block's KV can be shared. The hash is
 //! SHA-256 over a fixed byte encoding (little-endian, versioned), truncated to 128 bits: deterministic
 //! across processes and machines, unlike a process-seeded hasher.

@@ -140,7 +140,22 @@ pub(crate) fn build(dir: &Path) -> Result<Tokenizer, TokenizerError> {
         }
     };
     let (add_bos, add_eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
-    Tokenizer::from_hf_parts(
+    let mut digest = crate::tokenizer::DigestStream::new("hf");
+    digest.file(Some(text.as_bytes()));
+    for name in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "config.json",
+    ] {
+        let p = dir.join(name);
+        let bytes = if p.is_file() {
+            Some(std::fs::read(&p).map_err(|e| file_err(&p, e.to_string()))?)
+        } else {
+            None
+        };
+        digest.file(bytes.as_deref());
+    }
+    let mut tok = Tokenizer::from_hf_parts(
         hf,
         texts,
         &added,
@@ -155,7 +170,9 @@ pub(crate) fn build(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     .map_err(|e| match e {
         TokenizerError::File { .. } => e,
         other => file_err(&tj_path, other.to_string()),
-    })
+    })?;
+    tok.set_digest(digest.finish());
+    Ok(tok)
 }
 
 /// A chat template's source with the config's `bos_token` / `eos_token` texts.

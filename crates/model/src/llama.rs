@@ -69,6 +69,16 @@ pub struct Model {
     pub(crate) f32_activations: bool,
 }
 
+/// What the forward pass does besides the configuration and the weights, as far as it changes the KV
+/// ([`Model::identity_facts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityFacts {
+    /// Projection biases present in any layer: bit 0 Q, bit 1 K, bit 2 V, bit 3 output.
+    pub biases: u8,
+    /// Matmuls keep activations in f32 (Hugging Face weights) instead of ggml's quantised activations.
+    pub f32_activations: bool,
+}
+
 /// One sequence's new tokens in a batch.
 #[derive(Clone, Debug)]
 pub struct BatchSeq<'a> {
@@ -245,7 +255,9 @@ impl Model {
     /// A digest of everything that shapes this model's KV: the configuration, every weight matrix's
     /// type and shape, a sample of its bytes (the first and last 4 KiB and 4 KiB at its middle) and
     /// the norm and bias vectors in full. Equal models give equal fingerprints in every process;
-    /// the prefix cache roots its block hashes in it.
+    /// the prefix cache roots its block hashes in it. Superseded by `ep_kv::identity::ContentIdentity`
+    /// (every weight byte, the tokenizer, the numerics version); kept until the engine roots its cache
+    /// in `ep_kv::identity::cache_root`.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -284,6 +296,97 @@ impl Model {
             }
         }
         h.finalize().into()
+    }
+
+    /// BLAKE3 digest of every weight byte, in a fixed order (the KV identity's weights digest,
+    /// `ep_kv::identity`). The hashed stream (integers little-endian) is
+    ///
+    /// ```text
+    /// b"edgeprompt/weights/v1" u32(n_layer)
+    /// mat(token_embd)  (b"T" if the output matrix is the token embedding, else mat(output))
+    /// vec(output_norm)
+    /// per layer: mat(q) mat(k) mat(v) mat(o) mat(gate) mat(up) mat(down)
+    ///            vec(attn_norm) vec(ffn_norm) opt(bq) opt(bk) opt(bv) opt(bo)
+    /// mat(m) = b"M" u32(ggml type id) u64(rows) u64(cols) u64(byte length) the tensor's bytes as stored
+    /// vec(v) = b"V" u64(len) each value as f32
+    /// opt(b) = b"-" when absent, else vec(b)
+    /// ```
+    ///
+    /// Matrix bytes are hashed as stored in the file (quantised blocks, safetensors' f32/f16/bf16);
+    /// vectors as the f32 values the forward pass uses. Large matrices are hashed with BLAKE3's
+    /// multithreaded update on the current rayon pool (same digest, it is a tree hash).
+    /// `scripts/reference/make_identity_fixture.py` reimplements this for a GGUF file.
+    pub fn weights_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"edgeprompt/weights/v1");
+        h.update(&(self.cfg.n_layer as u32).to_le_bytes());
+        let mat = |h: &mut blake3::Hasher, m: &Mat| {
+            let d = self.w(m).data;
+            h.update(b"M");
+            h.update(&m.ty.id().to_le_bytes());
+            h.update(&(m.rows as u64).to_le_bytes());
+            h.update(&(m.cols as u64).to_le_bytes());
+            h.update(&(d.len() as u64).to_le_bytes());
+            if d.len() >= 1 << 20 {
+                h.update_rayon(d);
+            } else {
+                h.update(d);
+            }
+        };
+        let vector = |h: &mut blake3::Hasher, v: &[f32]| {
+            h.update(b"V");
+            h.update(&(v.len() as u64).to_le_bytes());
+            let mut buf = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            h.update(&buf);
+        };
+        mat(&mut h, &self.tok_embd);
+        if self.output_is_token_embedding() {
+            h.update(b"T");
+        } else {
+            mat(&mut h, &self.output);
+        }
+        vector(&mut h, &self.output_norm);
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                mat(&mut h, m);
+            }
+            vector(&mut h, &l.attn_norm);
+            vector(&mut h, &l.ffn_norm);
+            for b in [&l.bq, &l.bk, &l.bv, &l.bo] {
+                match b {
+                    Some(b) => vector(&mut h, b),
+                    None => {
+                        h.update(b"-");
+                    }
+                }
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// The output matrix is the token embedding (tied weights).
+    fn output_is_token_embedding(&self) -> bool {
+        let (a, b) = (&self.output, &self.tok_embd);
+        a.file == b.file && a.offset == b.offset && a.len == b.len && a.ty == b.ty
+    }
+
+    /// The facts of this model besides its weights that shape its KV (for `ep_kv::identity`).
+    pub fn identity_facts(&self) -> IdentityFacts {
+        let mut biases = 0u8;
+        for l in &self.layers {
+            for (bit, b) in [&l.bq, &l.bk, &l.bv, &l.bo].into_iter().enumerate() {
+                if b.is_some() {
+                    biases |= 1 << bit;
+                }
+            }
+        }
+        IdentityFacts {
+            biases,
+            f32_activations: self.f32_activations,
+        }
     }
 
     fn w(&self, m: &Mat) -> WeightRef<'_> {

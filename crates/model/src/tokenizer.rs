@@ -362,6 +362,8 @@ pub struct Tokenizer {
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// [`Tokenizer::digest`].
+    digest: [u8; 32],
 }
 
 impl fmt::Debug for Tokenizer {
@@ -601,6 +603,105 @@ fn read_scores(g: &Gguf, key: &str) -> Result<Vec<f32>, TokenizerError> {
     }
 }
 
+/// The byte stream [`Tokenizer::digest`] hashes.
+pub(crate) struct DigestStream(blake3::Hasher);
+
+impl DigestStream {
+    pub(crate) fn new(kind: &str) -> Self {
+        let mut d = DigestStream(blake3::Hasher::new());
+        d.bytes(b"edgeprompt/tokenizer/v1");
+        d.str(kind);
+        d
+    }
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    pub(crate) fn str(&mut self, s: &str) {
+        self.u32(s.len() as u32);
+        self.bytes(s.as_bytes());
+    }
+    fn strs(&mut self, v: &[&str]) {
+        self.u32(v.len() as u32);
+        for s in v {
+            self.str(s);
+        }
+    }
+    fn opt_i64(&mut self, v: Option<i64>) {
+        match v {
+            None => self.bytes(&[0]),
+            Some(x) => {
+                self.bytes(&[1]);
+                self.bytes(&x.to_le_bytes());
+            }
+        }
+    }
+    fn opt_bool(&mut self, v: Option<bool>) {
+        match v {
+            None => self.bytes(&[0]),
+            Some(b) => self.bytes(&[1, u8::from(b)]),
+        }
+    }
+    fn types(&mut self, t: &[i32]) {
+        self.u32(t.len() as u32);
+        for x in t {
+            self.bytes(&x.to_le_bytes());
+        }
+    }
+    fn special(&mut self, s: &SpecialIds) {
+        for v in [
+            s.bos, s.eos, s.eot, s.eom, s.unk, s.sep, s.pad, s.mask, s.fim_pre, s.fim_suf,
+            s.fim_mid, s.fim_pad, s.fim_rep, s.fim_sep,
+        ] {
+            self.opt_i64(v);
+        }
+    }
+    /// A file the tokenizer read, or its absence.
+    pub(crate) fn file(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            None => self.bytes(&[0]),
+            Some(b) => {
+                self.bytes(&[1]);
+                self.bytes(&(b.len() as u64).to_le_bytes());
+                self.bytes(b);
+            }
+        }
+    }
+    pub(crate) fn finish(self) -> [u8; 32] {
+        *self.0.finalize().as_bytes()
+    }
+}
+
+fn bpe_digest(spec: &BpeSpec<'_>) -> [u8; 32] {
+    let mut d = DigestStream::new("gpt2");
+    d.str(spec.pre);
+    d.strs(&spec.tokens);
+    d.types(&spec.token_types);
+    d.strs(&spec.merges);
+    d.special(&spec.special);
+    d.opt_bool(spec.add_bos);
+    d.opt_bool(spec.add_eos);
+    d.finish()
+}
+
+fn spm_digest(spec: &SpmSpec<'_>) -> [u8; 32] {
+    let mut d = DigestStream::new("llama");
+    d.str(spec.pre);
+    d.strs(&spec.tokens);
+    d.u32(spec.scores.len() as u32);
+    for x in &spec.scores {
+        d.bytes(&x.to_le_bytes());
+    }
+    d.types(&spec.token_types);
+    d.special(&spec.special);
+    d.opt_bool(spec.add_bos);
+    d.opt_bool(spec.add_eos);
+    d.opt_bool(spec.add_space_prefix);
+    d.finish()
+}
+
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     ///
@@ -777,6 +878,8 @@ impl Tokenizer {
             eog,
             add_bos: add_bos.unwrap_or(pp_bos) && bos.is_some(),
             add_eos: add_eos.unwrap_or(pp_eos) && eos.is_some(),
+            // Set by the directory reader from the files' bytes.
+            digest: [0; 32],
         })
     }
 
@@ -917,6 +1020,7 @@ impl Tokenizer {
             eog,
             add_bos,
             add_eos,
+            digest: bpe_digest(spec),
         })
     }
 
@@ -995,6 +1099,7 @@ impl Tokenizer {
             eog: sp.eog,
             add_bos,
             add_eos,
+            digest: spm_digest(spec),
         })
     }
 
@@ -1259,6 +1364,27 @@ impl Tokenizer {
     /// Whether [`Tokenizer::encode`] appends EOS.
     pub fn add_eos(&self) -> bool {
         self.add_eos
+    }
+
+    /// BLAKE3 digest of everything this tokenizer was built from, so that any change that could change
+    /// a token id changes it (the KV identity's tokenizer digest, `ep_kv::identity`). It covers the
+    /// sources, not the built tables: merges and scores change ids but are not kept here. The stream
+    /// (integers little-endian, `str` = u32 length + UTF-8 bytes, `opt(x)` = u8 0, or u8 1 + x):
+    ///
+    /// - GGUF byte-level BPE: `b"edgeprompt/tokenizer/v1" str("gpt2") str(pre)`, u32 count + each
+    ///   token text, u32 count + each token type as i32, u32 count + each merge, the 14 special ids of
+    ///   [`SpecialIds`] in declaration order each `opt(i64)`, `opt(u8 add_bos)`, `opt(u8 add_eos)`.
+    /// - GGUF SentencePiece: `... str("llama") str(pre)`, tokens, u32 count + each score as f32, token
+    ///   types, special ids, `opt(add_bos) opt(add_eos) opt(add_space_prefix)`.
+    /// - Hugging Face directory: `... str("hf")` then for `tokenizer.json`, `tokenizer_config.json`,
+    ///   `generation_config.json`, `config.json` (the files the tokenizer reads) `opt(u64 length +
+    ///   bytes)`.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    pub(crate) fn set_digest(&mut self, d: [u8; 32]) {
+        self.digest = d;
     }
 
     /// The underlying HF `tokenizers` tokenizer (for GGUF byte-level BPE: no special-token handling;
