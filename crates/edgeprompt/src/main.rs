@@ -40,6 +40,33 @@ enum Command {
     /// Print the model's KV content identity (what KV it computes: shape, numerics, tokenizer, every
     /// weight byte) as `epci1-<hex>`.
     Identity(IdentityArgs),
+    /// KV files: export the KV of a prompt prefix in the wire format (what a cloud serves to edges).
+    #[command(subcommand)]
+    Kv(KvCommand),
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Compute the KV of the rendered system prefix (the chat template applied to the system message
+    /// alone, the prefix a request with that system message extends) and write it as a frame stream.
+    Export(KvExportArgs),
+}
+
+#[derive(Args)]
+struct KvExportArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    engine: EngineOpts,
+    /// The system message whose prefix KV is exported.
+    #[arg(long)]
+    system: String,
+    /// Output file (written to a temporary file, then renamed).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens per frame (each layer's KV is split into frames of at most this many tokens).
+    #[arg(long, default_value_t = 256)]
+    frame_tokens: usize,
 }
 
 #[derive(Args)]
@@ -243,6 +270,10 @@ struct GenerateArgs {
     /// Print one JSON object as the last line of stdout instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Use the prefix KV in this file (written by `kv export` with the same model and KV layout)
+    /// instead of computing it; the file is checked whole before any of it is used.
+    #[arg(long)]
+    kv: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -487,7 +518,32 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         });
         render(&sv.tok, sv.template.as_ref(), &msgs)?
     };
-    let req = Request::new(prompt.clone(), params);
+    let mut req = Request::new(prompt.clone(), params);
+    // The import stays pinned (its KV usable) while `_import` lives.
+    let _import = match &a.kv {
+        Some(path) => {
+            let (header, frames) = read_kv_file(path)?;
+            let imp = sv
+                .engine
+                .import_header_blocking(&header)
+                .with_context(|| format!("{}", path.display()))?;
+            for f in &frames {
+                imp.write_frame(f)
+                    .with_context(|| format!("{}", path.display()))?;
+            }
+            if prompt.starts_with(&header.tokens) {
+                req.public_prefix = header.tokens.len();
+            } else {
+                eprintln!(
+                    "warning: the prompt does not start with the {} tokens of {}; only a common prefix of whole blocks can be used",
+                    header.tokens.len(),
+                    path.display()
+                );
+            }
+            Some(imp)
+        }
+        None => None,
+    };
     let g = if a.json {
         run_request(&sv.engine, req, &mut |_| {})?
     } else {
@@ -505,6 +561,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "tokens": g.tokens,
             "text": g.text,
             "finish_reason": g.fin.reason.as_str(),
+            "prompt_tokens_imported": g.fin.imported_tokens,
+            "prompt_tokens_computed": g.fin.prompt_tokens - g.fin.cached_tokens,
             "prefill_tok_s": g.prefill_tok_s(),
             "decode_tok_s": g.decode_tok_s(),
         });
@@ -695,6 +753,87 @@ fn cmd_bench_batch(a: BatchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads a KV frame stream, checking every digest, before anything of it is used.
+fn read_kv_file(
+    path: &std::path::Path,
+) -> Result<(ep_kv::wire::KvHeader, Vec<ep_kv::wire::Frame>)> {
+    use ep_kv::wire::{Item, StreamReader};
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut r = StreamReader::new();
+    r.push(&bytes);
+    let mut header = None;
+    let mut frames = Vec::new();
+    loop {
+        match r
+            .next_item()
+            .with_context(|| format!("{}: not a valid KV file", path.display()))?
+        {
+            Some(Item::Header(h)) => header = Some(h),
+            Some(Item::Frame(f)) => frames.push(f),
+            None => break,
+        }
+    }
+    if r.pending_bytes() > 0 {
+        bail!(
+            "{}: truncated KV file ({} bytes after the last whole frame)",
+            path.display(),
+            r.pending_bytes()
+        );
+    }
+    let header = header.with_context(|| format!("{}: empty KV file", path.display()))?;
+    let n_layer = header.layout.n_layer as usize;
+    let n = header.tokens.len();
+    let mut covered = vec![0usize; n_layer];
+    for f in &frames {
+        covered[f.layer as usize] += (f.end - f.start) as usize;
+    }
+    if let Some(l) = covered.iter().position(|&c| c != n) {
+        bail!(
+            "{}: layer {l} covers {} of the {n} tokens",
+            path.display(),
+            covered[l]
+        );
+    }
+    Ok((header, frames))
+}
+
+fn cmd_kv_export(a: KvExportArgs) -> Result<()> {
+    if a.frame_tokens == 0 {
+        bail!("--frame-tokens must be at least 1");
+    }
+    let sv = serve(&a.common, &a.engine, thread_pool(a.common.threads)?)?;
+    let t = sv
+        .template
+        .as_ref()
+        .context("the model has no chat template (tokenizer.chat_template)")?;
+    let text = t.render(&messages(&Some(a.system.clone())), false)?;
+    let tokens = sv.tok.encode(&text, true)?;
+    let kv = sv.engine.export_blocking(tokens)?;
+    let (header, frames) = kv.to_frames(sv.engine.identity().digest(), a.frame_tokens);
+    let bytes = ep_engine::kvio::encode_stream(&header, &frames);
+    let dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(&bytes)?;
+    tmp.persist(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!(
+        "wrote {}: {} tokens, {} layers in {} frames, {} bytes ({:.0} per token), identity {}",
+        a.out.display(),
+        header.tokens.len(),
+        header.layout.n_layer,
+        frames.len(),
+        bytes.len(),
+        bytes.len() as f64 / header.tokens.len().max(1) as f64,
+        sv.engine.identity().to_hex()
+    );
+    Ok(())
+}
+
 fn cmd_identity(a: IdentityArgs) -> Result<()> {
     use ep_kv::identity::{hex, ContentIdentity, CODEC_RAW};
     let common = Common {
@@ -751,6 +890,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
         Command::Identity(a) => cmd_identity(a),
+        Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

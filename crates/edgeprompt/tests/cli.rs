@@ -492,3 +492,164 @@ fn bad_input_gives_clear_errors() {
         "--threads",
     );
 }
+
+const BAKERY: &str = "You are the assistant of a small bakery. Answer in one friendly sentence. \
+The bakery opens from 8 to 18 on weekdays and from 9 to 13 on Saturdays; it is closed on Sundays.";
+
+/// `kv export` in one process, `generate --kv` in another: the same greedy tokens as computing the
+/// prefix, with the prefix's tokens (the partial last block too) imported rather than computed; the
+/// file's KV is really used (other V bytes with recomputed digests change the answer); a damaged,
+/// truncated or foreign file is refused with a clear message.
+#[test]
+fn kv_export_and_import_across_processes() {
+    use ep_kv::wire::{Frame, Item, KvHeader, StreamReader};
+    let dir = tempfile::tempdir().unwrap();
+    let kv = dir.path().join("bakery.kv").to_string_lossy().into_owned();
+    let m = model();
+    let o = run(&[
+        "kv",
+        "export",
+        "--model",
+        &m,
+        "--threads",
+        "2",
+        "--system",
+        BAKERY,
+        "--out",
+        &kv,
+        "--frame-tokens",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &m,
+            "--threads",
+            "2",
+            "--system",
+            BAKERY,
+            "--prompt",
+            "Can I buy a baguette on Sunday morning?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let base = gen(&[]);
+    assert!(base.status.success(), "{}", stderr(&base));
+    let base = last_json(&base);
+    let n_prompt = base["prompt_tokens"].as_array().unwrap().len() as u64;
+    assert_eq!(base["prompt_tokens_imported"], 0);
+    assert_eq!(base["prompt_tokens_computed"], n_prompt);
+    let o = gen(&["--kv", &kv]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let with = last_json(&o);
+    assert_eq!(
+        ids(&with["tokens"]),
+        ids(&base["tokens"]),
+        "tokens with --kv"
+    );
+    // What the file holds: the rendered system prefix, a partial last block included.
+    let bytes = std::fs::read(&kv).unwrap();
+    let mut r = StreamReader::new();
+    r.push(&bytes);
+    let mut header: Option<KvHeader> = None;
+    let mut frames: Vec<Frame> = Vec::new();
+    while let Some(item) = r.next_item().unwrap() {
+        match item {
+            Item::Header(h) => header = Some(h),
+            Item::Frame(f) => frames.push(f),
+        }
+    }
+    let header = header.unwrap();
+    let n_prefix = header.tokens.len() as u64;
+    assert_ne!(
+        n_prefix % 16,
+        0,
+        "the demonstration wants a partial last block"
+    );
+    assert_eq!(
+        ids(&base["prompt_tokens"])[..n_prefix as usize],
+        header.tokens.iter().map(|&t| t as u64).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(with["prompt_tokens_imported"], n_prefix);
+    assert_eq!(with["prompt_tokens_computed"], n_prompt - n_prefix);
+    // Other V values, digests recomputed: accepted, used, and the answer changes.
+    let mut bent = header.encode();
+    for f in &frames {
+        let mut p = f.payload.clone();
+        let half = p.len() / 2;
+        for b in p[half..].iter_mut().skip(1).step_by(2) {
+            *b ^= 0x80; // the sign of every f16 value of V
+        }
+        Frame::new(f.layer, f.start, f.end, f.dtype, f.codec, p).encode_into(&mut bent);
+    }
+    let bent_path = write_tmp(dir.path(), "bent.kv", &bent);
+    let o = gen(&["--kv", &bent_path]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["prompt_tokens_imported"], n_prefix);
+    assert_ne!(
+        ids(&j["tokens"]),
+        ids(&base["tokens"]),
+        "altered V did not change the answer"
+    );
+    // One byte changed anywhere, without new digests: refused, nothing used.
+    for at in [10, bytes.len() / 2, bytes.len() - 1] {
+        let mut b = bytes.clone();
+        b[at] ^= 1;
+        let p = write_tmp(dir.path(), "flip.kv", &b);
+        let o = gen(&["--kv", &p]);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && !e.contains("panicked"),
+            "byte {at}: {e}"
+        );
+        assert!(
+            e.contains("flip.kv") && e.contains("digest"),
+            "byte {at}: {e}"
+        );
+    }
+    let p = write_tmp(dir.path(), "short.kv", &bytes[..bytes.len() - 100]);
+    assert_clean_failure(
+        &[
+            "generate", "--model", &m, "--system", BAKERY, "--prompt", "hi", "--kv", &p,
+        ],
+        "truncated",
+    );
+    // A file from another model.
+    let tiny = write_tmp(
+        dir.path(),
+        "tiny.gguf",
+        &testutil::tiny_model_bytes(3, "llama"),
+    );
+    assert_clean_failure(
+        &[
+            "generate", "--model", &tiny, "--raw", "--prompt", "hello", "--kv", &kv,
+        ],
+        "another model",
+    );
+    // Another KV layout of the same model.
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--system",
+            BAKERY,
+            "--prompt",
+            "hi",
+            "--kv",
+            &kv,
+            "--block-size",
+            "32",
+        ],
+        "layout",
+    );
+}

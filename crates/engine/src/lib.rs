@@ -8,6 +8,7 @@
 
 pub mod attn;
 pub mod core;
+pub mod kvio;
 pub mod splice;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ep_kv::identity::{ContentIdentity, CODEC_RAW};
 use ep_kv::{BlockHash, KvDtype, KvError, KvLayout};
 use ep_model::generate::{FinishReason, GenerateParams};
 use ep_model::tokenizer::Tokenizer;
@@ -89,6 +91,11 @@ pub enum EngineError {
     Failed(#[from] Failure),
     #[error(transparent)]
     Import(#[from] ImportError),
+    /// External KV that this engine must not use (another model or layout, bad hashes or frames).
+    #[error("KV refused: {0}")]
+    KvRefused(String),
+    #[error(transparent)]
+    Wire(#[from] ep_kv::wire::WireError),
     #[error("the engine has stopped")]
     Stopped,
     #[error("engine configuration: {0}")]
@@ -287,6 +294,7 @@ pub struct Engine {
     n_blocks: usize,
     layout: KvLayout,
     root: BlockHash,
+    identity: ContentIdentity,
 }
 
 impl Engine {
@@ -302,7 +310,8 @@ impl Engine {
                 "max_step_tokens and max_seqs must be at least 1".into(),
             ));
         }
-        let root = cache_root_of(&model, &tok, &cfg);
+        let identity = ContentIdentity::of(&model, &tok);
+        let root = identity.cache_root(cfg.kv_dtype, cfg.block_tokens, CODEC_RAW);
         // Build the pool here so a bad budget fails the caller, not the thread.
         let probe = Core::new(&model, &tok, cfg.clone(), root)?;
         let (n_blocks, layout) = (probe.pool().n_blocks(), *probe.pool().layout());
@@ -330,6 +339,7 @@ impl Engine {
             n_blocks,
             layout,
             root,
+            identity,
         })
     }
 
@@ -343,6 +353,10 @@ impl Engine {
     /// The root of the prefix cache's block hashes.
     pub fn cache_root(&self) -> BlockHash {
         self.root
+    }
+    /// The content identity of the model (what KV it computes).
+    pub fn identity(&self) -> &ContentIdentity {
+        &self.identity
     }
 
     /// Validates and queues a request; its tokens arrive on the returned stream.
@@ -406,6 +420,7 @@ impl Engine {
             layout: self.layout,
             tx: self.tx.clone(),
             error: Arc::new(Mutex::new(None)),
+            header: None,
         }
     }
 
@@ -469,11 +484,10 @@ impl Engine {
     }
 }
 
-/// The prefix-cache root of an engine for `model` with `cfg`'s KV dtype and block size (exact KV).
-pub fn cache_root_of(model: &Model, _tok: &Tokenizer, cfg: &EngineConfig) -> BlockHash {
-    let mut fp = model.fingerprint().to_vec();
-    fp.extend_from_slice(format!("/{}/{}", cfg.kv_dtype.name(), cfg.block_tokens).as_bytes());
-    BlockHash::root(&fp)
+/// The prefix-cache root of an engine for `model` with `cfg`'s KV dtype and block size (exact KV): the
+/// one the engine itself uses.
+pub fn cache_root_of(model: &Model, tok: &Tokenizer, cfg: &EngineConfig) -> BlockHash {
+    ContentIdentity::of(model, tok).cache_root(cfg.kv_dtype, cfg.block_tokens, CODEC_RAW)
 }
 
 /// A pin of a cached prefix; dropping it unpins.
@@ -511,6 +525,8 @@ pub struct KvImport {
     layout: KvLayout,
     tx: mpsc::Sender<Cmd>,
     error: Arc<Mutex<Option<ImportError>>>,
+    /// The stream header this import was started from, if any (frames are checked against it).
+    header: Option<ep_kv::wire::KvHeader>,
 }
 
 impl KvImport {

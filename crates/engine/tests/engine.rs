@@ -586,20 +586,32 @@ fn bad_import_rows_are_refused() {
 }
 
 #[test]
-fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
-    let l = tiny();
+fn streamed_import_runs_layers_in_the_batch_as_they_arrive_tiny() {
+    streamed_import(&tiny(), 40);
+}
+
+#[test]
+fn streamed_import_runs_layers_in_the_batch_as_they_arrive_smollm2() {
+    streamed_import(&smollm2(), 15);
+}
+
+/// 16 requests over a prefix whose layers arrive one by one with delays (two frames each): they run in
+/// one batched call per layer, layer l before layer l + 1 has arrived, their first token at most 2
+/// steps after the last layer, the tokens they get with the KV computed; another request decodes
+/// meanwhile.
+fn streamed_import(l: &Loaded, delay_ms: u64) {
     let n_layer = l.model.cfg.n_layer;
     let v = l.model.cfg.n_vocab as u32;
     let gp = params(6, SamplingParams::greedy());
     let prefix: Vec<u32> = (0..100).map(|i| (i * 5 + 9) % v).collect();
-    let kv = engine(&l, small_cfg(KvDtype::F16))
+    let kv = engine(l, small_cfg(KvDtype::F16))
         .export_blocking(prefix.clone())
         .unwrap();
     let ps = extend_prefix(&prefix, 16, v);
-    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(&l, p, &gp)).collect();
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(l, p, &gp)).collect();
     let other_prompt: Vec<u32> = (0..30).map(|i| (i * 3 + 1) % v).collect();
     let e = engine(
-        &l,
+        l,
         EngineConfig {
             layer_log: true,
             max_step_tokens: 512,
@@ -625,8 +637,17 @@ fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
         .collect();
     let ids: Vec<u64> = streams.iter().map(|s| s.id()).collect();
     let row = kv.layout.kv_width() * 2;
+    // Layer l + 1 is sent only once the engine ran layer l for the 16 (within 20 s): it must run a
+    // layer with the later ones absent.
+    let mut log: Vec<LayerEvent> = Vec::new();
+    let ran_for_all = |log: &[LayerEvent], layer: usize| {
+        log.iter().any(|ev| {
+            matches!(ev, LayerEvent::Ran { layer: x, requests, .. }
+                if *x == layer && ids.iter().all(|id| requests.contains(id)))
+        })
+    };
     for (layer, (k, vv)) in kv.layers.iter().enumerate() {
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(delay_ms));
         // Two frames per layer, by token range.
         imp.write_rows(
             layer,
@@ -644,6 +665,15 @@ fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
             vv[64 * row..].to_vec(),
         )
         .unwrap();
+        let t0 = std::time::Instant::now();
+        while !ran_for_all(&log, layer) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "layer {layer} did not run for the 16 while later layers were missing"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+            log.extend(e.take_layer_log_blocking());
+        }
     }
     let got: Vec<Output> = streams
         .into_iter()
@@ -657,7 +687,7 @@ fn streamed_import_runs_layers_in_the_batch_as_they_arrive() {
             "request {i}: streamed import vs computed alone"
         );
     }
-    let log = e.take_layer_log_blocking();
+    log.extend(e.take_layer_log_blocking());
     let arrived = |layer: usize| {
         log.iter()
             .position(|ev| matches!(ev, LayerEvent::Arrived { layer: x, .. } if *x == layer))
@@ -814,15 +844,37 @@ fn bad_requests_are_errors() {
 }
 
 #[test]
-fn model_fingerprint_is_stable_and_distinguishes_models() {
+fn cache_roots_come_from_the_content_identity() {
     let a = tiny();
     let b = tiny();
-    assert_eq!(a.model.fingerprint(), b.model.fingerprint());
+    let cfg = small_cfg(KvDtype::F16);
+    let (ea, eb) = (engine(&a, cfg.clone()), engine(&b, cfg.clone()));
+    assert_eq!(ea.identity(), eb.identity());
+    assert_eq!(ea.cache_root(), eb.cache_root());
+    assert_eq!(
+        ea.cache_root(),
+        ea.identity()
+            .cache_root(KvDtype::F16, 16, ep_kv::identity::CODEC_RAW)
+    );
+    // Another dtype or block size never shares a root.
+    let bf = engine(&a, small_cfg(KvDtype::Bf16));
+    let b32 = engine(
+        &a,
+        EngineConfig {
+            block_tokens: 32,
+            ..cfg.clone()
+        },
+    );
+    assert_ne!(bf.cache_root(), ea.cache_root());
+    assert_ne!(b32.cache_root(), ea.cache_root());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.gguf");
     std::fs::write(&path, testutil::tiny_model_bytes(8, "llama")).unwrap();
     let other = Model::load(&path, |_, _| {}).unwrap();
-    assert_ne!(a.model.fingerprint(), other.fingerprint());
+    let tok = Tokenizer::from_gguf(other.gguf().unwrap()).unwrap();
+    let eo = Engine::start(Arc::new(other), Arc::new(tok), cfg, None).unwrap();
+    assert_ne!(eo.identity(), ea.identity());
+    assert_ne!(eo.cache_root(), ea.cache_root());
 }
 
 /// Requests over three cloud prompts (public prefixes of different lengths) with their own questions:

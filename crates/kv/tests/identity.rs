@@ -171,8 +171,8 @@ fn two_loads_give_equal_identities() {
     assert_ne!(ia.digest(), ic.digest());
 }
 
-/// One byte flipped in the middle of the largest tensor changes the identity; the sampled fingerprint
-/// (first, middle and last 4 KiB of each matrix) does not notice.
+/// One byte flipped in the middle of the largest tensor — outside the first, middle and last 4 KiB that
+/// the sampled fingerprint this identity replaced looked at — changes the identity.
 #[test]
 fn one_flipped_weight_byte_changes_the_identity() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,11 +200,6 @@ fn one_flipped_weight_byte_changes_the_identity() {
     assert_ne!(ia.weights, ib.weights, "flip in {name} at byte {at}");
     assert_ne!(ia.digest(), ib.digest());
     assert_eq!(ia.tokenizer, ib.tokenizer);
-    assert_eq!(
-        ma.fingerprint(),
-        mb.fingerprint(),
-        "the sampled fingerprint was expected to miss a flip outside its samples"
-    );
 }
 
 #[test]

@@ -252,52 +252,6 @@ impl Model {
         }
     }
 
-    /// A digest of everything that shapes this model's KV: the configuration, every weight matrix's
-    /// type and shape, a sample of its bytes (the first and last 4 KiB and 4 KiB at its middle) and
-    /// the norm and bias vectors in full. Equal models give equal fingerprints in every process;
-    /// the prefix cache roots its block hashes in it. Superseded by `ep_kv::identity::ContentIdentity`
-    /// (every weight byte, the tokenizer, the numerics version); kept until the engine roots its cache
-    /// in `ep_kv::identity::cache_root`.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(b"edgeprompt/model-fingerprint/v1");
-        h.update(format!("{:?}", self.cfg).as_bytes());
-        h.update([u8::from(self.f32_activations)]);
-        let mat = |h: &mut Sha256, m: &Mat| {
-            let d = self.w(m).data;
-            h.update(format!("{:?}/{}/{}/{}", m.ty, m.rows, m.cols, d.len()).as_bytes());
-            let k = 4096.min(d.len());
-            let mid = d.len() / 2 - k / 2;
-            h.update(&d[..k]);
-            h.update(&d[mid..mid + k]);
-            h.update(&d[d.len() - k..]);
-        };
-        let vector = |h: &mut Sha256, v: &[f32]| {
-            h.update((v.len() as u64).to_le_bytes());
-            for x in v {
-                h.update(x.to_le_bytes());
-            }
-        };
-        mat(&mut h, &self.tok_embd);
-        mat(&mut h, &self.output);
-        vector(&mut h, &self.output_norm);
-        for l in &self.layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                mat(&mut h, m);
-            }
-            vector(&mut h, &l.attn_norm);
-            vector(&mut h, &l.ffn_norm);
-            for b in [&l.bq, &l.bk, &l.bv, &l.bo] {
-                match b {
-                    Some(b) => vector(&mut h, b),
-                    None => h.update([0u8]),
-                }
-            }
-        }
-        h.finalize().into()
-    }
-
     /// BLAKE3 digest of every weight byte, in a fixed order (the KV identity's weights digest,
     /// `ep_kv::identity`). The hashed stream (integers little-endian) is
     ///
