@@ -1080,9 +1080,15 @@ impl<'a> Core<'a> {
             tokens.len(),
             None,
         );
-        let present = self.cache.present(&hashes);
+        // The computed prefix (pending and importing blocks are not pinned).
+        let present = self
+            .cache
+            .lookup(&hashes)
+            .iter()
+            .take_while(|h| h.ready && h.importing.is_none())
+            .count();
         self.check_pin_cap(&hashes[..present], 0)?;
-        let pinned = self.cache.pin(&hashes[..present]);
+        let pinned = self.cache.pin(&self.pool, &hashes[..present]);
         let n = pinned.len();
         let id = self.next_pin;
         self.next_pin += 1;
@@ -1152,7 +1158,7 @@ impl<'a> Core<'a> {
         let id = self.next_import;
         self.next_import += 1;
         // Pin the present part first so allocation cannot evict it.
-        let mut pinned = self.cache.pin(&hashes[..hits.len()]);
+        let mut pinned = self.cache.pin(&self.pool, &hashes[..hits.len()]);
         let mut targets: Vec<Option<BlockId>> = vec![None; hits.len()];
         for i in hits.len()..hashes.len() {
             let b = self.alloc_block().expect("counted above");
@@ -1161,8 +1167,9 @@ impl<'a> Core<'a> {
                 .cache
                 .insert(&mut self.pool, hashes[i], parent, b, true);
             debug_assert!(ok, "import nodes are new");
+            // Pinned while it looks computed, then marked as filling (nothing else can pin it now).
+            pinned.extend(self.cache.pin(&self.pool, &hashes[i..i + 1]));
             self.cache.set_importing(&self.pool, &hashes[i], Some(id));
-            pinned.extend(self.cache.pin(&hashes[i..i + 1]));
             // The tree holds the block now; drop the allocation's reference.
             self.pool.release(b);
             targets.push(Some(b));
