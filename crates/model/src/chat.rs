@@ -285,7 +285,8 @@ impl ChatTemplate {
         let Ok(s) = self.render(&marked, add_generation_prompt) else {
             return Ok(None);
         };
-        let index: HashMap<char, usize> = sentinels.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+        let index: HashMap<char, usize> =
+            sentinels.iter().enumerate().map(|(i, &c)| (c, i)).collect();
         let mut pieces = Vec::new();
         let mut lit_start = 0;
         for (i, c) in s.char_indices() {
@@ -360,7 +361,7 @@ fn align(pieces: &[Piece<'_>], r: &str, messages: &[ChatMessage]) -> Option<Vec<
                 };
                 let chosen = [c, c.trim(), c.trim_start(), c.trim_end()]
                     .into_iter()
-                    .find(|x| fits(&x))?;
+                    .find(|x| fits(x))?;
                 if !chosen.is_empty() {
                     spans.push(p..p + chosen.len());
                 }
