@@ -261,6 +261,7 @@ struct GenerateArgs {
     #[arg(long)]
     system: Option<String>,
     /// Use the prompt as is, without the chat template; special-token text becomes special tokens.
+    /// (Through the template, special-token text in --prompt / --system stays text.)
     #[arg(long)]
     raw: bool,
     #[command(flatten)]
@@ -409,8 +410,8 @@ fn render(
 ) -> Result<Vec<u32>> {
     let t =
         template.context("the model has no chat template (tokenizer.chat_template); use --raw")?;
-    let text = t.render(msgs, true)?;
-    Ok(tok.encode(&text, true)?)
+    // Special-token text in message content stays text (no role injection).
+    Ok(ep_model::chat::render_prompt(tok, t, msgs, true)?.tokens)
 }
 
 /// A loaded model moved onto an engine thread.
@@ -806,8 +807,9 @@ fn cmd_kv_export(a: KvExportArgs) -> Result<()> {
         .template
         .as_ref()
         .context("the model has no chat template (tokenizer.chat_template)")?;
-    let text = t.render(&messages(&Some(a.system.clone())), false)?;
-    let tokens = sv.tok.encode(&text, true)?;
+    let tokens =
+        ep_model::chat::render_prompt(&sv.tok, t, &messages(&Some(a.system.clone())), false)?
+            .tokens;
     let kv = sv.engine.export_blocking(tokens)?;
     let (header, frames) = kv.to_frames(sv.engine.identity().digest(), a.frame_tokens);
     let bytes = ep_engine::kvio::encode_stream(&header, &frames);

@@ -12,7 +12,9 @@
 //! The template sees `messages` (a list of `{role, content}` maps), `add_generation_prompt`,
 //! `bos_token` and `eos_token`.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::ops::Range;
 
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{context, AutoEscape, Environment, Error, ErrorKind, Value};
@@ -56,6 +58,16 @@ pub enum ChatError {
     /// The template's file in a model directory could not be read.
     #[error("{0}")]
     File(String),
+    /// No sentinel code point is free for marking message contents (the input uses all of them).
+    #[error("cannot render: {0}")]
+    Sentinel(String),
+    /// [`render_after_prefix`]: the conversation does not render as the prefix's rendering followed
+    /// by more text.
+    #[error("the prefix messages do not render as a prefix of the whole conversation: {0}")]
+    PrefixMismatch(String),
+    /// Tokenizing the rendered text failed.
+    #[error("tokenizing the rendered prompt failed: {0}")]
+    Tokenize(String),
 }
 
 /// Marks errors that come from the template's `raise_exception`.
@@ -73,6 +85,7 @@ impl std::error::Error for Raised {}
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -103,6 +116,7 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -165,6 +179,17 @@ impl ChatTemplate {
         })
     }
 
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// BLAKE3 of the template's source text (its UTF-8 bytes, nothing else): a cloud manifest carries
+    /// it so that an edge whose template differs refuses the prompt rather than render it otherwise.
+    pub fn source_digest(&self) -> [u8; 32] {
+        *blake3::hash(self.source.as_bytes()).as_bytes()
+    }
+
     /// The BOS text the template sees.
     pub fn bos_token(&self) -> &str {
         &self.bos_token
@@ -174,6 +199,323 @@ impl ChatTemplate {
     pub fn eos_token(&self) -> &str {
         &self.eos_token
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rendering and tokenizing, safe against role injection
+// ---------------------------------------------------------------------------------------------------
+
+/// A chat prompt rendered ([`ChatTemplate::render`]'s text) and tokenized with special tokens parsed
+/// only where the template itself wrote them (see [`render_prompt`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+/// Rendered text with the byte ranges in which special-token text may become special tokens.
+struct Marked {
+    text: String,
+    special: Vec<Range<usize>>,
+}
+
+/// Private-use code points (planes 15 and 16) from which the content sentinels are drawn.
+fn private_use() -> impl Iterator<Item = char> {
+    (0xF0000..=0xFFFFD)
+        .chain(0x100000..=0x10FFFD)
+        .filter_map(char::from_u32)
+}
+
+fn is_private_use(c: char) -> bool {
+    matches!(c as u32, 0xF0000..=0xFFFFD | 0x100000..=0x10FFFD)
+}
+
+/// One piece of the sentinel rendering: literal text, or where a message's content went.
+enum Piece<'a> {
+    Lit(&'a str),
+    Content(usize),
+}
+
+impl ChatTemplate {
+    /// One sentinel code point per message, none of which occurs in the messages, the BOS / EOS texts
+    /// or the template source.
+    fn sentinels(&self, messages: &[ChatMessage]) -> Result<Vec<char>, ChatError> {
+        let used: HashSet<char> = messages
+            .iter()
+            .flat_map(|m| m.role.chars().chain(m.content.chars()))
+            .chain(self.source.chars())
+            .chain(self.bos_token.chars())
+            .chain(self.eos_token.chars())
+            .filter(|&c| is_private_use(c))
+            .collect();
+        let free: Vec<char> = private_use()
+            .filter(|c| !used.contains(c))
+            .take(messages.len())
+            .collect();
+        if free.len() < messages.len() {
+            return Err(ChatError::Sentinel(format!(
+                "{} messages, but only {} private-use code points (U+F0000..U+10FFFD) are unused by \
+                 the input",
+                messages.len(),
+                free.len()
+            )));
+        }
+        Ok(free)
+    }
+
+    /// The byte ranges of `text` (the real rendering) that are message content, in order, found by
+    /// rendering again with each content replaced by its sentinel and aligning the two; `None` when
+    /// they do not align (the template transforms the content other than by trimming, or branches on
+    /// it).
+    fn content_spans(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        text: &str,
+    ) -> Result<Option<Vec<Range<usize>>>, ChatError> {
+        if messages.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let sentinels = self.sentinels(messages)?;
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .zip(&sentinels)
+            .map(|(m, &c)| ChatMessage::new(m.role.clone(), c.to_string()))
+            .collect();
+        let Ok(s) = self.render(&marked, add_generation_prompt) else {
+            return Ok(None);
+        };
+        let index: HashMap<char, usize> =
+            sentinels.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+        let mut pieces = Vec::new();
+        let mut lit_start = 0;
+        for (i, c) in s.char_indices() {
+            if let Some(&k) = index.get(&c) {
+                pieces.push(Piece::Lit(&s[lit_start..i]));
+                pieces.push(Piece::Content(k));
+                lit_start = i + c.len_utf8();
+            }
+        }
+        pieces.push(Piece::Lit(&s[lit_start..]));
+        Ok(align(&pieces, text, messages))
+    }
+
+    /// Renders and marks where special tokens may be parsed: everywhere but in message content when
+    /// the contents are located exactly; otherwise (see [`render_prompt`]) everywhere but at the
+    /// occurrences of special-token texts that some message's content contains.
+    fn render_marked(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Marked, ChatError> {
+        let text = self.render(messages, add_generation_prompt)?;
+        let forbidden = match self.content_spans(messages, add_generation_prompt, &text)? {
+            Some(content) => content,
+            None => {
+                let mut spans = Vec::new();
+                for (_, pat) in tok.parsed_special_tokens() {
+                    if messages.iter().any(|m| m.content.contains(pat)) {
+                        spans.extend(text.match_indices(pat).map(|(at, _)| at..at + pat.len()));
+                    }
+                }
+                spans.sort_by_key(|r| (r.start, r.end));
+                spans
+            }
+        };
+        let special = complement(&forbidden, text.len());
+        Ok(Marked { text, special })
+    }
+}
+
+/// Aligns the sentinel rendering's pieces with the real rendering `r`: every literal must appear
+/// verbatim, and every content as the message's content, verbatim or trimmed (at both ends or one).
+fn align(pieces: &[Piece<'_>], r: &str, messages: &[ChatMessage]) -> Option<Vec<Range<usize>>> {
+    let mut p = 0;
+    let mut spans = Vec::new();
+    for (j, piece) in pieces.iter().enumerate() {
+        match *piece {
+            Piece::Lit(l) => {
+                if !r[p..].starts_with(l) {
+                    return None;
+                }
+                p += l.len();
+            }
+            Piece::Content(k) => {
+                let c = messages[k].content.as_str();
+                // A literal always follows a content piece.
+                let next = match pieces.get(j + 1) {
+                    Some(Piece::Lit(l)) => *l,
+                    _ => "",
+                };
+                let last = j + 2 == pieces.len();
+                let fits = |x: &&str| {
+                    r[p..].starts_with(*x) && {
+                        let q = p + x.len();
+                        if last {
+                            &r[q..] == next
+                        } else {
+                            r[q..].starts_with(next)
+                        }
+                    }
+                };
+                let chosen = [c, c.trim(), c.trim_start(), c.trim_end()]
+                    .into_iter()
+                    .find(|x| fits(x))?;
+                if !chosen.is_empty() {
+                    spans.push(p..p + chosen.len());
+                }
+                p += chosen.len();
+            }
+        }
+    }
+    (p == r.len()).then_some(spans)
+}
+
+/// The parts of `0..len` outside `forbidden` (sorted by start, possibly overlapping).
+fn complement(forbidden: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for f in forbidden {
+        if f.start > pos {
+            out.push(pos..f.start);
+        }
+        pos = pos.max(f.end);
+    }
+    if pos < len {
+        out.push(pos..len);
+    }
+    out
+}
+
+fn tokenize_error(e: crate::tokenizer::TokenizerError) -> ChatError {
+    ChatError::Tokenize(e.to_string())
+}
+
+/// BOS in front when the tokenizer adds one and the rendering does not already start with it (the
+/// template wrote `bos_token`: llama.cpp strips that text then, transformers tokenizes without
+/// special tokens), EOS at the end when the tokenizer adds one.
+fn add_special_tokens(tok: &Tokenizer, tokens: &mut Vec<u32>, with_bos: bool) {
+    if with_bos && tok.add_bos() {
+        if let Some(b) = tok.bos_id() {
+            if tokens.first() != Some(&b) {
+                tokens.insert(0, b);
+            }
+        }
+    }
+    if tok.add_eos() {
+        tokens.extend(tok.eos_id());
+    }
+}
+
+/// Renders `messages` with the template and tokenizes the text so that only what the template itself
+/// wrote (its literals: `<|im_start|>`, role names, `<|im_end|>`, `bos_token`, the generation prompt)
+/// can become special tokens; message content that contains special-token text (a user typing
+/// `<|im_start|>system`) is tokenized as ordinary text — no role injection.
+///
+/// How the content is located: the template is rendered a second time with each message's content
+/// replaced by a private-use code point that occurs nowhere in the input (planes 15/16; an error only
+/// if the input uses all of them), and the two renderings are aligned — each sentinel must stand
+/// where the real rendering has the message's content, verbatim or trimmed. Special tokens are then
+/// matched only wholly outside those spans, and the text between them tokenized as llama.cpp does
+/// ([`Tokenizer::encode_spans`]). When no content contains special-token text this gives exactly
+/// today's `encode(render(..), parse_special = true)`.
+///
+/// When the renderings do not align (the template transforms the content otherwise, branches on it,
+/// or fails on the sentinels), the whole text is treated conservatively: every occurrence of a
+/// special token's text that some message's content contains is tokenized as text, wherever it is
+/// (also where the template wrote it); other special tokens are parsed. So a normal prompt still
+/// tokenizes as before, and an injected one loses its special tokens.
+///
+/// Roles are trusted template input (they are compared by templates, so cannot be replaced).
+/// BOS is added when the tokenizer adds one unless the rendering starts with it; EOS when the
+/// tokenizer adds one.
+pub fn render_prompt(
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<RenderedPrompt, ChatError> {
+    let m = tpl.render_marked(tok, messages, add_generation_prompt)?;
+    let mut tokens = tok
+        .encode_spans(&m.text, &m.special, false)
+        .map_err(tokenize_error)?;
+    add_special_tokens(tok, &mut tokens, true);
+    Ok(RenderedPrompt {
+        text: m.text,
+        tokens,
+    })
+}
+
+/// The edge's case: `prefix` are a cloud prompt's messages, `prefix_tokens` their tokens (from the
+/// cloud's manifest: [`render_prompt`] of `prefix` without a generation prompt). Renders
+/// `prefix ++ messages`, checks that the text starts with the rendering of `prefix` alone (else
+/// [`ChatError::PrefixMismatch`]), and returns the whole text with `prefix_tokens` followed by the
+/// tokens of the rest — tokenized by the same literal/content rule, without BOS, with EOS if the
+/// tokenizer adds one; the prefix is never re-tokenized.
+///
+/// Equal to [`render_prompt`] of the whole list when the prefix's rendering ends at a special token
+/// or the tokenization splits there anyway (ChatML templates: the prefix ends with `<|im_end|>\n`,
+/// the rest starts with `<|im_start|>`); otherwise the tokens at the boundary may merge differently
+/// in the whole.
+pub fn render_after_prefix(
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    prefix: &[ChatMessage],
+    prefix_tokens: &[u32],
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<RenderedPrompt, ChatError> {
+    let p = tpl.render(prefix, false)?;
+    let all: Vec<ChatMessage> = prefix.iter().chain(messages).cloned().collect();
+    let m = tpl.render_marked(tok, &all, add_generation_prompt)?;
+    if !m.text.starts_with(&p) {
+        let at = p
+            .char_indices()
+            .zip(m.text.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(p.len().min(m.text.len()), |((i, _), _)| i);
+        let snippet = |s: &str| s[at..].chars().take(40).collect::<String>();
+        return Err(ChatError::PrefixMismatch(format!(
+            "they differ at byte {at} of the prefix's {} bytes: the prefix renders {:?}, the \
+             conversation {:?} there",
+            p.len(),
+            snippet(&p),
+            snippet(&m.text)
+        )));
+    }
+    let cut = p.len();
+    let spans: Vec<Range<usize>> = m
+        .special
+        .iter()
+        .filter_map(|s| {
+            let a = s.start.max(cut);
+            (a < s.end).then(|| a - cut..s.end - cut)
+        })
+        .collect();
+    let mut tokens = prefix_tokens.to_vec();
+    tokens.extend(
+        tok.encode_spans(&m.text[cut..], &spans, false)
+            .map_err(tokenize_error)?,
+    );
+    add_special_tokens(tok, &mut tokens, false);
+    Ok(RenderedPrompt {
+        text: m.text,
+        tokens,
+    })
+}
+
+/// A completion's text after a known prefix: `prefix_tokens` followed by `text` tokenized as content
+/// (no special tokens parsed, no BOS / EOS; a SentencePiece tokenizer gives the text its usual
+/// leading-space treatment as a fragment of its own).
+pub fn tokenize_after_text_prefix(
+    tok: &Tokenizer,
+    prefix_tokens: &[u32],
+    text: &str,
+) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+    let mut tokens = prefix_tokens.to_vec();
+    tokens.extend(tok.encode_with(text, false, false)?);
+    Ok(tokens)
 }
 
 /// An error's message with its location and cause chain.

@@ -1127,6 +1127,51 @@ impl Tokenizer {
         parse_special: bool,
         add_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
+        let rule = if parse_special {
+            SpecialRule::All
+        } else {
+            SpecialRule::Never
+        };
+        self.encode_rule(text, rule, add_special)
+    }
+
+    /// [`Tokenizer::encode_with`] with special tokens parsed only inside `special_spans` (byte ranges
+    /// of `text`): a control or unknown token's text becomes that token only where the whole match lies
+    /// within one span; everywhere else it is tokenized as ordinary text, as with
+    /// `parse_special = false`. User-defined tokens are matched everywhere, as always. The matching
+    /// and the tokenization of the fragments between matches are llama.cpp's, so with one span
+    /// covering the text this is `encode_with(text, true, add_special)`, and with no spans
+    /// `encode_with(text, false, add_special)`.
+    ///
+    /// A Hugging Face `tokenizer.json` runs whole through `tokenizers` when no special-token match
+    /// is refused (so then exactly `encode_with(text, true, ..)`); otherwise each fragment between the
+    /// accepted matches goes through `tokenizers` separately with special-token matching off.
+    pub fn encode_spans(
+        &self,
+        text: &str,
+        special_spans: &[std::ops::Range<usize>],
+        add_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_rule(text, SpecialRule::Within(special_spans), add_special)
+    }
+
+    /// The control and unknown tokens (those [`Tokenizer::encode`] matches only with `parse_special`)
+    /// with their texts, longest text first.
+    pub fn parsed_special_tokens(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
+        self.special_order
+            .iter()
+            .filter(|(id, t)| {
+                !t.is_empty() && self.attrs[*id as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0
+            })
+            .map(|(id, t)| (*id, t.as_str()))
+    }
+
+    fn encode_rule(
+        &self,
+        text: &str,
+        rule: SpecialRule<'_>,
+        add_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -1134,16 +1179,37 @@ impl Tokenizer {
         if let Backend::Hf { plain, split } = &self.backend {
             // The whole text through `tokenizers` (its added-token matching included), without its
             // post-processor: BOS / EOS follow `add_bos` / `add_eos` here.
-            let hf = if parse_special { plain } else { split };
-            let enc = hf
-                .encode_fast(text, false)
-                .map_err(|e| TokenizerError::Backend(e.to_string()))?;
-            out.extend_from_slice(enc.get_ids());
+            let hf_encode = |hf: &tokenizers::Tokenizer, t: &str, out: &mut Vec<u32>| {
+                let enc = hf
+                    .encode_fast(t, false)
+                    .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                out.extend_from_slice(enc.get_ids());
+                Ok::<(), TokenizerError>(())
+            };
+            match rule {
+                SpecialRule::All => hf_encode(plain, text, &mut out)?,
+                SpecialRule::Never => hf_encode(split, text, &mut out)?,
+                SpecialRule::Within(_) => {
+                    let frags = self.partition(text, rule);
+                    if frags == self.partition(text, SpecialRule::All) {
+                        hf_encode(plain, text, &mut out)?;
+                    } else {
+                        for frag in frags {
+                            match frag {
+                                Fragment::Token(id) => out.push(id),
+                                Fragment::Text(start, end) => {
+                                    hf_encode(split, &text[start..end], &mut out)?
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         } else if !text.is_empty() {
             // SentencePiece prefixes a space to the first fragment and to each one after a special
             // token (whether or not BOS was added).
             let mut after_special = true;
-            for frag in self.partition(text, parse_special) {
+            for frag in self.partition(text, rule) {
                 match frag {
                     Fragment::Token(id) => {
                         out.push(id);
@@ -1163,13 +1229,15 @@ impl Tokenizer {
     }
 
     /// llama.cpp's `tokenizer_st_partition`: for each special token, longest first, split every
-    /// remaining text fragment at each of its occurrences.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    /// remaining text fragment at each of its occurrences. Control and unknown tokens are matched as
+    /// `rule` says (a refused occurrence stays text, and the search goes on from its next character).
+    fn partition(&self, text: &str, rule: SpecialRule<'_>) -> Vec<Fragment> {
         let mut frags = vec![Fragment::Text(0, text.len())];
         let mut next = Vec::new();
         for (id, pat) in &self.special_order {
             let attr = self.attrs[*id as usize];
-            if !parse_special && attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
+            let ruled = attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0;
+            if ruled && matches!(rule, SpecialRule::Never) {
                 continue;
             }
             if pat.is_empty() {
@@ -1179,19 +1247,31 @@ impl Tokenizer {
             if !text.contains(pat.as_str()) {
                 continue;
             }
+            let accept = |at: usize| match rule {
+                SpecialRule::Within(spans) if ruled => spans
+                    .iter()
+                    .any(|s| s.start <= at && at + pat.len() <= s.end),
+                _ => true,
+            };
             next.clear();
             for f in &frags {
                 match *f {
                     Fragment::Token(_) => next.push(*f),
                     Fragment::Text(start, end) => {
                         let mut pos = start;
-                        while let Some(m) = text[pos..end].find(pat.as_str()) {
-                            let at = pos + m;
+                        let mut search = start;
+                        while let Some(m) = text[search..end].find(pat.as_str()) {
+                            let at = search + m;
+                            if !accept(at) {
+                                search = at + text[at..].chars().next().map_or(1, char::len_utf8);
+                                continue;
+                            }
                             if at > pos {
                                 next.push(Fragment::Text(pos, at));
                             }
                             next.push(Fragment::Token(*id));
                             pos = at + pat.len();
+                            search = pos;
                         }
                         if pos < end {
                             next.push(Fragment::Text(pos, end));
@@ -1408,7 +1488,18 @@ fn is_byte_token(t: &str) -> bool {
         && b[4].is_ascii_hexdigit()
 }
 
+/// Where [`Tokenizer::partition`] matches control and unknown tokens.
 #[derive(Clone, Copy, Debug)]
+enum SpecialRule<'a> {
+    /// Everywhere (`parse_special`).
+    All,
+    /// Nowhere.
+    Never,
+    /// Only matches lying wholly inside one of these byte ranges.
+    Within(&'a [std::ops::Range<usize>]),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fragment {
     /// Byte range of the input text.
     Text(usize, usize),
