@@ -252,21 +252,29 @@ fn parse<T: DeserializeOwned>(
         }
     })?;
     let n = body.len();
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let v = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() || path == "." {
-            let why = if inner.is_data() {
-                format!("the request body is not a valid request: {inner}")
-            } else {
-                format!("the request body is not valid JSON: {inner}")
-            };
-            ApiError::bad_request(why).code("invalid_json")
-        } else {
-            ApiError::invalid(&path, format!("invalid '{path}': {inner}"))
-        }
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+            .code("invalid_json")
     })?;
+    let v = match serde_path_to_error::deserialize::<_, T>(&value) {
+        Ok(v) => v,
+        Err(e) => {
+            // Fields flattened into the request (the shared sampling fields) lose their path: look
+            // for the culprit among them first.
+            let flat = serde_path_to_error::deserialize::<_, SamplingFields>(&value).err();
+            let e = match flat {
+                Some(f) if e.path().to_string() == "." => f,
+                _ => e,
+            };
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            return Err(if path == "." {
+                ApiError::bad_request(format!("the request body is not a valid request: {inner}"))
+            } else {
+                ApiError::invalid(&path, format!("invalid '{path}': {inner}"))
+            });
+        }
+    };
     Ok((v, n))
 }
 
