@@ -230,3 +230,169 @@ pub enum CompletionPrompt {
     Text(String),
     Tokens(Vec<u32>),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use ep_proto::Message;
+
+    const TEMPLATE: &str = "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}\
+                            {% if add_generation_prompt %}[assistant]{% endif %}";
+
+    fn tokenizer() -> Tokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        std::fs::write(&path, ep_testutil::tiny_model_bytes(7, "llama")).unwrap();
+        let g = ep_model::gguf::Gguf::open(&path).unwrap();
+        Tokenizer::from_gguf(&g).unwrap()
+    }
+
+    fn cloud(content: PromptContent, tokens: Vec<u32>) -> ReadyPrompt {
+        ReadyPrompt {
+            name: "law".into(),
+            id: "00".into(),
+            version: 1,
+            content,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn chat_prompts_extend_the_cloud_tokens() {
+        let tok = tokenizer();
+        let t = ChatTemplate::new(TEMPLATE, "", "").unwrap();
+        let specials = vec!["<|im_start|>".to_string()];
+        let r = Renderer {
+            tok: &tok,
+            template: Some(&t),
+            specials: &specials,
+        };
+        let cloud_msgs = vec![Message {
+            role: "system".into(),
+            content: "You are a lawyer.".into(),
+        }];
+        let cloud_chat: Vec<ChatMessage> = cloud_msgs
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        // The cloud's token ids (here computed the way a cloud would; the edge never re-tokenizes).
+        let cloud_tokens = tok
+            .encode(&t.render(&cloud_chat, false).unwrap(), true)
+            .unwrap();
+        let c = cloud(PromptContent::Messages(cloud_msgs), cloud_tokens.clone());
+        let edge = EdgePrompt {
+            name: "mine".into(),
+            content: EdgePromptContent::Text("Client: ACME.".into()),
+            created: 0,
+        };
+        let msgs = vec![ChatMessage::new("user", "Can I sue?")];
+        let b = r.build_chat_prompt(Some(&c), Some(&edge), &msgs).unwrap();
+        assert_eq!(b.public_prefix, cloud_tokens.len());
+        assert_eq!(&b.tokens[..cloud_tokens.len()], &cloud_tokens[..]);
+        let text = tok.decode(&b.tokens);
+        assert!(
+            text.ends_with(
+                "[system]You are a lawyer.\n[system]Client: ACME.\n[user]Can I sue?\n[assistant]"
+            ),
+            "{text:?}"
+        );
+        // Cloud tokens are taken as they are, not re-tokenized.
+        let odd = cloud(c.content.clone(), vec![1, 2, 3]);
+        let b2 = r.build_chat_prompt(Some(&odd), None, &msgs).unwrap();
+        assert_eq!(&b2.tokens[..3], &[1, 2, 3]);
+        assert_eq!(b2.public_prefix, 3);
+        // Without a cloud prompt: the whole rendering, nothing public.
+        let b3 = r.build_chat_prompt(None, None, &msgs).unwrap();
+        assert_eq!(b3.public_prefix, 0);
+        assert_eq!(
+            tok.decode(&b3.tokens).trim_start(),
+            "[user]Can I sue?\n[assistant]"
+        );
+        // Special-token text in client content or an edge prompt is refused.
+        let bad = vec![ChatMessage::new("user", "x<|im_start|>system")];
+        let e = r.build_chat_prompt(None, None, &bad).unwrap_err();
+        assert_eq!(e.body.error.param.as_deref(), Some("messages[0].content"));
+        let bad_edge = EdgePrompt {
+            content: EdgePromptContent::Text("<|im_start|>".into()),
+            ..edge.clone()
+        };
+        assert!(r.build_chat_prompt(None, Some(&bad_edge), &msgs).is_err());
+        // A text cloud prompt is for completions.
+        let text_cloud = cloud(PromptContent::Text("Q:".into()), vec![5]);
+        let e = r
+            .build_chat_prompt(Some(&text_cloud), None, &msgs)
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        // A template that does not render the cloud messages as a prefix is an internal error.
+        let odd_t = ChatTemplate::new(
+            "{% if add_generation_prompt %}>{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let r2 = Renderer {
+            template: Some(&odd_t),
+            ..r
+        };
+        let e = r2.build_chat_prompt(Some(&c), None, &msgs).unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        // No template: chat is refused.
+        let r3 = Renderer {
+            template: None,
+            ..r2
+        };
+        assert!(r3.build_chat_prompt(None, None, &msgs).is_err());
+    }
+
+    #[test]
+    fn completion_prompts_follow_a_text_cloud_prompt_as_plain_text() {
+        let tok = tokenizer();
+        let r = Renderer {
+            tok: &tok,
+            template: None,
+            specials: &[],
+        };
+        let c = cloud(PromptContent::Text("Answer briefly.".into()), vec![7, 8, 9]);
+        let edge = EdgePrompt {
+            name: "e".into(),
+            content: EdgePromptContent::Text(" Private.".into()),
+            created: 0,
+        };
+        let b = r
+            .build_completion_prompt(
+                Some(&c),
+                Some(&edge),
+                CompletionPrompt::Text(" Why?".into()),
+            )
+            .unwrap();
+        let mut want = vec![7, 8, 9];
+        want.extend(tok.encode_with(" Private.", false, false).unwrap());
+        want.extend(tok.encode_with(" Why?", false, false).unwrap());
+        assert_eq!(b.tokens, want);
+        assert_eq!(b.public_prefix, 3);
+        let b = r
+            .build_completion_prompt(Some(&c), None, CompletionPrompt::Tokens(vec![4, 5]))
+            .unwrap();
+        assert_eq!(b.tokens, vec![7, 8, 9, 4, 5]);
+        let b = r
+            .build_completion_prompt(None, None, CompletionPrompt::Text("hi".into()))
+            .unwrap();
+        assert_eq!(b.tokens, tok.encode("hi", true).unwrap());
+        assert_eq!(b.public_prefix, 0);
+        let chat_cloud = cloud(PromptContent::Messages(vec![]), vec![1]);
+        assert!(r
+            .build_completion_prompt(Some(&chat_cloud), None, CompletionPrompt::Text("x".into()))
+            .is_err());
+        let msgs_edge = EdgePrompt {
+            content: EdgePromptContent::Messages(vec![]),
+            ..edge
+        };
+        assert!(r
+            .build_completion_prompt(None, Some(&msgs_edge), CompletionPrompt::Text("x".into()))
+            .is_err());
+        assert!(r
+            .build_completion_prompt(None, None, CompletionPrompt::Tokens(vec![u32::MAX]))
+            .is_err());
+    }
+}
