@@ -853,5 +853,52 @@ async fn chat_with_smollm2_streams_caches_conversations_and_bounds_the_queue() {
         }
     }
     assert!(idle, "the engine still runs the timed-out request");
-    e.shutdown().await;
+    // Shutting down while a request runs: it still finishes.
+    let mut story = chat("Tell me a story.", 48);
+    story["stream"] = json!(true);
+    story["ignore_eos"] = json!(true);
+    let mut resp = client()
+        .post(e.url("/v1/chat/completions"))
+        .json(&story)
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    assert_eq!(e.engine.stats().running, 1, "the request is still running");
+    let mut e = e;
+    let _ = e.stop.take().unwrap().send(());
+    while let Some(c) = resp.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&c).unwrap());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"length\""));
+    e.task.take().unwrap().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_running_requests_and_stops_taking_new_ones() {
+    let mut e = tiny(edge_cfg(), engine_cfg()).await;
+    let body = json!({"model": "m", "prompt": "once upon a time", "max_tokens": 900,
+                      "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut resp = client()
+        .post(e.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let _ = e.stop.take().unwrap().send(());
+    while let Some(c) = resp.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&c).unwrap());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"length\""));
+    e.task.take().unwrap().await.unwrap().unwrap();
+    assert!(client()
+        .get(e.url("/health"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_err());
 }
