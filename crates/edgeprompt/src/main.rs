@@ -1,6 +1,8 @@
 //! `edgeprompt`: the command-line interface. Thin: argument parsing, I/O and error reporting; the work
 //! is in the library crates.
 
+mod edge_cmd;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +45,8 @@ enum Command {
     /// KV files: export the KV of a prompt prefix in the wire format (what a cloud serves to edges).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Serve the OpenAI-compatible API (chat and completions, SSE, edge prompts, tenants, metrics).
+    Edge(edge_cmd::EdgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -893,6 +897,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
+        Command::Edge(a) => edge_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@
 //! prefix into pinned cache blocks, layer by layer; exports ([`crate::Request::export_kv`]) read a
 //! computed prompt's KV back in the pool's stored dtype.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use crate::attn::PagedAttention;
 use crate::splice::{AttnMode, Plan, SpliceArena, SpliceAttention};
 use crate::{
     EngineConfig, EngineError, Event, Failure, Finished, InvalidKind, InvalidRequest, PromptKv,
-    Request, RequestId, StepStat,
+    Request, RequestId, StepStat, TokenLogprobs, MAX_TOP_LOGPROBS,
 };
 
 /// Identifies an import of external KV.
@@ -263,6 +263,10 @@ pub struct Core<'a> {
     steps: u64,
     layer_log: Vec<LayerEvent>,
     identity: [u8; 32],
+    /// Cache nodes inserted with each tenant salt (some may have been evicted since), so a tenant's
+    /// private KV can be purged ([`Core::purge_salt`]); `salted_len` counts the entries.
+    salted: HashMap<Vec<u8>, HashSet<BlockHash>>,
+    salted_len: usize,
 }
 
 /// A sequence's share of one step: tokens `start..start + n`.
@@ -320,6 +324,8 @@ impl<'a> Core<'a> {
             max_pinned,
             steps: 0,
             layer_log: Vec::new(),
+            salted: HashMap::new(),
+            salted_len: 0,
         })
     }
 
@@ -612,8 +618,12 @@ impl<'a> Core<'a> {
                     break;
                 }
                 s.pending.push((idx, s.hashes[idx]));
+                if let Some(salt) = s.salt_for(idx, bt) {
+                    note_salted(&mut self.salted, &mut self.salted_len, salt, s.hashes[idx]);
+                }
                 s.registered += 1;
             }
+            self.prune_salted();
             let slot = self.take_slot();
             s.state = State::Running { slot };
             self.tables[slot].clone_from(&s.blocks);
@@ -998,9 +1008,59 @@ impl<'a> Core<'a> {
                 if !cache.insert(pool, s.hashes[idx], parent, s.blocks[idx], true) {
                     break;
                 }
+                if let Some(salt) = s.salt_for(idx, bt) {
+                    note_salted(&mut self.salted, &mut self.salted_len, salt, s.hashes[idx]);
+                }
                 s.registered += 1;
             }
         }
+        self.prune_salted();
+    }
+
+    /// Forgets salted entries whose nodes left the cache once they outnumber the pool's blocks twice.
+    fn prune_salted(&mut self) {
+        if self.salted_len <= 2 * self.pool.n_blocks().max(1) {
+            return;
+        }
+        let cache = &self.cache;
+        self.salted.retain(|_, set| {
+            set.retain(|h| cache.contains(h));
+            !set.is_empty()
+        });
+        self.salted_len = self.salted.values().map(HashSet::len).sum();
+    }
+
+    /// Drops the idle cached blocks inserted under tenant salt `salt` (deepest first, as a block's
+    /// descendants carry its salt too) and returns how many were freed. Blocks running requests hold
+    /// stay cached.
+    pub fn purge_salt(&mut self, salt: &[u8]) -> usize {
+        let Some(mut set) = self.salted.remove(salt) else {
+            return 0;
+        };
+        let before = set.len();
+        let mut freed = 0;
+        loop {
+            let (cache, pool) = (&mut self.cache, &mut self.pool);
+            let n = set.len();
+            set.retain(|h| {
+                if !cache.contains(h) {
+                    return false;
+                }
+                if cache.remove_idle_leaf(pool, h) {
+                    freed += 1;
+                    return false;
+                }
+                true
+            });
+            if set.len() == n {
+                break;
+            }
+        }
+        self.salted_len -= before - set.len();
+        if !set.is_empty() {
+            self.salted.insert(salt.to_vec(), set);
+        }
+        freed
     }
 
     fn sample_and_emit(&mut self, rows: Vec<(RequestId, Vec<f32>)>) {
@@ -1012,6 +1072,11 @@ impl<'a> Core<'a> {
                 continue;
             };
             let next = s.sampler.sample(&logits, &s.tokens);
+            let logprobs = s
+                .req
+                .params
+                .logprobs
+                .map(|k| Box::new(token_logprobs(&logits, next, k)));
             s.tokens.push(next);
             let elapsed = s.submitted.elapsed();
             s.first_token.get_or_insert(elapsed);
@@ -1028,6 +1093,7 @@ impl<'a> Core<'a> {
                 token: next,
                 text,
                 elapsed,
+                logprobs,
             });
             let reason = if eog || stopped {
                 Some(FinishReason::Stop)
@@ -1369,6 +1435,61 @@ impl<'a> Core<'a> {
     }
 }
 
+fn note_salted(
+    salted: &mut HashMap<Vec<u8>, HashSet<BlockHash>>,
+    len: &mut usize,
+    salt: &[u8],
+    h: BlockHash,
+) {
+    let set = match salted.get_mut(salt) {
+        Some(set) => set,
+        None => salted.entry(salt.to_vec()).or_default(),
+    };
+    if set.insert(h) {
+        *len += 1;
+    }
+}
+
+/// Log-softmax of `logits` (NaN as `-inf`, sums in f64) at `token`, and the `k` most likely tokens
+/// (lower id first on ties).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    let max = logits
+        .iter()
+        .map(|&l| clean(l))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        let sum: f64 = logits
+            .iter()
+            .map(|&l| ((clean(l) - max) as f64).exp())
+            .sum();
+        max as f64 + sum.ln()
+    } else {
+        0.0
+    };
+    let lp = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |&l| (clean(l) as f64 - lse) as f32)
+    };
+    let k = k.min(logits.len());
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let order = |a: &u32, b: &u32| {
+        clean(logits[*b as usize])
+            .total_cmp(&clean(logits[*a as usize]))
+            .then(a.cmp(b))
+    };
+    if k > 0 && k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, order);
+    }
+    ids.truncate(k);
+    ids.sort_unstable_by(order);
+    TokenLogprobs {
+        logprob: lp(token),
+        top: ids.into_iter().map(|t| (t, lp(t))).collect(),
+    }
+}
+
 fn layout_of(model: &Model, cfg: &EngineConfig) -> KvLayout {
     let sh = model.attn_shape();
     KvLayout {
@@ -1466,6 +1587,12 @@ pub(crate) fn validate(
         .sampling
         .validate()
         .map_err(|e| bad(InvalidKind::Sampling, e.to_string()))?;
+    if let Some(k) = req.params.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        return Err(bad(
+            InvalidKind::Sampling,
+            format!("top logprobs must be at most {MAX_TOP_LOGPROBS}, not {k}"),
+        ));
+    }
     if layout.blocks_for(n + 1) > n_blocks {
         return Err(bad(
             InvalidKind::ExceedsKvBudget,

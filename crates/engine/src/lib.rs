@@ -200,6 +200,9 @@ pub enum Event {
         text: String,
         /// Time since submission.
         elapsed: Duration,
+        /// The token's log-probability and the top alternatives, when the request asked for them
+        /// ([`GenerateParams::logprobs`]).
+        logprobs: Option<Box<TokenLogprobs>>,
     },
     /// The prompt's KV, for a request with [`Request::export_kv`].
     Kv(Box<PromptKv>),
@@ -208,6 +211,20 @@ pub enum Event {
     /// The request failed or was cancelled; no more events follow.
     Error(Failure),
 }
+
+/// Log-probabilities of a generated token under the model (log-softmax of the raw logits, before
+/// penalties, filters and temperature).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The sampled token's log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (lower id first on
+    /// ties); as many as the request asked for.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Most top log-probabilities a request may ask for per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// The end of a request.
 #[derive(Clone, Debug)]
@@ -255,6 +272,9 @@ pub struct EngineStats {
     pub evictions: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Requests admitted and running, and queued for admission, as of the last loop iteration.
+    pub running: usize,
+    pub waiting: usize,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ImportError>>;
@@ -268,6 +288,7 @@ enum Cmd {
     ImportRows(Box<ImportRows>),
     ImportRelease(ImportId),
     TakeLayerLog(oneshot::Sender<Vec<LayerEvent>>),
+    PurgeSalt(Vec<u8>, oneshot::Sender<usize>),
     Stop,
 }
 
@@ -491,6 +512,26 @@ impl Engine {
         kv.ok_or(EngineError::Stopped)
     }
 
+    /// Drops the idle cached KV blocks keyed with tenant salt `salt` (a tenant's private KV: every
+    /// block past a request's public prefix), freeing their memory; returns how many were freed.
+    /// Blocks that running requests still hold stay until those end (purge again then).
+    pub async fn purge_salt(&self, salt: Vec<u8>) -> Result<usize, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::PurgeSalt(salt, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// [`purge_salt`](Self::purge_salt) for callers outside an async runtime.
+    pub fn purge_salt_blocking(&self, salt: Vec<u8>) -> Result<usize, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::PurgeSalt(salt, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)
+    }
+
     /// Removes and returns the per-layer log (see [`EngineConfig::layer_log`]).
     pub fn take_layer_log_blocking(&self) -> Vec<LayerEvent> {
         let (tx, rx) = oneshot::channel();
@@ -698,27 +739,33 @@ fn engine_loop(
                 Cmd::TakeLayerLog(reply) => {
                     let _ = reply.send(core.take_layer_log());
                 }
+                Cmd::PurgeSalt(salt, reply) => {
+                    let _ = reply.send(core.purge_salt(&salt));
+                }
                 Cmd::Stop => return,
             }
         }
         core.reap_closed();
         idle = true;
-        if let Some(st) = core.step() {
+        let stepped = core.step();
+        let mut sh = shared.lock().expect("engine stats lock");
+        if let Some(st) = stepped {
             steps += 1;
             idle = st.layer_calls == 0;
-            let mut sh = shared.lock().expect("engine stats lock");
             if sh.steps.len() < 1 << 20 {
                 sh.steps.push(st);
             }
-            sh.stats = EngineStats {
-                kv_budget_bytes: core.pool().budget_bytes(),
-                kv_used_bytes: core.pool().used_bytes(),
-                cached_blocks: core.cache().len(),
-                evictions: core.cache().evictions(),
-                preemptions: core.preemptions(),
-                steps,
-            };
         }
+        sh.stats = EngineStats {
+            kv_budget_bytes: core.pool().budget_bytes(),
+            kv_used_bytes: core.pool().used_bytes(),
+            cached_blocks: core.cache().len(),
+            evictions: core.cache().evictions(),
+            preemptions: core.preemptions(),
+            steps,
+            running: core.n_running(),
+            waiting: core.n_waiting(),
+        };
     }
 }
 

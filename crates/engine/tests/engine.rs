@@ -1003,3 +1003,88 @@ fn attention_modes_agree_over_three_cloud_prompts_smollm2() {
         .collect();
     modes_agree(&l, &clouds, 8);
 }
+
+#[test]
+fn purging_a_salt_drops_that_tenants_private_kv_only() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let public: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % v).collect();
+    let private: Vec<u32> = (0..48).map(|i| (i * 5 + 1) % v).collect();
+    let prompt: Vec<u32> = public.iter().chain(&private).copied().collect();
+    let gp = params(4, SamplingParams::greedy());
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let req = |salt: &str| Request {
+        salt: Some(salt.as_bytes().to_vec()),
+        public_prefix: 32,
+        ..Request::new(prompt.clone(), gp.clone())
+    };
+    let cached = |o: &[Output]| o[0].finished.as_ref().unwrap().cached_tokens;
+    let a = run_all(&e, vec![req("a")]);
+    assert_eq!(cached(&a), 0);
+    run_all(&e, vec![req("b")]);
+    assert_eq!(cached(&run_all(&e, vec![req("a")])), 64);
+    // A's private blocks go (three full ones past the public prefix, plus generated ones); the
+    // public prefix and B's blocks stay.
+    let freed = e.purge_salt_blocking(b"a".to_vec()).unwrap();
+    assert!(freed >= 3, "freed {freed}");
+    assert_eq!(e.purge_salt_blocking(b"a".to_vec()).unwrap(), 0);
+    assert_eq!(e.purge_salt_blocking(b"nobody".to_vec()).unwrap(), 0);
+    let a2 = run_all(&e, vec![req("a")]);
+    assert_eq!(
+        cached(&a2),
+        32,
+        "only the public prefix is still cached for A"
+    );
+    assert_eq!(a2[0].tokens, a[0].tokens);
+    assert_eq!(cached(&run_all(&e, vec![req("b")])), 64, "B's KV stays");
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_logits() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 3 + 1) % v).collect();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let gp = GenerateParams {
+        logprobs: Some(5),
+        ..params(4, SamplingParams::greedy())
+    };
+    let mut st = e.submit(Request::new(prompt.clone(), gp)).unwrap();
+    let mut n = 0;
+    while let Some(ev) = st.blocking_next() {
+        match ev {
+            Event::Token {
+                token, logprobs, ..
+            } => {
+                let lp = logprobs.expect("logprobs asked for");
+                assert_eq!(lp.top.len(), 5);
+                // Greedy: the sampled token is the most likely one.
+                assert_eq!(lp.top[0].0, token);
+                assert_eq!(lp.top[0].1, lp.logprob);
+                assert!(lp.logprob <= 0.0);
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                n += 1;
+            }
+            Event::Done(_) => break,
+            Event::Error(f) => panic!("{f}"),
+            Event::Kv(_) => {}
+        }
+    }
+    assert_eq!(n, 4);
+    let lp = ep_engine::core::token_logprobs(&[0.0, 0.0, f32::NAN, 2f32.ln()], 3, 2);
+    assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
+    assert_eq!(lp.top[0].0, 3);
+    assert_eq!(lp.top[1].0, 0, "ties go to the lower id");
+    let too_many = GenerateParams {
+        logprobs: Some(21),
+        ..params(4, SamplingParams::greedy())
+    };
+    let r = e.submit(Request::new(prompt, too_many));
+    assert!(matches!(
+        r,
+        Err(EngineError::Invalid(InvalidRequest {
+            kind: InvalidKind::Sampling,
+            ..
+        }))
+    ));
+}

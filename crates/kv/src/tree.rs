@@ -404,6 +404,17 @@ impl PrefixCache {
         true
     }
 
+    /// Removes an idle leaf node — computed, unpinned, not being imported, held by the tree alone, with
+    /// no children — freeing its block (a tenant's private KV purged). Returns whether it was removed.
+    pub fn remove_idle_leaf(&mut self, pool: &mut BlockPool, hash: &BlockHash) -> bool {
+        match self.nodes.get(hash) {
+            Some(n) if n.children == 0 && n.idle_key.is_some() => {}
+            _ => return false,
+        }
+        self.remove(pool, hash);
+        true
+    }
+
     fn remove(&mut self, pool: &mut BlockPool, hash: &BlockHash) {
         if let Some(n) = self.nodes.remove(hash) {
             if let Some(k) = n.idle_key {

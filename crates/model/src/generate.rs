@@ -40,6 +40,10 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Prompt tokens per forward call during prefill.
     pub n_batch: usize,
+    /// Report each generated token's log-probability under the model (the raw logits' softmax,
+    /// before penalties and temperature) and this many most likely alternatives (`None`: none; the
+    /// engine reports them, single-sequence sessions ignore it).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateParams {
@@ -50,6 +54,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             ignore_eos: false,
             n_batch: 512,
+            logprobs: None,
         }
     }
 }

@@ -1,0 +1,224 @@
+//! Prometheus metrics under vLLM-style names (`edgeprompt:…`), served at `/metrics` in the text
+//! exposition format. Counters get `_total` appended by the encoder.
+
+use std::sync::Mutex;
+
+use ep_engine::EngineStats;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::fetch::TrafficStats;
+
+/// The edge's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub running: Gauge,
+    pub waiting: Gauge,
+    /// Requests accepted by the HTTP layer and not yet answered (queued here or in the engine).
+    pub in_flight: Gauge,
+    pub kv_usage: Gauge<f64, AtomicU64>,
+    pub prefix_queries: Counter,
+    pub prefix_hits: Counter,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub success: Counter,
+    pub errors: Counter,
+    pub rejected_queue_full: Counter,
+    pub cloud_down: Counter,
+    pub cloud_up: Counter,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0, 160.0,
+    ]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            ttft: Histogram::new(latency_buckets()),
+            itl: Histogram::new(latency_buckets()),
+            e2e: Histogram::new(latency_buckets()),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            in_flight: Gauge::default(),
+            kv_usage: Gauge::default(),
+            prefix_queries: Counter::default(),
+            prefix_hits: Counter::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            success: Counter::default(),
+            errors: Counter::default(),
+            rejected_queue_full: Counter::default(),
+            cloud_down: Counter::default(),
+            cloud_up: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("metrics lock");
+            let p = "edgeprompt:";
+            macro_rules! reg {
+                ($name:expr, $help:expr, $m:expr) => {
+                    r.register(format!("{p}{}", $name), $help, $m)
+                };
+            }
+            reg!(
+                "time_to_first_token_seconds",
+                "Time to the first generated token",
+                m.ttft.clone()
+            );
+            reg!(
+                "inter_token_latency_seconds",
+                "Time between consecutive generated tokens",
+                m.itl.clone()
+            );
+            reg!(
+                "e2e_request_latency_seconds",
+                "Time from submission to the last token",
+                m.e2e.clone()
+            );
+            reg!(
+                "num_requests_running",
+                "Requests the engine is running",
+                m.running.clone()
+            );
+            reg!(
+                "num_requests_waiting",
+                "Requests waiting for admission in the engine",
+                m.waiting.clone()
+            );
+            reg!(
+                "num_requests_in_flight",
+                "Requests accepted by the HTTP layer and not yet answered",
+                m.in_flight.clone()
+            );
+            reg!(
+                "kv_cache_usage_perc",
+                "Fraction of the KV block pool in use (0 to 1)",
+                m.kv_usage.clone()
+            );
+            reg!(
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                m.prefix_queries.clone()
+            );
+            reg!(
+                "prefix_cache_hits",
+                "Prompt tokens found in the prefix cache",
+                m.prefix_hits.clone()
+            );
+            reg!(
+                "prompt_tokens",
+                "Prompt tokens of finished requests",
+                m.prompt_tokens.clone()
+            );
+            reg!(
+                "generation_tokens",
+                "Generated tokens",
+                m.generation_tokens.clone()
+            );
+            reg!(
+                "request_success",
+                "Requests that finished",
+                m.success.clone()
+            );
+            reg!(
+                "request_errors",
+                "Requests answered with an error",
+                m.errors.clone()
+            );
+            reg!(
+                "request_rejected_queue_full",
+                "Requests refused with 429 because the queue was full",
+                m.rejected_queue_full.clone()
+            );
+            reg!(
+                "cloud_bytes_received",
+                "Bytes received from the cloud",
+                m.cloud_down.clone()
+            );
+            reg!(
+                "cloud_bytes_sent",
+                "Bytes sent to the cloud",
+                m.cloud_up.clone()
+            );
+        }
+        m
+    }
+
+    /// Brings the gauges and cloud counters up to date and encodes everything.
+    pub fn render(&self, engine: &EngineStats, traffic: Option<TrafficStats>) -> String {
+        self.running.set(engine.running as i64);
+        self.waiting.set(engine.waiting as i64);
+        let usage = if engine.kv_budget_bytes > 0 {
+            engine.kv_used_bytes as f64 / engine.kv_budget_bytes as f64
+        } else {
+            0.0
+        };
+        self.kv_usage.set(usage);
+        if let Some(t) = traffic {
+            let r = self.registry.lock().expect("metrics lock");
+            // Counters only go up: add what the fetcher counted since the last scrape.
+            self.cloud_down
+                .inc_by(t.bytes_down.saturating_sub(self.cloud_down.get()));
+            self.cloud_up
+                .inc_by(t.bytes_up.saturating_sub(self.cloud_up.get()));
+            drop(r);
+        }
+        let mut out = String::new();
+        let r = self.registry.lock().expect("metrics lock");
+        encode(&mut out, &r).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_vllm_style_names() {
+        let m = Metrics::new();
+        m.ttft.observe(0.2);
+        m.prefix_queries.inc_by(10);
+        let stats = EngineStats {
+            kv_budget_bytes: 100,
+            kv_used_bytes: 25,
+            running: 2,
+            ..EngineStats::default()
+        };
+        let t = TrafficStats {
+            bytes_down: 7,
+            ..TrafficStats::default()
+        };
+        let s = m.render(&stats, Some(t));
+        assert!(
+            s.contains("edgeprompt:time_to_first_token_seconds_bucket"),
+            "{s}"
+        );
+        assert!(
+            s.contains("edgeprompt:prefix_cache_queries_total 10"),
+            "{s}"
+        );
+        assert!(s.contains("edgeprompt:num_requests_running 2"), "{s}");
+        assert!(s.contains("edgeprompt:kv_cache_usage_perc 0.25"), "{s}");
+        assert!(s.contains("edgeprompt:cloud_bytes_received_total 7"), "{s}");
+        let s = m.render(&stats, Some(t));
+        assert!(s.contains("edgeprompt:cloud_bytes_received_total 7"), "{s}");
+    }
+}

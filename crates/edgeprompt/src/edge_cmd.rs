@@ -1,0 +1,145 @@
+//! `edgeprompt edge`: the OpenAI-compatible server ([`ep_edge::serve`]) over a loaded model.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ep_edge::{ApiKeys, EdgeConfig, Fetcher};
+use ep_engine::Engine;
+
+use crate::{load, thread_pool, Common, EngineOpts};
+
+#[derive(Args)]
+pub struct EdgeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    engine: EngineOpts,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// The model id clients name (default: the model file's stem); cloud prompts are
+    /// "<model-id>:<cloud-prompt-name>".
+    #[arg(long)]
+    model_id: Option<String>,
+    /// The cloud serving cloud prompts' KV (without it: plain inference, no cloud prompts).
+    #[arg(long)]
+    cloud_url: Option<String>,
+    /// Bearer token for the cloud.
+    #[arg(long, env = "EDGEPROMPT_CLOUD_TOKEN")]
+    cloud_token: Option<String>,
+    /// The cloud's manifest signing key (hex Ed25519 public key) to pin.
+    #[arg(long)]
+    cloud_key: Option<String>,
+    /// Disk cache of fetched cloud prompts.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// API keys: one per line, or `key tenant` pairs (without: the bearer token is the tenant).
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
+    /// Requests held beyond the engine's batch before answering 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Sequences the engine runs at once.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+}
+
+pub fn run(a: EdgeArgs) -> Result<()> {
+    if a.max_seqs == 0 {
+        bail!("--max-seqs must be at least 1");
+    }
+    let api_keys = match &a.api_keys {
+        Some(p) => Some(ApiKeys::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let pool = Arc::new(thread_pool(a.common.threads)?);
+    let path = a
+        .common
+        .model
+        .clone()
+        .unwrap_or_else(ep_model::paths::default_model_path);
+    let l = pool.install(|| load(&a.common))?;
+    let cfg = ep_engine::EngineConfig {
+        max_seqs: a.max_seqs,
+        ..a.engine.config(l.n_ctx)?
+    };
+    let tok = Arc::new(l.tok);
+    let engine = Arc::new(Engine::start(
+        Arc::new(l.model),
+        tok.clone(),
+        cfg,
+        Some(pool),
+    )?);
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .or(path.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "edgeprompt".into())
+    });
+    let fetcher: Option<Arc<Fetcher>> = match &a.cloud_url {
+        None => None,
+        Some(url) => {
+            // FETCHER: construct it here once `Fetcher::new(...)` lands — with the cloud URL, token,
+            // pinned key, disk cache and the engine (`url`, `a.cloud_token`, `a.cloud_key`,
+            // `a.cache_dir`, `engine.clone()`).
+            let _ = (&a.cloud_token, &a.cloud_key, &a.cache_dir);
+            bail!("--cloud-url {url}: the cloud fetcher is not available in this build yet");
+        }
+    };
+    let cfg = EdgeConfig {
+        listen: a.listen,
+        model_id,
+        api_keys,
+        max_queue: a.max_queue,
+        max_body_bytes: a.max_body_bytes,
+        ..EdgeConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    eprintln!(
+        "edge: serving '{}' on http://{} (Ctrl-C or SIGTERM stops it after the running requests)",
+        cfg.model_id, cfg.listen
+    );
+    rt.block_on(ep_edge::serve(
+        cfg,
+        engine,
+        tok,
+        l.template,
+        fetcher,
+        shutdown_signal(),
+    ))
+    .with_context(|| format!("serving on {}", a.listen))?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("edge: stopping (finishing running requests)");
+}
