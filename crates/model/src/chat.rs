@@ -73,6 +73,7 @@ impl std::error::Error for Raised {}
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -103,6 +104,7 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -163,6 +165,11 @@ impl ChatTemplate {
             Some(msg) => ChatError::Raised(msg),
             None => ChatError::Render(describe(&e)),
         })
+    }
+
+    /// The template's Jinja source (what a cloud prompt's template digest is computed over).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The BOS text the template sees.
