@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
+# The cloud's Redis store tests start their own redis-server.
+command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 cargo test --release --workspace "$@"
