@@ -434,3 +434,172 @@ async fn a_restarted_edge_serves_from_its_disk_cache_and_survives_the_cloud() {
     ));
     assert!(!sp.exists(), "the bad entry is dropped");
 }
+
+/// A TCP forwarder that counts the bytes each way.
+async fn counting_proxy(
+    upstream: std::net::SocketAddr,
+) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (u, d) = (up.clone(), down.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = l.accept().await else {
+                return;
+            };
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let (u, d) = (u.clone(), d.clone());
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n) = cr.read(&mut b).await {
+                    if n == 0 || sw.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                    u.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            });
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n) = sr.read(&mut b).await {
+                    if n == 0 || cw.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                    d.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (url, up, down)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_counts_are_the_bytes_on_the_wire() {
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let c = cloud(&t, dir.path()).await;
+    register(&c.url(), "sys", &text(6, 40)).await;
+    let (url, up, down) = counting_proxy(c.addr()).await;
+    let mut cfg = fetcher_cfg(&url, None);
+    cfg.cloud_key = Some(c.public_key().to_string());
+    let f = Fetcher::new(cfg, engine(&t), [0; 32]).unwrap();
+    let p = f.resolve("sys").await.unwrap();
+    p.wait_complete().await.unwrap();
+    assert!(matches!(
+        f.resolve("nope").await,
+        Err(FetchError::NotFound(_))
+    ));
+    let tr = f.traffic();
+    // The forwarder may still be passing the last bytes on.
+    let t0 = Instant::now();
+    while down.load(Ordering::SeqCst) < tr.bytes_down && t0.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(tr.bytes_up, up.load(Ordering::SeqCst), "{tr:?}");
+    assert_eq!(tr.bytes_down, down.load(Ordering::SeqCst), "{tr:?}");
+    assert_eq!(tr.requests, 4, "name, manifest, stream, unknown name");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    // A private CA and a server certificate it signs.
+    let pk = |n: &str| pki.path().join(n);
+    let (cert, key, ca) = (pk("cert.pem"), pk("key.pem"), pk("ca.pem"));
+    std::fs::write(
+        pk("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    for cmd in [
+        format!("req -x509 {ec} -days 1 -subj /CN=edgeprompt-test-ca -keyout ca.key -out ca.pem"),
+        format!("req {ec} -subj /CN=localhost -keyout key.pem -out leaf.csr"),
+        "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem".to_string(),
+    ] {
+        let ok = std::process::Command::new("openssl")
+            .args(cmd.split(' '))
+            .current_dir(pki.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(ok.success(), "openssl {cmd}");
+    }
+    let cfg = CloudConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        frame_tokens: 48,
+        token: Some("tok".into()),
+        tls: Some(ep_cloud::TlsFiles { cert, key }),
+        ..CloudConfig::default()
+    };
+    let model = CloudModel {
+        engine: engine(&t),
+        tok: t.tok.clone(),
+        template: None,
+    };
+    let c = ep_cloud::serve(cfg, Arc::new(DirStore::open(dir.path()).unwrap()), model)
+        .await
+        .unwrap();
+    assert!(c.url().starts_with("https://"));
+    let pem = std::fs::read(&ca).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/v1/cloud-prompts", c.url()))
+        .bearer_auth("tok")
+        .json(&json!({"name": "sys", "text": text(7, 30)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let t0 = Instant::now();
+    loop {
+        let i: CloudPromptInfo = http
+            .get(format!("{}/v1/cloud-prompts/sys", c.url()))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if i.status == PromptStatus::Ready {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let edge = engine(&t);
+    let mut cfg = fetcher_cfg(&c.url(), None);
+    cfg.cloud_key = Some(c.public_key().to_string());
+    // Without the CA the certificate is not trusted: the cloud is unreachable.
+    let f = Fetcher::new(cfg.clone(), edge.clone(), [0; 32]).unwrap();
+    assert!(matches!(
+        f.resolve("sys").await,
+        Err(FetchError::Unavailable { .. })
+    ));
+    // Without the token: refused.
+    cfg.cloud_ca = Some(ca);
+    let f = Fetcher::new(cfg.clone(), edge.clone(), [0; 32]).unwrap();
+    assert!(matches!(
+        f.resolve("sys").await,
+        Err(FetchError::Refused { .. })
+    ));
+    cfg.token = Some("tok".into());
+    let f = Fetcher::new(cfg, edge.clone(), [0; 32]).unwrap();
+    let p = f.resolve("sys").await.unwrap();
+    p.wait_complete().await.unwrap();
+    let prompt = extend(&p.tokens);
+    let (got, _) = generate(&edge, prompt.clone(), p.tokens.len()).await;
+    let (want, _) = generate(&engine(&t), prompt, p.tokens.len()).await;
+    assert_eq!(got, want);
+    c.shutdown().await.unwrap();
+}
