@@ -16,7 +16,7 @@ pub mod http;
 pub mod render;
 pub mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -275,7 +275,6 @@ pub(crate) struct Cloud {
     inflight: Mutex<HashSet<String>>,
     /// Serialises this process's read-modify-write of records.
     registry_lock: tokio::sync::Mutex<()>,
-    manifests: Mutex<HashMap<String, Arc<StoredManifest>>>,
     pub metrics: Metrics,
 }
 
@@ -381,25 +380,18 @@ impl Cloud {
         Ok(self.store.put_record(&rec.name, &b).await?)
     }
 
-    /// The stored manifest of `id` (cached in memory: content-addressed, immutable).
+    /// The stored manifest of `id` (read from the store each time, so that what another replica
+    /// collected is not served from memory).
     pub async fn manifest(&self, id: &str) -> Result<Option<Arc<StoredManifest>>, ApiError> {
-        if let Some(m) = self.manifests.lock().expect("manifests lock").get(id) {
-            return Ok(Some(m.clone()));
-        }
         let Some(json) = self.store.get_manifest(id).await? else {
             return Ok(None);
         };
         let signed: SignedManifest = serde_json::from_slice(&json)
             .map_err(|e| ApiError::internal(format!("the manifest of {id} is corrupt: {e}")))?;
-        let m = Arc::new(StoredManifest {
+        Ok(Some(Arc::new(StoredManifest {
             signed,
             json: Bytes::from(json),
-        });
-        self.manifests
-            .lock()
-            .expect("manifests lock")
-            .insert(id.to_string(), m.clone());
-        Ok(Some(m))
+        })))
     }
 
     /// Registers content under a name (`POST /v1/cloud-prompts`). Returns the version and whether it
@@ -694,7 +686,6 @@ impl Cloud {
         }
         for id in ids {
             self.store.delete_kv(&id).await?;
-            self.manifests.lock().expect("manifests lock").remove(&id);
             tracing::info!(id = short(&id), "KV deleted");
         }
         Ok(())
@@ -936,7 +927,6 @@ pub async fn serve(
         jobs: jtx,
         inflight: Mutex::new(HashSet::new()),
         registry_lock: tokio::sync::Mutex::new(()),
-        manifests: Mutex::new(HashMap::new()),
         metrics: Metrics::new(),
     });
     let key_hex = cloud.public_key_hex();

@@ -17,6 +17,8 @@ use ep_model::tokenizer::Tokenizer;
 use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod cloud_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "edgeprompt",
@@ -43,6 +45,9 @@ enum Command {
     /// KV files: export the KV of a prompt prefix in the wire format (what a cloud serves to edges).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// The cloud: the cloud prompt registry, KV computed once and served signed to edges
+    /// (`cloud key --store S` prints the signing key).
+    Cloud(cloud_cmd::CloudArgs),
 }
 
 #[derive(Subcommand)]
@@ -891,6 +896,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
+        Command::Cloud(a) => cloud_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
