@@ -297,9 +297,13 @@ async fn manifest(
         .expect("valid response"))
 }
 
+/// A range that lies past the end of the body (HTTP 416).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A `Range: bytes=…` header against a body of `len` bytes: `Ok(None)` to send the whole body (absent,
-/// not bytes, several ranges or malformed), `Err(())` when unsatisfiable, else `start..end`.
-pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+/// not bytes, several ranges or malformed), `Err(Unsatisfiable)` past the end, else `start..end`.
+pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
         return Ok(None);
     };
@@ -315,7 +319,7 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, 
             return Ok(None);
         };
         if n == 0 || len == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         return Ok(Some((len.saturating_sub(n), len)));
     }
@@ -331,7 +335,7 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, 
         }
     };
     if start >= len {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -387,7 +391,7 @@ async fn stream(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::ACCEPT_RANGES, "bytes");
     let r = match parse_range(range, len) {
-        Err(()) => b
+        Err(Unsatisfiable) => b
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
             .header(header::CONTENT_RANGE, format!("bytes */{len}"))
             .body(Body::empty()),
@@ -470,7 +474,7 @@ async fn prefetch(State(c): State<Arc<Cloud>>) -> ApiResult<Json<PrefetchHints>>
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, Unsatisfiable};
 
     #[test]
     fn ranges() {
@@ -479,8 +483,8 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=2-4"), 10), Ok(Some((2, 5))));
         assert_eq!(parse_range(Some("bytes=2-40"), 10), Ok(Some((2, 10))));
         assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 10))));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=4-2"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=1-2,4-5"), 10), Ok(None));
         assert_eq!(parse_range(Some("items=1-2"), 10), Ok(None));

@@ -153,14 +153,14 @@ impl DiskCache {
     /// Ids cached, most recently used first.
     pub fn ids(&self) -> std::io::Result<Vec<String>> {
         let mut e = self.entries()?;
-        e.sort_by(|a, b| b.2.cmp(&a.2));
+        e.sort_by_key(|b| std::cmp::Reverse(b.2));
         Ok(e.into_iter().map(|e| e.0).collect())
     }
 
     fn evict(&self, _new: u64, keep: &str) -> std::io::Result<()> {
         let mut e = self.entries()?;
         let mut total: u64 = e.iter().map(|e| e.1).sum();
-        e.sort_by(|a, b| a.2.cmp(&b.2));
+        e.sort_by_key(|a| a.2);
         for (id, bytes, _) in e {
             if total <= self.budget {
                 break;
