@@ -3,10 +3,39 @@
 //! the KV through the engine as it arrives (requests run the layers present), pinning it, and keeping it
 //! in a disk cache so a restarted edge does not fetch again. Upstream it sends requests by name or id
 //! only — nothing derived from user content.
+//!
+//! **Trust.** A manifest is used only if its Ed25519 signature verifies under the pinned cloud key
+//! ([`FetcherConfig::cloud_key`]). Without a pinned key the first key seen is trusted and remembered
+//! in the cache directory — allowed only when the cloud is on loopback. Plain HTTP is refused off
+//! loopback unless [`FetcherConfig::allow_plain_http`].
+//!
+//! **Streaming.** The stream is cut at the manifest's frame boundaries: the header is imported as soon
+//! as it is complete ([`Fetcher::resolve`] returns then), each frame is decoded (its BLAKE3 checked),
+//! compared with the manifest's entry and written to the import. A frame that fails is refetched alone
+//! from `/v1/kv/{id}/frames/{layer}/{start}` (the bad bytes are never written); an interrupted stream
+//! resumes with `Range` where it stopped.
+//!
+//! **Traffic.** [`Fetcher::traffic`] counts the HTTP/1.1 messages exchanged with the cloud: request
+//! line, header lines and body up; status line, header lines and body down (every header is set
+//! explicitly, so the count is what is written; transfer-encoding framing and TLS records are not
+//! counted).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use ep_proto::{CloudPromptInfo, PromptContent};
+use ep_engine::{Engine, KvImport};
+use ep_kv::wire::{Frame, Item, KvHeader, StreamReader};
+use ep_proto::{CloudPromptInfo, CloudPromptList, Manifest, PromptContent, SignedManifest};
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{oneshot, watch, OnceCell};
+
+use crate::cache::{DiskCache, NameEntry};
 
 /// A cloud prompt this edge can serve: its content, its token ids (the prefix a request extends; never
 /// re-tokenized) and its KV, imported or being imported (held pinned while this value lives).
@@ -16,6 +45,123 @@ pub struct ReadyPrompt {
     pub version: u32,
     pub content: PromptContent,
     pub tokens: Vec<u32>,
+    /// Whether the KV came from the disk cache (no KV fetched).
+    pub from_cache: bool,
+    /// The import (pinned while held); emptied when the fetch fails, so requests over it recompute.
+    import: ImportSlot,
+    progress: watch::Receiver<Progress>,
+    n_layer: usize,
+}
+
+/// How far the KV of a [`ReadyPrompt`] has arrived.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub frames_written: usize,
+    pub frames: usize,
+    pub done: bool,
+    pub error: Option<String>,
+}
+
+impl std::fmt::Debug for ReadyPrompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadyPrompt")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .field("tokens", &self.tokens.len())
+            .field("from_cache", &self.from_cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadyPrompt {
+    /// A prompt with no KV behind it (its requests compute the prefix): what rendering needs, for
+    /// callers that hold a cloud prompt's manifest data without an import.
+    pub fn without_kv(
+        name: String,
+        id: String,
+        version: u32,
+        content: PromptContent,
+        tokens: Vec<u32>,
+    ) -> Self {
+        let (_tx, progress) = watch::channel(Progress::default());
+        Self {
+            name,
+            id,
+            version,
+            content,
+            tokens,
+            from_cache: false,
+            import: Arc::default(),
+            progress,
+            n_layer: 0,
+        }
+    }
+
+    /// Layers of the KV present for every token in the engine.
+    pub fn ready_layers(&self) -> usize {
+        self.import
+            .lock()
+            .expect("import slot")
+            .as_ref()
+            .map_or(0, |i| i.ready_layers())
+    }
+
+    /// Frames written so far, and whether the fetch ended (and how).
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Whether the fetch failed (the import is then abandoned; requests over it recompute).
+    pub fn failed(&self) -> Option<String> {
+        self.progress.borrow().error.clone()
+    }
+
+    /// Waits until every frame is written and present in the engine (and, with a disk cache, the
+    /// KV is stored there).
+    pub async fn wait_complete(&self) -> Result<(), FetchError> {
+        let mut rx = self.progress.clone();
+        loop {
+            let p = rx.borrow_and_update().clone();
+            if let Some(e) = p.error {
+                return Err(FetchError::Refused {
+                    name: self.name.clone(),
+                    why: e,
+                });
+            }
+            if p.done {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                let p = rx.borrow().clone();
+                if p.done {
+                    break;
+                }
+                return Err(FetchError::Unavailable {
+                    name: self.name.clone(),
+                    why: "the fetch stopped".into(),
+                });
+            }
+        }
+        while self.ready_layers() < self.n_layer {
+            let err = self
+                .import
+                .lock()
+                .expect("import slot")
+                .as_ref()
+                .map_or(Some("the import was dropped".to_string()), |i| {
+                    i.error().map(|e| e.to_string())
+                });
+            if let Some(e) = err {
+                return Err(FetchError::Refused {
+                    name: self.name.clone(),
+                    why: e,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
 }
 
 /// Why a cloud prompt cannot be served.
@@ -35,6 +181,11 @@ pub enum FetchError {
     Refused { name: String, why: String },
 }
 
+/// A fetcher that cannot be set up (bad URL, missing key, unreadable CA or cache directory).
+#[derive(Debug, thiserror::Error)]
+#[error("cloud fetcher: {0}")]
+pub struct SetupError(pub String);
+
 /// Byte counters of the traffic with the cloud.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficStats {
@@ -46,27 +197,1114 @@ pub struct TrafficStats {
     pub streams_fetched: u64,
     /// Cloud prompts loaded from the disk cache.
     pub cache_loads: u64,
+    /// Frames that failed their checks in the stream and were fetched again alone.
+    pub frames_refetched: u64,
+    /// Stream requests resumed with `Range` after an interruption.
+    pub resumes: u64,
+    /// KV bytes (stream and frames) received.
+    pub kv_bytes: u64,
+    /// HTTP requests sent.
+    pub requests: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+    streams: AtomicU64,
+    cache_loads: AtomicU64,
+    refetched: AtomicU64,
+    resumes: AtomicU64,
+    kv_bytes: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// Settings of a [`Fetcher`].
+#[derive(Clone, Debug)]
+pub struct FetcherConfig {
+    /// The cloud's base URL (`https://host:port`, or `http://…` on loopback).
+    pub cloud_url: String,
+    /// Bearer token for the cloud.
+    pub token: Option<String>,
+    /// The cloud's manifest-signing public key (hex), pinned. Required unless the cloud is on
+    /// loopback (then the first key seen is trusted and remembered in the cache directory).
+    pub cloud_key: Option<String>,
+    /// A private CA certificate (PEM) the cloud's TLS certificate chains to.
+    pub cloud_ca: Option<PathBuf>,
+    /// Allow plain HTTP to a cloud off loopback.
+    pub allow_plain_http: bool,
+    /// Disk cache directory (`None`: no disk cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache.
+    pub cache_budget_bytes: u64,
+    /// How long a name's resolution is reused before asking the cloud again.
+    pub name_ttl: Duration,
+    /// Connect timeout, and the timeout of small requests (names, manifests, frames).
+    pub timeout: Duration,
+    /// Longest wait for the next bytes of a stream.
+    pub read_timeout: Duration,
+    /// Attempts at a stream after an interruption (each resumes where the last stopped).
+    pub retries: u32,
+    /// How often leases of held prompts are renewed.
+    pub lease_renew: Duration,
+}
+
+impl FetcherConfig {
+    /// Defaults for a cloud at `cloud_url`.
+    pub fn new(cloud_url: impl Into<String>) -> Self {
+        Self {
+            cloud_url: cloud_url.into(),
+            token: None,
+            cloud_key: None,
+            cloud_ca: None,
+            allow_plain_http: false,
+            cache_dir: None,
+            cache_budget_bytes: 4 << 30,
+            name_ttl: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            retries: 5,
+            lease_renew: Duration::from_secs(120),
+        }
+    }
+}
+
+struct NameSeen {
+    info: CloudPromptInfo,
+    at: Instant,
+}
+
+type Cell = Arc<OnceCell<Arc<ReadyPrompt>>>;
+
+struct Inner {
+    cfg: FetcherConfig,
+    http: reqwest::Client,
+    /// The cloud URL without a trailing slash, and its path (prefix of request targets).
+    base: String,
+    base_path: String,
+    host: HeaderValue,
+    engine: Arc<Engine>,
+    template_hex: String,
+    /// The pinned (or first-seen) cloud key.
+    key: Mutex<Option<String>>,
+    tofu: bool,
+    cache: Option<DiskCache>,
+    names: Mutex<HashMap<String, NameSeen>>,
+    prompts: Mutex<HashMap<String, Cell>>,
+    /// The id each name was last served from.
+    served: Mutex<HashMap<String, String>>,
+    n: Counters,
 }
 
 /// Resolves, fetches and holds cloud prompts for one edge.
 pub struct Fetcher {
-    _private: (),
+    inner: Arc<Inner>,
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn refused(name: &str, why: impl Into<String>) -> FetchError {
+    FetchError::Refused {
+        name: name.to_string(),
+        why: why.into(),
+    }
+}
+
+fn unavailable(name: &str, why: impl std::fmt::Display) -> FetchError {
+    FetchError::Unavailable {
+        name: name.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn header_lines_len(h: &HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + 2 + v.len() + 2) as u64)
+        .sum::<u64>()
+        + 2
 }
 
 impl Fetcher {
+    /// A fetcher for the cloud of `cfg`, importing into `engine`; `template_digest` is BLAKE3 of this
+    /// edge's chat template source (messages prompts must have been rendered with the same one).
+    pub fn new(
+        cfg: FetcherConfig,
+        engine: Arc<Engine>,
+        template_digest: [u8; 32],
+    ) -> Result<Self, SetupError> {
+        let url = reqwest::Url::parse(&cfg.cloud_url)
+            .map_err(|e| SetupError(format!("cloud URL '{}': {e}", cfg.cloud_url)))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| SetupError(format!("cloud URL '{}' has no host", cfg.cloud_url)))?
+            .to_string();
+        let loopback = is_loopback_host(&host);
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback || cfg.allow_plain_http => {}
+            "http" => {
+                return Err(SetupError(format!(
+                    "plain HTTP to {host} would expose the token and KV: use https:// (or allow plain HTTP explicitly)"
+                )))
+            }
+            s => return Err(SetupError(format!("unsupported scheme '{s}'"))),
+        }
+        let cache = match &cfg.cache_dir {
+            Some(d) => Some(
+                DiskCache::open(d, cfg.cache_budget_bytes)
+                    .map_err(|e| SetupError(format!("cache directory {}: {e}", d.display())))?,
+            ),
+            None => None,
+        };
+        let (key, tofu) = match &cfg.cloud_key {
+            Some(k) => {
+                ep_proto::verifying_key(k)
+                    .map_err(|e| SetupError(format!("--cloud-key: {e}")))?;
+                (Some(k.to_ascii_lowercase()), false)
+            }
+            None if loopback => {
+                let remembered = cache.as_ref().and_then(|c| c.cloud_key());
+                tracing::warn!(
+                    cloud = %cfg.cloud_url,
+                    remembered = remembered.is_some(),
+                    "no cloud key pinned: trusting the key of the first manifest on first use (allowed for a loopback cloud only)"
+                );
+                (remembered, true)
+            }
+            None => {
+                return Err(SetupError(format!(
+                    "the cloud at {host} is not on loopback: pin its key (--cloud-key, printed by `edgeprompt cloud key`)"
+                )))
+            }
+        };
+        let mut b = reqwest::Client::builder()
+            .http1_only()
+            .connect_timeout(cfg.timeout)
+            .read_timeout(cfg.read_timeout)
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(ca) = &cfg.cloud_ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| SetupError(format!("--cloud-ca {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| SetupError(format!("--cloud-ca {}: {e}", ca.display())))?;
+            b = b.add_root_certificate(cert);
+        }
+        let http = b
+            .build()
+            .map_err(|e| SetupError(format!("HTTP client: {e}")))?;
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let base = cfg.cloud_url.trim_end_matches('/').to_string();
+        let base_path = url.path().trim_end_matches('/').to_string();
+        let inner = Arc::new(Inner {
+            http,
+            base,
+            base_path,
+            host: HeaderValue::from_str(&host_header)
+                .map_err(|e| SetupError(format!("cloud host: {e}")))?,
+            engine,
+            template_hex: ep_proto::hex(&template_digest),
+            key: Mutex::new(key),
+            tofu,
+            cache,
+            names: Mutex::new(HashMap::new()),
+            prompts: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
+            n: Counters::default(),
+            cfg,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(renew_leases(Arc::downgrade(&inner)));
+        }
+        Ok(Fetcher { inner })
+    }
+
     /// The cloud prompt `name`: returns once its KV import has started (the header checked and
     /// imported; frames keep arriving in the background), so requests can be submitted at once.
     pub async fn resolve(&self, name: &str) -> Result<Arc<ReadyPrompt>, FetchError> {
-        Err(FetchError::NotFound(name.to_string()))
+        let inner = &self.inner;
+        if !valid_name(name) {
+            return Err(FetchError::NotFound(name.to_string()));
+        }
+        let (id, version) = match inner.lookup(name).await {
+            Ok(info) => match info.status {
+                ep_proto::PromptStatus::Ready => (info.id, info.version),
+                status => {
+                    // A version is being computed (or failed): keep serving the last one served.
+                    let prev = inner.served.lock().expect("served").get(name).cloned();
+                    if let Some(id) = prev {
+                        if let Some(p) = inner.held(&id) {
+                            return Ok(p);
+                        }
+                    }
+                    return Err(match status {
+                        ep_proto::PromptStatus::Failed => refused(
+                            name,
+                            format!(
+                                "the cloud failed to compute it: {}",
+                                info.error.unwrap_or_default()
+                            ),
+                        ),
+                        _ => FetchError::NotReady(name.to_string()),
+                    });
+                }
+            },
+            Err(Lookup::NotFound) => return Err(FetchError::NotFound(name.to_string())),
+            Err(Lookup::Refused(why)) => return Err(refused(name, why)),
+            Err(Lookup::Down(why)) => {
+                // The cloud is down: the id served last, else the one the disk cache remembers.
+                let prev = inner.served.lock().expect("served").get(name).cloned();
+                if let Some(p) = prev.and_then(|id| inner.held(&id)) {
+                    return Ok(p);
+                }
+                let entry = inner.cache.as_ref().and_then(|c| c.name(name));
+                match entry {
+                    Some(e) if inner.cache.as_ref().is_some_and(|c| c.contains(&e.id)) => {
+                        tracing::info!(
+                            name,
+                            id = short(&e.id),
+                            "the cloud is down: serving the cached KV"
+                        );
+                        (e.id, e.version)
+                    }
+                    _ => return Err(unavailable(name, why)),
+                }
+            }
+        };
+        let p = inner.get_or_load(name, &id, version).await?;
+        let prev = inner
+            .served
+            .lock()
+            .expect("served")
+            .insert(name.to_string(), id.clone());
+        if let Some(old) = prev.filter(|o| *o != id) {
+            // The name moved on: requests in flight keep the old prompt alive through their Arc.
+            inner.prompts.lock().expect("prompts").remove(&old);
+        }
+        if let Some(c) = &inner.cache {
+            let _ = c.set_name(
+                name,
+                NameEntry {
+                    id: id.clone(),
+                    version,
+                },
+            );
+        }
+        Ok(p)
     }
 
     /// The cloud prompts the cloud lists now (for `GET /v1/models`); cached ones when it is down.
     pub async fn list(&self) -> Result<Vec<CloudPromptInfo>, FetchError> {
-        Ok(Vec::new())
+        let inner = &self.inner;
+        match inner.get_json::<CloudPromptList>("/v1/cloud-prompts").await {
+            Ok(l) => Ok(l.data),
+            Err(Lookup::Refused(why)) => Err(refused("*", why)),
+            Err(_) => {
+                let Some(c) = &inner.cache else {
+                    return Ok(Vec::new());
+                };
+                Ok(c.all_names()
+                    .into_iter()
+                    .filter(|(_, e)| c.contains(&e.id))
+                    .map(|(name, e)| CloudPromptInfo {
+                        name,
+                        id: e.id,
+                        version: e.version,
+                        status: ep_proto::PromptStatus::Ready,
+                        progress: 1.0,
+                        tokens: 0,
+                        created_at: 0,
+                        lease_until: None,
+                        error: None,
+                    })
+                    .collect())
+            }
+        }
     }
 
     /// Traffic with the cloud so far.
     pub fn traffic(&self) -> TrafficStats {
-        TrafficStats::default()
+        let n = &self.inner.n;
+        TrafficStats {
+            bytes_up: n.up.load(Ordering::Relaxed),
+            bytes_down: n.down.load(Ordering::Relaxed),
+            streams_fetched: n.streams.load(Ordering::Relaxed),
+            cache_loads: n.cache_loads.load(Ordering::Relaxed),
+            frames_refetched: n.refetched.load(Ordering::Relaxed),
+            resumes: n.resumes.load(Ordering::Relaxed),
+            kv_bytes: n.kv_bytes.load(Ordering::Relaxed),
+            requests: n.requests.load(Ordering::Relaxed),
+        }
     }
+
+    /// The cloud key manifests are checked against (pinned, or trusted on first use).
+    pub fn cloud_key(&self) -> Option<String> {
+        self.inner.key.lock().expect("key").clone()
+    }
+}
+
+enum Lookup {
+    NotFound,
+    Refused(String),
+    Down(String),
+}
+
+/// Renews the leases of the prompts held, until the fetcher is dropped.
+async fn renew_leases(inner: Weak<Inner>) {
+    let every = match inner.upgrade() {
+        Some(i) => i.cfg.lease_renew,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(i) = inner.upgrade() else {
+            return;
+        };
+        let ids: Vec<String> = i.prompts.lock().expect("prompts").keys().cloned().collect();
+        for id in ids {
+            let path = format!("/v1/kv/{id}/lease");
+            match i.send(Method::POST, &path, &[]).await {
+                Ok(r) => {
+                    let ok = r.status().is_success();
+                    let _ = i.body(r).await;
+                    if !ok {
+                        tracing::debug!(id = short(&id), "lease not renewed");
+                    }
+                }
+                Err(e) => tracing::debug!(id = short(&id), "lease renewal: {e}"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Sends a request with every header explicit, counting its bytes and the response head's.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        extra: &[(HeaderName, String)],
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::HOST, self.host.clone());
+        h.insert(reqwest::header::ACCEPT, HeaderValue::from_static("*/*"));
+        if let Some(t) = &self.cfg.token {
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
+                h.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        }
+        if method == Method::POST {
+            h.insert(
+                reqwest::header::CONTENT_LENGTH,
+                HeaderValue::from_static("0"),
+            );
+        }
+        for (k, v) in extra {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(k.clone(), v);
+            }
+        }
+        let line = format!("{method} {}{path} HTTP/1.1\r\n", self.base_path);
+        self.n
+            .up
+            .fetch_add(line.len() as u64 + header_lines_len(&h), Ordering::Relaxed);
+        self.n.requests.fetch_add(1, Ordering::Relaxed);
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .headers(h)
+            .send()
+            .await?;
+        let s = r.status();
+        let status_line = format!(
+            "HTTP/1.1 {} {}\r\n",
+            s.as_u16(),
+            s.canonical_reason().unwrap_or("")
+        );
+        self.n.down.fetch_add(
+            status_line.len() as u64 + header_lines_len(r.headers()),
+            Ordering::Relaxed,
+        );
+        Ok(r)
+    }
+
+    /// A response's whole body, counted.
+    async fn body(&self, r: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
+        let b = r.bytes().await?;
+        self.n.down.fetch_add(b.len() as u64, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, Lookup> {
+        let r = tokio::time::timeout(self.cfg.timeout, self.send(Method::GET, path, &[]))
+            .await
+            .map_err(|_| Lookup::Down("the cloud did not answer in time".into()))?
+            .map_err(|e| Lookup::Down(format!("cannot reach the cloud: {e}")))?;
+        let status = r.status();
+        let body = tokio::time::timeout(self.cfg.timeout, self.body(r))
+            .await
+            .map_err(|_| Lookup::Down("the cloud did not answer in time".into()))?
+            .map_err(|e| Lookup::Down(format!("reading the cloud's answer: {e}")))?;
+        match status {
+            s if s.is_success() => serde_json::from_slice(&body)
+                .map_err(|e| Lookup::Refused(format!("the cloud's answer is not valid: {e}"))),
+            StatusCode::NOT_FOUND => Err(Lookup::NotFound),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Lookup::Refused(
+                "the cloud refused this edge's token".into(),
+            )),
+            s if s.is_server_error() => Err(Lookup::Down(format!("the cloud answered {s}"))),
+            s => Err(Lookup::Refused(format!("the cloud answered {s}"))),
+        }
+    }
+
+    /// The registry's current version of `name` (reused for `name_ttl`).
+    async fn lookup(&self, name: &str) -> Result<CloudPromptInfo, Lookup> {
+        if let Some(s) = self.names.lock().expect("names").get(name) {
+            if s.at.elapsed() < self.cfg.name_ttl && s.info.status == ep_proto::PromptStatus::Ready
+            {
+                return Ok(s.info.clone());
+            }
+        }
+        let info: CloudPromptInfo = self.get_json(&format!("/v1/cloud-prompts/{name}")).await?;
+        self.names.lock().expect("names").insert(
+            name.to_string(),
+            NameSeen {
+                info: info.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(info)
+    }
+
+    /// The prompt of `id` if it is held and its fetch has not failed.
+    fn held(&self, id: &str) -> Option<Arc<ReadyPrompt>> {
+        let cell = self.prompts.lock().expect("prompts").get(id).cloned()?;
+        cell.get().filter(|p| p.failed().is_none()).cloned()
+    }
+
+    /// The held prompt of `id`, else loaded from the disk cache, else fetched; concurrent callers
+    /// share one load.
+    async fn get_or_load(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+    ) -> Result<Arc<ReadyPrompt>, FetchError> {
+        let cell = {
+            let mut m = self.prompts.lock().expect("prompts");
+            let c = m.entry(id.to_string()).or_default();
+            if c.get().is_some_and(|p| p.failed().is_some()) {
+                *c = Arc::default();
+            }
+            c.clone()
+        };
+        cell.get_or_try_init(|| async {
+            if let Some(p) = self.load_cached(name, id, version).await {
+                return Ok(p);
+            }
+            self.fetch(name, id, version).await
+        })
+        .await
+        .cloned()
+    }
+
+    /// The key manifests must be signed with; on first use (loopback only) the one this manifest
+    /// names, remembered.
+    fn check_signature(&self, name: &str, s: &SignedManifest) -> Result<(), FetchError> {
+        let mut key = self.key.lock().expect("key");
+        let pinned = match &*key {
+            Some(k) => k.clone(),
+            None if self.tofu => {
+                ep_proto::verify(&s.key, s).map_err(|e| refused(name, e.to_string()))?;
+                tracing::warn!(key = %s.key, "trusting the cloud key on first use");
+                if let Some(c) = &self.cache {
+                    let _ = c.set_cloud_key(&s.key);
+                }
+                *key = Some(s.key.to_ascii_lowercase());
+                return Ok(());
+            }
+            None => return Err(refused(name, "no cloud key is pinned")),
+        };
+        ep_proto::verify(&pinned, s).map_err(|e| refused(name, e.to_string()))
+    }
+
+    /// Checks a signed manifest for `id`: signature, format, id, identity, layout, template, and the
+    /// frame table (contiguous, covering every token of every layer).
+    fn check_manifest(&self, name: &str, id: &str, s: &SignedManifest) -> Result<(), FetchError> {
+        self.check_signature(name, s)?;
+        let m = &s.manifest;
+        let r = |why: String| Err(refused(name, why));
+        if m.format != ep_proto::MANIFEST_FORMAT {
+            return r(format!("unknown manifest format '{}'", m.format));
+        }
+        if m.id != id {
+            return r(format!("the manifest is of {}, not {id}", m.id));
+        }
+        let ours = self.engine.identity().digest();
+        if m.identity_digest != ep_proto::hex(&ours) {
+            return r(format!(
+                "its KV was computed by another model or build ({}; this edge runs {})",
+                m.identity,
+                self.engine.identity().to_hex()
+            ));
+        }
+        if ep_proto::prompt_id(&ours, &m.tokens) != m.id {
+            return r("its id is not the hash of its tokens".into());
+        }
+        let l = self.engine.layout();
+        let want = ep_proto::Layout {
+            n_layer: l.n_layer as u32,
+            n_head_kv: l.n_head_kv as u32,
+            head_dim: l.head_dim as u32,
+            block_tokens: l.block_tokens as u32,
+            dtype: l.dtype.name().to_string(),
+        };
+        if m.layout != want {
+            return r(format!(
+                "its KV layout {:?} is not this edge's {want:?} (run with the cloud's --kv-dtype and --block-size)",
+                m.layout
+            ));
+        }
+        if let PromptContent::Messages(_) = m.content {
+            if m.template_digest != self.template_hex {
+                return r("it was rendered with another chat template than this edge's".into());
+            }
+        }
+        let mut off = m.header_bytes;
+        let mut covered = vec![0u32; l.n_layer];
+        for f in &m.frames {
+            if f.offset != off
+                || f.layer as usize >= l.n_layer
+                || covered[f.layer as usize] != f.start
+            {
+                return r("its frame table is not a contiguous layer-major stream".into());
+            }
+            if f.end <= f.start || f.bytes < ep_kv::wire::FRAME_HEADER_BYTES as u64 {
+                return r("its frame table has an empty frame".into());
+            }
+            covered[f.layer as usize] = f.end;
+            off += f.bytes;
+        }
+        if off != m.stream_bytes || covered.iter().any(|&c| c as usize != m.tokens.len()) {
+            return r("its frame table does not cover the stream".into());
+        }
+        Ok(())
+    }
+
+    /// Checks a decoded header against the manifest.
+    fn check_header(
+        &self,
+        name: &str,
+        m: &Manifest,
+        h: &KvHeader,
+        bytes: &[u8],
+    ) -> Result<(), FetchError> {
+        if ep_proto::hex(blake3::hash(bytes).as_bytes()) != m.header_digest
+            || h.tokens != m.tokens
+            || h.block_hashes
+                .iter()
+                .map(|b| b.to_hex())
+                .ne(m.block_hashes.iter().cloned())
+        {
+            return Err(refused(
+                name,
+                "the stream's header differs from the manifest",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads `id` from the disk cache (checking it all again); `None` when absent or bad.
+    async fn load_cached(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+    ) -> Option<Arc<ReadyPrompt>> {
+        let cache = self.cache.as_ref()?;
+        let (mjson, stream) = match cache.read(id) {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(id = short(id), "reading the KV disk cache: {e}");
+                return None;
+            }
+        };
+        match self.import_cached(name, id, version, &mjson, &stream).await {
+            Ok(p) => {
+                self.n.cache_loads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    name,
+                    id = short(id),
+                    bytes = stream.len(),
+                    "cloud prompt loaded from the disk cache"
+                );
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(name, id = short(id), "dropping a bad disk-cache entry: {e}");
+                cache.remove(id);
+                None
+            }
+        }
+    }
+
+    async fn import_cached(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+        mjson: &[u8],
+        stream: &[u8],
+    ) -> Result<Arc<ReadyPrompt>, FetchError> {
+        let s: SignedManifest = serde_json::from_slice(mjson)
+            .map_err(|e| refused(name, format!("cached manifest: {e}")))?;
+        self.check_manifest(name, id, &s)?;
+        let m = &s.manifest;
+        if stream.len() as u64 != m.stream_bytes {
+            return Err(refused(name, "the cached stream has the wrong length"));
+        }
+        let hb = m.header_bytes as usize;
+        let mut rd = StreamReader::new();
+        rd.push(&stream[..hb]);
+        let header = match rd.next_item() {
+            Ok(Some(Item::Header(h))) => h,
+            _ => return Err(refused(name, "the cached stream's header is bad")),
+        };
+        self.check_header(name, m, &header, &stream[..hb])?;
+        let mut frames = Vec::with_capacity(m.frames.len());
+        for fr in &m.frames {
+            rd.push(&stream[fr.offset as usize..(fr.offset + fr.bytes) as usize]);
+            match rd.next_item() {
+                Ok(Some(Item::Frame(f))) if frame_matches(&f, fr) => frames.push(f),
+                _ => return Err(refused(name, "a cached frame is bad")),
+            }
+        }
+        let import = self
+            .engine
+            .import_header(&header)
+            .await
+            .map_err(|e| refused(name, e.to_string()))?;
+        for f in &frames {
+            import
+                .write_frame(f)
+                .map_err(|e| refused(name, e.to_string()))?;
+        }
+        let (ptx, prx) = watch::channel(Progress {
+            frames_written: frames.len(),
+            frames: frames.len(),
+            done: true,
+            error: None,
+        });
+        drop(ptx);
+        Ok(Arc::new(ReadyPrompt {
+            name: name.to_string(),
+            id: id.to_string(),
+            version,
+            content: m.content.clone(),
+            tokens: m.tokens.clone(),
+            from_cache: true,
+            import: Arc::new(Mutex::new(Some(Arc::new(import)))),
+            progress: prx,
+            n_layer: header.layout.n_layer as usize,
+        }))
+    }
+
+    /// Fetches `id` from the cloud: the manifest, then the stream in a background task; returns once
+    /// the header is imported.
+    async fn fetch(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+    ) -> Result<Arc<ReadyPrompt>, FetchError> {
+        let s: SignedManifest = match self.get_json(&format!("/v1/kv/{id}/manifest")).await {
+            Ok(s) => s,
+            Err(Lookup::NotFound) => return Err(FetchError::NotFound(name.to_string())),
+            Err(Lookup::Refused(why)) => return Err(refused(name, why)),
+            Err(Lookup::Down(why)) => return Err(unavailable(name, why)),
+        };
+        self.check_manifest(name, id, &s)?;
+        let mjson = serde_json::to_vec(&s).map_err(|e| refused(name, e.to_string()))?;
+        let (htx, hrx) = oneshot::channel();
+        let slot: ImportSlot = Arc::default();
+        let (ptx, prx) = watch::channel(Progress {
+            frames: s.manifest.frames.len(),
+            ..Progress::default()
+        });
+        self.n.streams.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            name,
+            id = short(id),
+            bytes = s.manifest.stream_bytes,
+            "fetching cloud prompt KV"
+        );
+        let job = StreamJob {
+            inner: self.clone(),
+            name: name.to_string(),
+            id: id.to_string(),
+            manifest: s.manifest.clone(),
+            mjson,
+            header_tx: Some(htx),
+            progress: ptx,
+            slot: slot.clone(),
+        };
+        tokio::spawn(job.run());
+        let header = hrx
+            .await
+            .map_err(|_| unavailable(name, "the stream task stopped"))??;
+        Ok(Arc::new(ReadyPrompt {
+            name: name.to_string(),
+            id: id.to_string(),
+            version,
+            content: s.manifest.content.clone(),
+            tokens: s.manifest.tokens.clone(),
+            from_cache: false,
+            import: slot,
+            progress: prx,
+            n_layer: header.layout.n_layer as usize,
+        }))
+    }
+}
+
+fn frame_matches(f: &Frame, r: &ep_proto::FrameRef) -> bool {
+    f.layer == r.layer
+        && f.start == r.start
+        && f.end == r.end
+        && f.codec == r.codec
+        && ep_proto::hex(&f.digest) == r.digest
+}
+
+type HeaderResult = Result<KvHeader, FetchError>;
+type ImportSlot = Arc<Mutex<Option<Arc<KvImport>>>>;
+
+/// One stream being fetched.
+struct StreamJob {
+    inner: Arc<Inner>,
+    name: String,
+    id: String,
+    manifest: Manifest,
+    mjson: Vec<u8>,
+    header_tx: Option<oneshot::Sender<HeaderResult>>,
+    progress: watch::Sender<Progress>,
+    slot: ImportSlot,
+}
+
+/// Where the stream stands.
+struct Cursor {
+    /// Absolute offset of the next byte to receive.
+    pos: u64,
+    /// Item being received: 0 the header, i + 1 frame i.
+    item: usize,
+    reader: StreamReader,
+    header_bytes: Vec<u8>,
+    header: Option<KvHeader>,
+    import: Option<Arc<KvImport>>,
+    /// The whole stream as checked, for the disk cache.
+    keep: Option<Vec<u8>>,
+}
+
+impl StreamJob {
+    async fn run(mut self) {
+        let r = self.stream().await;
+        let err = match r {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = &err {
+            // An incomplete import is abandoned: requests over it recompute the prefix.
+            self.slot.lock().expect("import slot").take();
+            tracing::warn!(name = %self.name, id = short(&self.id), "fetching the KV failed: {e}");
+            if let Some(tx) = self.header_tx.take() {
+                let _ = tx.send(Err(refused(&self.name, e.clone())));
+            }
+        }
+        self.progress.send_modify(|p| {
+            p.error = err;
+            p.done = true;
+        });
+    }
+
+    /// The end of item `i` (0 the header, i + 1 frame i).
+    fn item_end(&self, i: usize) -> u64 {
+        if i == 0 {
+            self.manifest.header_bytes
+        } else {
+            let f = &self.manifest.frames[i - 1];
+            f.offset + f.bytes
+        }
+    }
+
+    async fn stream(&mut self) -> Result<(), FetchError> {
+        let m = &self.manifest;
+        let total = m.stream_bytes;
+        let mut c = Cursor {
+            pos: 0,
+            item: 0,
+            reader: StreamReader::new(),
+            header_bytes: Vec::with_capacity(m.header_bytes as usize),
+            header: None,
+            import: None,
+            keep: self
+                .inner
+                .cache
+                .as_ref()
+                .map(|_| Vec::with_capacity(total as usize)),
+        };
+        let mut failures = 0u32;
+        let path = format!("/v1/kv/{}/stream", self.id);
+        while c.pos < total {
+            let range = (c.pos > 0).then(|| {
+                (
+                    reqwest::header::RANGE,
+                    format!("bytes={}-{}", c.pos, total - 1),
+                )
+            });
+            if c.pos > 0 {
+                self.inner.n.resumes.fetch_add(1, Ordering::Relaxed);
+            }
+            let extra: Vec<_> = range.into_iter().collect();
+            let before = c.pos;
+            let r = self.inner.send(Method::GET, &path, &extra).await;
+            let err = match r {
+                Ok(resp) => {
+                    let st = resp.status();
+                    if (c.pos == 0 && st == StatusCode::OK)
+                        || (c.pos > 0 && st == StatusCode::PARTIAL_CONTENT)
+                    {
+                        match self.consume(resp, &mut c).await {
+                            Ok(()) => None,
+                            Err(Stop::Fatal(e)) => return Err(e),
+                            Err(Stop::Interrupted(why)) => Some(why),
+                        }
+                    } else if st == StatusCode::NOT_FOUND {
+                        return Err(unavailable(&self.name, "the cloud no longer has this KV"));
+                    } else if st.is_client_error() {
+                        return Err(refused(&self.name, format!("the cloud answered {st}")));
+                    } else {
+                        Some(format!("the cloud answered {st}"))
+                    }
+                }
+                Err(e) => Some(format!("cannot reach the cloud: {e}")),
+            };
+            if let Some(why) = err {
+                if c.pos > before {
+                    failures = 0;
+                }
+                failures += 1;
+                if failures > self.inner.cfg.retries {
+                    return Err(unavailable(&self.name, why));
+                }
+                tracing::info!(name = %self.name, at = c.pos, "stream interrupted ({why}); resuming");
+                tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
+            }
+        }
+        // Every frame is written: store the checked stream.
+        if let (Some(cache), Some(keep)) = (&self.inner.cache, c.keep.take()) {
+            match cache.put(&self.id, &self.mjson, &keep) {
+                Ok(true) => {}
+                Ok(false) => tracing::info!(
+                    id = short(&self.id),
+                    "KV larger than the disk cache budget; not cached"
+                ),
+                Err(e) => tracing::warn!(id = short(&self.id), "writing the KV disk cache: {e}"),
+            }
+        }
+        tracing::info!(name = %self.name, id = short(&self.id), "cloud prompt KV complete");
+        Ok(())
+    }
+
+    /// Feeds one response's body, cut at item boundaries.
+    async fn consume(&mut self, resp: reqwest::Response, c: &mut Cursor) -> Result<(), Stop> {
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Stop::Interrupted(format!("reading the stream: {e}")))?;
+            self.inner
+                .n
+                .down
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.inner
+                .n
+                .kv_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                if c.item > self.manifest.frames.len() {
+                    return Err(Stop::Interrupted(
+                        "the stream is longer than its manifest".into(),
+                    ));
+                }
+                let end = self.item_end(c.item);
+                let take = rest.len().min((end - c.pos) as usize);
+                c.reader.push(&rest[..take]);
+                if c.item == 0 {
+                    c.header_bytes.extend_from_slice(&rest[..take]);
+                }
+                rest = &rest[take..];
+                c.pos += take as u64;
+                if c.pos == end {
+                    self.item_done(c).await?;
+                }
+            }
+        }
+        if c.pos < self.manifest.stream_bytes {
+            return Err(Stop::Interrupted("the stream ended early".into()));
+        }
+        Ok(())
+    }
+
+    /// The bytes of the current item are all pushed: decode, check and use it.
+    async fn item_done(&mut self, c: &mut Cursor) -> Result<(), Stop> {
+        let item = c.reader.next_item();
+        if c.item == 0 {
+            let h = match item {
+                Ok(Some(Item::Header(h))) => h,
+                _ => {
+                    return Err(Stop::Fatal(refused(
+                        &self.name,
+                        "the stream's header is bad",
+                    )));
+                }
+            };
+            self.inner
+                .check_header(&self.name, &self.manifest, &h, &c.header_bytes)
+                .map_err(Stop::Fatal)?;
+            let import = self
+                .inner
+                .engine
+                .import_header(&h)
+                .await
+                .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
+            let import = Arc::new(import);
+            if let Some(k) = c.keep.as_mut() {
+                k.extend_from_slice(&c.header_bytes);
+            }
+            c.import = Some(import.clone());
+            c.header = Some(h.clone());
+            *self.slot.lock().expect("import slot") = Some(import);
+            if let Some(tx) = self.header_tx.take() {
+                let _ = tx.send(Ok(h));
+            }
+            c.item = 1;
+            return Ok(());
+        }
+        let fr = self.manifest.frames[c.item - 1].clone();
+        let good = match item {
+            Ok(Some(Item::Frame(f))) if frame_matches(&f, &fr) => Some(f),
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    _ => "it differs from the manifest".into(),
+                };
+                tracing::warn!(
+                    name = %self.name,
+                    layer = fr.layer,
+                    start = fr.start,
+                    "a frame failed its check ({why}); refetching it alone"
+                );
+                // The reader is failed (or misaligned): start a new one after the header.
+                c.reader = StreamReader::new();
+                c.reader.push(&c.header_bytes);
+                let _ = c.reader.next_item();
+                None
+            }
+        };
+        let f = match good {
+            Some(f) => f,
+            None => self.refetch(&fr, c).await?,
+        };
+        let import = c.import.as_ref().expect("the header came first");
+        import
+            .write_frame(&f)
+            .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
+        if let Some(k) = c.keep.as_mut() {
+            f.encode_into(k);
+        }
+        self.progress.send_modify(|p| p.frames_written += 1);
+        c.item += 1;
+        Ok(())
+    }
+
+    /// One frame fetched alone, checked like the stream's.
+    async fn refetch(&self, fr: &ep_proto::FrameRef, c: &Cursor) -> Result<Frame, Stop> {
+        self.inner.n.refetched.fetch_add(1, Ordering::Relaxed);
+        let path = format!("/v1/kv/{}/frames/{}/{}", self.id, fr.layer, fr.start);
+        let header = c.header.as_ref().expect("the header came first");
+        let mut last = String::new();
+        for attempt in 0..=self.inner.cfg.retries {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+            }
+            let r = match self.inner.send(Method::GET, &path, &[]).await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    last = format!("the cloud answered {}", r.status());
+                    let _ = self.inner.body(r).await;
+                    continue;
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let b = match self.inner.body(r).await {
+                Ok(b) => b,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            self.inner
+                .n
+                .kv_bytes
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            match Frame::decode(&b) {
+                Ok((f, n))
+                    if n == b.len()
+                        && frame_matches(&f, fr)
+                        && ep_kv::wire::validate_frame(header, &f).is_ok() =>
+                {
+                    return Ok(f)
+                }
+                _ => {
+                    // The cloud serves this frame bad too: it cannot be used.
+                    return Err(Stop::Fatal(refused(
+                        &self.name,
+                        format!(
+                            "the frame of layer {}, tokens {}..{} is bad when fetched alone too",
+                            fr.layer, fr.start, fr.end
+                        ),
+                    )));
+                }
+            }
+        }
+        Err(Stop::Fatal(unavailable(
+            &self.name,
+            format!("refetching a frame: {last}"),
+        )))
+    }
+}
+
+enum Stop {
+    /// Retry from where the stream stands.
+    Interrupted(String),
+    /// Give up.
+    Fatal(FetchError),
 }

@@ -1,12 +1,13 @@
 //! The edge: the OpenAI-compatible server users talk to. Cloud prompts arrive as signed,
-//! content-addressed KV from the cloud ([`fetch`]); everything the user sends — messages, edge prompts —
-//! is tokenized, prefilled and decoded here and never leaves the edge.
+//! content-addressed KV from the cloud ([`fetch`], kept on disk by [`cache`]); everything the user
+//! sends — messages, edge prompts — is tokenized, prefilled and decoded here and never leaves the edge.
 //!
 //! **Routes** ([`server`]): `POST /v1/chat/completions`, `POST /v1/completions` (both streaming with
 //! SSE or not), `GET /v1/models`, `POST|GET /v1/edge-prompts`, `DELETE /v1/edge-prompts/{name}`,
 //! `DELETE /v1/tenants/self/cache` (these need the tenant's bearer token when keys are configured);
 //! `GET /health`, `GET /metrics`, `GET /openapi.json` (no authentication).
 
+pub mod cache;
 pub mod error;
 pub mod fetch;
 pub mod metrics;

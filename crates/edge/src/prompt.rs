@@ -244,13 +244,7 @@ mod tests {
     }
 
     fn cloud(content: PromptContent, tokens: Vec<u32>) -> ReadyPrompt {
-        ReadyPrompt {
-            name: "law".into(),
-            id: "00".into(),
-            version: 1,
-            content,
-            tokens,
-        }
+        ReadyPrompt::without_kv("law".into(), "00".into(), 1, content, tokens)
     }
 
     #[test]

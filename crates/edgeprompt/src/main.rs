@@ -19,6 +19,8 @@ use ep_model::tokenizer::Tokenizer;
 use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod cloud_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "edgeprompt",
@@ -47,6 +49,9 @@ enum Command {
     Kv(KvCommand),
     /// Serve the OpenAI-compatible API (chat and completions, SSE, edge prompts, tenants, metrics).
     Edge(edge_cmd::EdgeArgs),
+    /// The cloud: the cloud prompt registry, KV computed once and served signed to edges
+    /// (`cloud key --store S` prints the signing key).
+    Cloud(cloud_cmd::CloudArgs),
 }
 
 #[derive(Subcommand)]
@@ -898,6 +903,7 @@ fn main() -> ExitCode {
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),
+        Command::Cloud(a) => cloud_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -687,3 +687,29 @@ fn kv_export_and_import_across_processes() {
         "layout",
     );
 }
+
+#[test]
+fn cloud_key_is_generated_once_and_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let a = run(&["cloud", "key", "--store", store]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let key = String::from_utf8(a.stdout).unwrap().trim().to_string();
+    assert_eq!(key.len(), 64);
+    assert!(ep_proto_key_is_hex(&key));
+    let b = run(&["cloud", "key", "--store", store]);
+    assert_eq!(
+        String::from_utf8(b.stdout).unwrap().trim(),
+        key,
+        "the stored key"
+    );
+    // Serving needs a store.
+    let c = run(&["cloud", "--listen", "127.0.0.1:0"]);
+    assert!(!c.status.success());
+    assert!(stderr(&c).contains("--store"), "{}", stderr(&c));
+}
+
+fn ep_proto_key_is_hex(k: &str) -> bool {
+    k.bytes().all(|b| b.is_ascii_hexdigit())
+}

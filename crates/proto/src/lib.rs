@@ -11,6 +11,24 @@
 //!   stream, layer-major, `Range` supported); `GET /v1/kv/{id}/frames/{layer}/{start}` (one `EPKF`
 //!   frame as listed in the manifest); `POST /v1/kv/{id}/lease` ([`Lease`]); `GET /v1/prefetch`
 //!   ([`PrefetchHints`]). Content-addressed bodies carry `ETag` and `Cache-Control: immutable`.
+//! - Open without a token: `GET /health` ([`Health`]) and `GET /openapi.json`; `GET /metrics`
+//!   (Prometheus text) needs the token like the rest.
+//!
+//! **Status codes.** Registration answers 202 with the new version (`queued`), or 200 when the content
+//! is already the name's current version (nothing recomputed). Errors are [`ErrorBody`] with `code`:
+//! 400 `invalid_json` (malformed, or an unknown field), `invalid_content` (both or neither of
+//! `messages` / `text`, or empty), `invalid_name` (names are 1 to 64 of `[A-Za-z0-9._-]`, not starting
+//! with `.`), `invalid_lease`, `render_failed` (e.g. messages for a model without a chat template),
+//! `prompt_too_long`; 413 `body_too_large`; 401 `invalid_api_key` (with `WWW-Authenticate: Bearer`);
+//! 404 `prompt_not_found`, `kv_not_found`, `frame_not_found`, `unknown_route`. `DELETE` answers 204.
+//! The stream's and manifest's `ETag` is the quoted id, a frame's its quoted payload digest;
+//! `If-None-Match` → 304. `Range: bytes=a-b`, `a-` or `-n` → 206 with `Content-Range`; past the end →
+//! 416 with `Content-Range: bytes */len`; several ranges → the whole body (200).
+//!
+//! **Leases.** A superseded version is servable until `lease_until` (its registration's `lease_secs`
+//! after it was superseded or last renewed); `POST /v1/kv/{id}/lease` renews it (for a current version
+//! it only reports `now + lease_secs`). Expired versions are collected with their KV, unless another
+//! version names the same id.
 //!
 //! **Signature.** The cloud signs [`Manifest::signing_bytes`] — the domain tag
 //! [`MANIFEST_SIGNING_DOMAIN`] followed by the manifest's JSON as `serde_json` writes this struct (fields

@@ -1,0 +1,492 @@
+//! The cloud's HTTP API (routes in `ep_proto`'s docs): handlers, bearer-token guard, request metrics,
+//! `Range` and `ETag` handling, and the OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use ep_proto::{
+    CloudPromptInfo, CloudPromptList, ErrorBody, Health, Lease, PrefetchHints, RegisterCloudPrompt,
+    SignedManifest,
+};
+use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+
+use crate::{valid_id, ApiError, Cloud, RouteLabels};
+
+/// `Cache-Control` of content-addressed bodies.
+pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Bytes read from the store per chunk of a streamed body.
+const CHUNK: u64 = 1 << 20;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The router of a cloud.
+pub(crate) fn router(cloud: Arc<Cloud>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/v1/cloud-prompts", post(register).get(list))
+        .route(
+            "/v1/cloud-prompts/{name}",
+            get(get_prompt).delete(delete_prompt),
+        )
+        .route("/v1/kv/{id}/manifest", get(manifest))
+        .route("/v1/kv/{id}/stream", get(stream))
+        .route("/v1/kv/{id}/frames/{layer}/{start}", get(frame))
+        .route("/v1/kv/{id}/lease", post(lease))
+        .route("/v1/prefetch", get(prefetch))
+        .fallback(|| async { ApiError::not_found("no such route", "unknown_route") })
+        .layer(DefaultBodyLimit::max(cloud.cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(cloud.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(cloud.clone(), track))
+        .with_state(cloud)
+}
+
+/// Routes open without a token.
+fn open_route(path: &str) -> bool {
+    path == "/health" || path == "/openapi.json"
+}
+
+/// The bearer-token guard (constant-time: both sides hashed, the digests compared with `subtle`).
+async fn auth(State(c): State<Arc<Cloud>>, req: Request, next: Next) -> Response {
+    let Some(token) = c.cfg.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if open_route(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|g| {
+        let (a, b) = (blake3::hash(g.as_bytes()), blake3::hash(token.as_bytes()));
+        bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+    });
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required (Authorization: Bearer <token>)",
+            None,
+            "invalid_api_key",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Counts requests by route, method and status.
+async fn track(State(c): State<Arc<Cloud>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_string();
+    let r = next.run(req).await;
+    c.metrics
+        .requests
+        .get_or_create(&RouteLabels {
+            route,
+            method,
+            status: r.status().as_u16(),
+        })
+        .inc();
+    r
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "EdgePrompt cloud",
+        description = "The cloud prompt registry and the signed, content-addressed KV API edges fetch from."
+    ),
+    paths(
+        health,
+        register,
+        list,
+        get_prompt,
+        delete_prompt,
+        manifest,
+        stream,
+        frame,
+        lease,
+        prefetch,
+        metrics
+    ),
+    components(schemas(
+        RegisterCloudPrompt,
+        CloudPromptInfo,
+        CloudPromptList,
+        SignedManifest,
+        Lease,
+        PrefetchHints,
+        ErrorBody,
+        Health
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of this API.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|_| "{}".into())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+async fn health(State(c): State<Arc<Cloud>>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        role: "cloud".into(),
+        identity: c.identity_hex.clone(),
+    })
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text")))]
+async fn metrics(State(c): State<Arc<Cloud>>) -> Response {
+    let mut s = String::new();
+    if prometheus_client::encoding::text::encode(&mut s, &c.metrics.registry).is_err() {
+        return ApiError::internal("cannot encode the metrics").into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s,
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    post, path = "/v1/cloud-prompts", request_body = RegisterCloudPrompt,
+    responses(
+        (status = 202, description = "a new version, queued", body = CloudPromptInfo),
+        (status = 200, description = "the content is the current version already", body = CloudPromptInfo),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)
+    )
+)]
+async fn register(
+    State(c): State<Arc<Cloud>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
+        ApiError::new(status, r.body_text(), None, code)
+    })?;
+    let req: RegisterCloudPrompt = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}"), None, "invalid_json"))?;
+    let (info, new) = c.register(req).await?;
+    let status = if new {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/cloud-prompts", responses((status = 200, body = CloudPromptList)))]
+async fn list(State(c): State<Arc<Cloud>>) -> ApiResult<Json<CloudPromptList>> {
+    Ok(Json(CloudPromptList {
+        data: c.list().await?,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/cloud-prompts/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = CloudPromptInfo), (status = 404, body = ErrorBody))
+)]
+async fn get_prompt(
+    State(c): State<Arc<Cloud>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<CloudPromptInfo>> {
+    Ok(Json(c.get(&name).await?))
+}
+
+#[utoipa::path(
+    delete, path = "/v1/cloud-prompts/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody))
+)]
+async fn delete_prompt(
+    State(c): State<Arc<Cloud>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    c.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stored(c: &Cloud, id: &str) -> ApiResult<Arc<crate::StoredManifest>> {
+    let unknown = || ApiError::not_found(format!("no KV {id}"), "kv_not_found");
+    if !valid_id(id) {
+        return Err(unknown());
+    }
+    c.manifest(id).await?.ok_or_else(unknown)
+}
+
+/// Whether `If-None-Match` lists `etag` (or `*`).
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == etag || t == "*")
+}
+
+fn cached_headers(b: axum::http::response::Builder, etag: &str) -> axum::http::response::Builder {
+    b.header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, crate::http::IMMUTABLE)
+}
+
+fn not_modified_response(etag: &str) -> Response {
+    cached_headers(Response::builder().status(StatusCode::NOT_MODIFIED), etag)
+        .body(Body::empty())
+        .expect("static response")
+}
+
+#[utoipa::path(
+    get, path = "/v1/kv/{id}/manifest", params(("id" = String, Path)),
+    responses((status = 200, body = SignedManifest), (status = 304), (status = 404, body = ErrorBody))
+)]
+async fn manifest(
+    State(c): State<Arc<Cloud>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let m = stored(&c, &id).await?;
+    let etag = format!("\"{id}\"");
+    if not_modified(&headers, &etag) {
+        return Ok(not_modified_response(&etag));
+    }
+    Ok(cached_headers(Response::builder(), &etag)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(m.json.clone()))
+        .expect("valid response"))
+}
+
+/// A range that lies past the end of the body (HTTP 416).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A `Range: bytes=…` header against a body of `len` bytes: `Ok(None)` to send the whole body (absent,
+/// not bytes, several ranges or malformed), `Err(Unsatisfiable)` past the end, else `start..end`.
+pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
+        if n == 0 || len == 0 {
+            return Err(Unsatisfiable);
+        }
+        return Ok(Some((len.saturating_sub(n), len)));
+    }
+    let Ok(start) = a.parse::<u64>() else {
+        return Ok(None);
+    };
+    let end = if b.is_empty() {
+        len
+    } else {
+        match b.parse::<u64>() {
+            Ok(e) if e >= start => e.saturating_add(1).min(len),
+            _ => return Ok(None),
+        }
+    };
+    if start >= len {
+        return Err(Unsatisfiable);
+    }
+    Ok(Some((start, end)))
+}
+
+/// A body of stream bytes `start..end` of `id`, read from the store a chunk at a time.
+fn stream_body(c: Arc<Cloud>, id: String, start: u64, end: u64) -> Body {
+    let s = futures_util::stream::try_unfold(start, move |pos| {
+        let (c, id) = (c.clone(), id.clone());
+        async move {
+            if pos >= end {
+                return Ok::<_, std::io::Error>(None);
+            }
+            let e = (pos + CHUNK).min(end);
+            let b = c
+                .store
+                .get_stream_range(&id, pos, e)
+                .await
+                .map_err(std::io::Error::other)?;
+            if b.is_empty() {
+                return Err(std::io::Error::other(
+                    "the stored stream is shorter than its manifest",
+                ));
+            }
+            c.metrics.kv_bytes.inc_by(b.len() as u64);
+            let next = pos + b.len() as u64;
+            Ok(Some((b, next)))
+        }
+    });
+    Body::from_stream(s)
+}
+
+#[utoipa::path(
+    get, path = "/v1/kv/{id}/stream", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "the whole EPKV stream", content_type = "application/octet-stream"),
+        (status = 206, description = "the requested byte range"), (status = 304),
+        (status = 404, body = ErrorBody), (status = 416)
+    )
+)]
+async fn stream(
+    State(c): State<Arc<Cloud>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let m = stored(&c, &id).await?;
+    let len = m.signed.manifest.stream_bytes;
+    let etag = format!("\"{id}\"");
+    if not_modified(&headers, &etag) {
+        return Ok(not_modified_response(&etag));
+    }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let b = cached_headers(Response::builder(), &etag)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes");
+    let r = match parse_range(range, len) {
+        Err(Unsatisfiable) => b
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+            .body(Body::empty()),
+        Ok(None) => b
+            .header(header::CONTENT_LENGTH, len)
+            .body(stream_body(c.clone(), id, 0, len)),
+        Ok(Some((s, e))) => b
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, format!("bytes {s}-{}/{len}", e - 1))
+            .header(header::CONTENT_LENGTH, e - s)
+            .body(stream_body(c.clone(), id, s, e)),
+    };
+    r.map_err(ApiError::internal)
+}
+
+#[utoipa::path(
+    get, path = "/v1/kv/{id}/frames/{layer}/{start}",
+    params(("id" = String, Path), ("layer" = u32, Path), ("start" = u32, Path)),
+    responses(
+        (status = 200, description = "one EPKF frame", content_type = "application/octet-stream"),
+        (status = 304), (status = 404, body = ErrorBody)
+    )
+)]
+async fn frame(
+    State(c): State<Arc<Cloud>>,
+    Path((id, layer, start)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let m = stored(&c, &id).await?;
+    let none = || {
+        ApiError::not_found(
+            format!("no frame {layer}/{start} in {id}"),
+            "frame_not_found",
+        )
+    };
+    let (layer, start): (u32, u32) = match (layer.parse(), start.parse()) {
+        (Ok(l), Ok(s)) => (l, s),
+        _ => return Err(none()),
+    };
+    let f = m
+        .signed
+        .manifest
+        .frames
+        .iter()
+        .find(|f| f.layer == layer && f.start == start)
+        .ok_or_else(none)?;
+    let etag = format!("\"{}\"", f.digest);
+    if not_modified(&headers, &etag) {
+        return Ok(not_modified_response(&etag));
+    }
+    let b = c
+        .store
+        .get_stream_range(&id, f.offset, f.offset + f.bytes)
+        .await?;
+    if b.len() as u64 != f.bytes {
+        return Err(ApiError::internal(format!(
+            "the stored stream of {id} is shorter than its manifest"
+        )));
+    }
+    c.metrics.kv_bytes.inc_by(b.len() as u64);
+    cached_headers(Response::builder(), &etag)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, b.len())
+        .body(Body::from(b))
+        .map_err(ApiError::internal)
+}
+
+#[utoipa::path(
+    post, path = "/v1/kv/{id}/lease", params(("id" = String, Path)),
+    responses((status = 200, body = Lease), (status = 404, body = ErrorBody))
+)]
+async fn lease(State(c): State<Arc<Cloud>>, Path(id): Path<String>) -> ApiResult<Json<Lease>> {
+    Ok(Json(c.renew(&id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/prefetch", responses((status = 200, body = PrefetchHints)))]
+async fn prefetch(State(c): State<Arc<Cloud>>) -> ApiResult<Json<PrefetchHints>> {
+    Ok(Json(c.prefetch().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_range, Unsatisfiable};
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=2-"), 10), Ok(Some((2, 10))));
+        assert_eq!(parse_range(Some("bytes=2-4"), 10), Ok(Some((2, 5))));
+        assert_eq!(parse_range(Some("bytes=2-40"), 10), Ok(Some((2, 10))));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 10))));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=4-2"), 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=1-2,4-5"), 10), Ok(None));
+        assert_eq!(parse_range(Some("items=1-2"), 10), Ok(None));
+    }
+}

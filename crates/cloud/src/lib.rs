@@ -1,0 +1,1009 @@
+//! The EdgePrompt cloud: a registry of cloud prompts, their KV precomputed through the engine, encoded
+//! once as an `ep_kv::wire` stream with an Ed25519-signed manifest ([`ep_proto::Manifest`]), kept in a
+//! [`Store`] (a directory, or Redis shared by replicas) and served over HTTP to edges (the routes of
+//! `ep_proto`, plus `/health`, `/metrics` and `/openapi.json`).
+//!
+//! **Registry.** A name points at versions; each version is a content id
+//! (`ep_proto::prompt_id(identity digest, tokens)`). Registering new content under a name makes it the
+//! current version; the previous one stays servable until its lease runs out (`lease_secs`, renewed by
+//! edges with `POST /v1/kv/{id}/lease`), then it is garbage-collected with its KV unless another
+//! version still names the same id. Registering content already stored computes nothing.
+//!
+//! **Status.** `queued → computing → ready | failed`, with `progress` (0 queued, 0.1 computing, 0.8
+//! KV computed, 1 stored). Logs name prompts, ids, versions and token counts, never text or token ids.
+
+pub mod http;
+pub mod render;
+pub mod store;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use ep_engine::Engine;
+use ep_kv::identity::hex;
+use ep_model::chat::ChatTemplate;
+use ep_model::tokenizer::Tokenizer;
+use ep_proto::{
+    CloudPromptInfo, FrameRef, Layout, Manifest, PromptContent, PromptStatus, SignedManifest,
+    MANIFEST_FORMAT,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use render::{render_cloud_prompt, template_digest, RenderError};
+pub use store::{open_store, DirStore, RedisStore, Store, StoreError};
+
+/// The model a cloud computes KV with.
+pub struct CloudModel {
+    pub engine: Arc<Engine>,
+    pub tok: Arc<Tokenizer>,
+    /// The chat template messages are rendered with (`None`: only text prompts are accepted).
+    pub template: Option<Arc<ChatTemplate>>,
+}
+
+/// TLS certificate chain and private key (PEM files).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Settings of a cloud.
+#[derive(Clone, Debug)]
+pub struct CloudConfig {
+    /// Address to listen on (port 0: any free port; [`CloudServer::addr`] tells which).
+    pub listen: SocketAddr,
+    /// Bearer token every route but `/health` and `/openapi.json` requires.
+    pub token: Option<String>,
+    /// Serve HTTPS with these files.
+    pub tls: Option<TlsFiles>,
+    /// Tokens per KV frame.
+    pub frame_tokens: usize,
+    /// Lease of a superseded version when its registration gives none (seconds).
+    pub default_lease_secs: u64,
+    /// Longest lease a registration may ask for (seconds).
+    pub max_lease_secs: u64,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// How often expired superseded versions are collected.
+    pub gc_interval: Duration,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8400)),
+            token: None,
+            tls: None,
+            frame_tokens: 256,
+            default_lease_secs: 600,
+            max_lease_secs: 7 * 24 * 3600,
+            max_body_bytes: 4 << 20,
+            gc_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors of starting a cloud.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("cloud configuration: {0}")]
+    Config(String),
+}
+
+/// The registry's document of one name: its versions, oldest first; the last is current.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NameRecord {
+    name: String,
+    versions: Vec<VersionRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct VersionRecord {
+    id: String,
+    version: u32,
+    status: PromptStatus,
+    progress: f32,
+    tokens: usize,
+    created_at: u64,
+    lease_secs: u64,
+    #[serde(default)]
+    lease_until: Option<u64>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    stream_bytes: u64,
+    content: PromptContent,
+}
+
+impl VersionRecord {
+    fn info(&self, name: &str) -> CloudPromptInfo {
+        CloudPromptInfo {
+            name: name.to_string(),
+            id: self.id.clone(),
+            version: self.version,
+            status: self.status,
+            progress: self.progress,
+            tokens: self.tokens,
+            created_at: self.created_at,
+            lease_until: self.lease_until,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+pub(crate) struct Metrics {
+    pub registry: prometheus_client::registry::Registry,
+    pub registered: Counter,
+    pub computed: Counter,
+    pub failed: Counter,
+    pub kv_bytes: Counter,
+    pub requests: Family<RouteLabels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("edgeprompt_cloud");
+        let m = Metrics {
+            registered: Counter::default(),
+            computed: Counter::default(),
+            failed: Counter::default(),
+            kv_bytes: Counter::default(),
+            requests: Family::default(),
+            registry: Default::default(),
+        };
+        registry.register(
+            "prompts_registered",
+            "Cloud prompt versions registered",
+            m.registered.clone(),
+        );
+        registry.register(
+            "prompts_computed",
+            "Cloud prompt KV computed and stored",
+            m.computed.clone(),
+        );
+        registry.register(
+            "prompts_failed",
+            "Cloud prompt KV computations that failed",
+            m.failed.clone(),
+        );
+        registry.register(
+            "kv_bytes_served",
+            "KV stream and frame bytes sent",
+            m.kv_bytes.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            m.requests.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+/// A stored manifest, parsed and as served.
+pub(crate) struct StoredManifest {
+    pub signed: SignedManifest,
+    pub json: Bytes,
+}
+
+struct Job {
+    name: String,
+    id: String,
+    tokens: Vec<u32>,
+    content: PromptContent,
+}
+
+/// Errors the HTTP layer reports: a status and an OpenAI-style body.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: axum::http::StatusCode,
+    pub body: ep_proto::ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(
+        status: axum::http::StatusCode,
+        message: impl Into<String>,
+        param: Option<&str>,
+        code: &str,
+    ) -> Self {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        ApiError {
+            status,
+            body: ep_proto::ErrorBody::new(message, kind, param, Some(code)),
+        }
+    }
+    pub fn bad(message: impl Into<String>, param: Option<&str>, code: &str) -> Self {
+        Self::new(axum::http::StatusCode::BAD_REQUEST, message, param, code)
+    }
+    pub fn not_found(message: impl Into<String>, code: &str) -> Self {
+        Self::new(axum::http::StatusCode::NOT_FOUND, message, None, code)
+    }
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {message}");
+        Self::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            message.to_string(),
+            None,
+            "internal_error",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// The shared state of a running cloud.
+pub(crate) struct Cloud {
+    pub cfg: CloudConfig,
+    pub store: Arc<dyn Store>,
+    model: CloudModel,
+    key: SigningKey,
+    pub identity_hex: String,
+    identity_digest: [u8; 32],
+    template_digest: String,
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Ids queued or computing in this process.
+    inflight: Mutex<HashSet<String>>,
+    /// Serialises this process's read-modify-write of records.
+    registry_lock: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
+}
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Checks a prompt name: 1 to 64 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a content id: 64 lowercase hex digits.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The stream and the unsigned manifest of computed KV.
+pub fn build_manifest(
+    kv: &ep_engine::PromptKv,
+    identity: &ep_kv::identity::ContentIdentity,
+    frame_tokens: usize,
+    content: PromptContent,
+    template_digest: String,
+) -> (Vec<u8>, Manifest) {
+    let digest = identity.digest();
+    let (header, frames) = kv.to_frames(digest, frame_tokens);
+    let header_bytes = header.encode();
+    let mut offset = header_bytes.len() as u64;
+    let refs: Vec<FrameRef> = frames
+        .iter()
+        .map(|f| {
+            let bytes = f.encoded_len() as u64;
+            let r = FrameRef {
+                layer: f.layer,
+                start: f.start,
+                end: f.end,
+                codec: f.codec,
+                offset,
+                bytes,
+                digest: hex(&f.digest),
+            };
+            offset += bytes;
+            r
+        })
+        .collect();
+    let stream = ep_engine::kvio::encode_stream(&header, &frames);
+    debug_assert_eq!(stream.len() as u64, offset);
+    let l = header.layout;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.to_string(),
+        id: ep_proto::prompt_id(&digest, &header.tokens),
+        identity: identity.to_hex(),
+        identity_digest: hex(&digest),
+        content,
+        template_digest,
+        tokens: header.tokens.clone(),
+        layout: Layout {
+            n_layer: l.n_layer,
+            n_head_kv: l.n_head_kv,
+            head_dim: l.head_dim,
+            block_tokens: l.block_tokens,
+            dtype: l.dtype.name().to_string(),
+        },
+        block_hashes: header.block_hashes.iter().map(|h| h.to_hex()).collect(),
+        header_bytes: header_bytes.len() as u64,
+        header_digest: hex(blake3::hash(&header_bytes).as_bytes()),
+        frames: refs,
+        stream_bytes: stream.len() as u64,
+        created_at: now_secs(),
+    };
+    (stream, manifest)
+}
+
+impl Cloud {
+    pub fn public_key_hex(&self) -> String {
+        hex(self.key.verifying_key().as_bytes())
+    }
+
+    async fn load_record(&self, name: &str) -> Result<Option<NameRecord>, ApiError> {
+        match self.store.get_record(name).await? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| ApiError::internal(format!("the record of '{name}' is corrupt: {e}"))),
+        }
+    }
+
+    async fn save_record(&self, rec: &NameRecord) -> Result<(), ApiError> {
+        let b = serde_json::to_vec(rec).map_err(ApiError::internal)?;
+        Ok(self.store.put_record(&rec.name, &b).await?)
+    }
+
+    /// The stored manifest of `id` (read from the store each time, so that what another replica
+    /// collected is not served from memory).
+    pub async fn manifest(&self, id: &str) -> Result<Option<Arc<StoredManifest>>, ApiError> {
+        let Some(json) = self.store.get_manifest(id).await? else {
+            return Ok(None);
+        };
+        let signed: SignedManifest = serde_json::from_slice(&json)
+            .map_err(|e| ApiError::internal(format!("the manifest of {id} is corrupt: {e}")))?;
+        Ok(Some(Arc::new(StoredManifest {
+            signed,
+            json: Bytes::from(json),
+        })))
+    }
+
+    /// Registers content under a name (`POST /v1/cloud-prompts`). Returns the version and whether it
+    /// is new.
+    pub async fn register(
+        &self,
+        req: ep_proto::RegisterCloudPrompt,
+    ) -> Result<(CloudPromptInfo, bool), ApiError> {
+        if !valid_name(&req.name) {
+            return Err(ApiError::bad(
+                "'name' must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-', not starting with '.'",
+                Some("name"),
+                "invalid_name",
+            ));
+        }
+        let content = req
+            .content()
+            .map_err(|m| ApiError::bad(m, Some("messages"), "invalid_content"))?;
+        let lease_secs = req.lease_secs.unwrap_or(self.cfg.default_lease_secs);
+        if lease_secs == 0 || lease_secs > self.cfg.max_lease_secs {
+            return Err(ApiError::bad(
+                format!(
+                    "'lease_secs' must be between 1 and {}",
+                    self.cfg.max_lease_secs
+                ),
+                Some("lease_secs"),
+                "invalid_lease",
+            ));
+        }
+        let (tok, template, c) = (
+            self.model.tok.clone(),
+            self.model.template.clone(),
+            content.clone(),
+        );
+        let tokens =
+            tokio::task::spawn_blocking(move || render_cloud_prompt(&tok, template.as_deref(), &c))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(|e| ApiError::bad(e.to_string(), None, "render_failed"))?;
+        let max = self.model.engine.config().max_seq_len;
+        if tokens.len() >= max {
+            return Err(ApiError::bad(
+                format!(
+                    "the prompt has {} tokens; this cloud's engine holds at most {}",
+                    tokens.len(),
+                    max - 1
+                ),
+                None,
+                "prompt_too_long",
+            ));
+        }
+        let id = ep_proto::prompt_id(&self.identity_digest, &tokens);
+        let _g = self.registry_lock.lock().await;
+        let now = now_secs();
+        let mut rec = self.load_record(&req.name).await?.unwrap_or(NameRecord {
+            name: req.name.clone(),
+            versions: Vec::new(),
+        });
+        if let Some(cur) = rec.versions.last() {
+            if cur.id == id {
+                let stale = match cur.status {
+                    PromptStatus::Ready => false,
+                    PromptStatus::Failed => true,
+                    _ => !self.inflight.lock().expect("inflight").contains(&id),
+                };
+                let info = cur.info(&rec.name);
+                if stale {
+                    self.enqueue(&mut rec, &id, tokens, content).await?;
+                    let info = rec.versions.last().expect("current").info(&rec.name);
+                    return Ok((info, false));
+                }
+                return Ok((info, false));
+            }
+        }
+        let version = rec.versions.last().map_or(1, |v| v.version + 1);
+        if let Some(prev) = rec.versions.last_mut() {
+            prev.lease_until = Some(now + prev.lease_secs);
+        }
+        rec.versions.push(VersionRecord {
+            id: id.clone(),
+            version,
+            status: PromptStatus::Queued,
+            progress: 0.0,
+            tokens: tokens.len(),
+            created_at: now,
+            lease_secs,
+            lease_until: None,
+            error: None,
+            stream_bytes: 0,
+            content: content.clone(),
+        });
+        self.metrics.registered.inc();
+        tracing::info!(
+            name = %req.name,
+            id = short(&id),
+            version,
+            tokens = tokens.len(),
+            "cloud prompt registered"
+        );
+        self.enqueue(&mut rec, &id, tokens, content).await?;
+        let info = rec.versions.last().expect("current").info(&rec.name);
+        Ok((info, true))
+    }
+
+    /// Queues the computation of the current version (`id`) of `rec` and saves the record.
+    async fn enqueue(
+        &self,
+        rec: &mut NameRecord,
+        id: &str,
+        tokens: Vec<u32>,
+        content: PromptContent,
+    ) -> Result<(), ApiError> {
+        let v = rec.versions.last_mut().expect("a current version");
+        v.status = PromptStatus::Queued;
+        v.progress = 0.0;
+        v.error = None;
+        self.save_record(rec).await?;
+        self.inflight
+            .lock()
+            .expect("inflight")
+            .insert(id.to_string());
+        let _ = self.jobs.send(Job {
+            name: rec.name.clone(),
+            id: id.to_string(),
+            tokens,
+            content,
+        });
+        Ok(())
+    }
+
+    /// Updates the status of version `id` of `name`.
+    async fn set_status(
+        &self,
+        name: &str,
+        id: &str,
+        status: PromptStatus,
+        progress: f32,
+        error: Option<String>,
+        stream_bytes: u64,
+    ) -> Result<(), ApiError> {
+        let _g = self.registry_lock.lock().await;
+        let Some(mut rec) = self.load_record(name).await? else {
+            return Ok(());
+        };
+        let mut changed = false;
+        for v in rec.versions.iter_mut().filter(|v| v.id == id) {
+            v.status = status;
+            v.progress = progress;
+            v.error = error.clone();
+            if stream_bytes > 0 {
+                v.stream_bytes = stream_bytes;
+            }
+            changed = true;
+        }
+        if changed {
+            self.save_record(&rec).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_job(&self, job: Job) {
+        let t0 = Instant::now();
+        let r = self.compute(&job).await;
+        let (status, progress, error, bytes) = match r {
+            Ok(bytes) => (PromptStatus::Ready, 1.0, None, bytes),
+            Err(e) => (PromptStatus::Failed, 0.0, Some(e), 0),
+        };
+        match &error {
+            None => tracing::info!(
+                name = %job.name,
+                id = short(&job.id),
+                tokens = job.tokens.len(),
+                stream_bytes = bytes,
+                secs = t0.elapsed().as_secs_f64(),
+                "cloud prompt ready"
+            ),
+            Some(e) => {
+                self.metrics.failed.inc();
+                tracing::warn!(name = %job.name, id = short(&job.id), "cloud prompt failed: {e}")
+            }
+        }
+        if let Err(e) = self
+            .set_status(&job.name, &job.id, status, progress, error, bytes)
+            .await
+        {
+            tracing::error!(name = %job.name, "cannot record the prompt's status: {:?}", e.body);
+        }
+        self.inflight.lock().expect("inflight").remove(&job.id);
+    }
+
+    /// Computes, encodes, signs and stores the KV of a job; returns the stream's bytes.
+    async fn compute(&self, job: &Job) -> Result<u64, String> {
+        let err = |e: ApiError| e.body.error.message;
+        if let Some(m) = self.manifest(&job.id).await.map_err(err)? {
+            tracing::info!(id = short(&job.id), "KV already stored; not recomputed");
+            return Ok(m.signed.manifest.stream_bytes);
+        }
+        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.1, None, 0)
+            .await
+            .map_err(err)?;
+        tracing::info!(name = %job.name, id = short(&job.id), tokens = job.tokens.len(), "computing KV");
+        let engine = self.model.engine.clone();
+        let tokens = job.tokens.clone();
+        let kv = tokio::task::spawn_blocking(move || engine.export_blocking(tokens))
+            .await
+            .map_err(|e| format!("the compute task failed: {e}"))?
+            .map_err(|e| format!("computing the KV: {e}"))?;
+        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.8, None, 0)
+            .await
+            .map_err(err)?;
+        let (engine, frame_tokens, content, tdig, key) = (
+            self.model.engine.clone(),
+            self.cfg.frame_tokens,
+            job.content.clone(),
+            match &job.content {
+                PromptContent::Messages(_) => self.template_digest.clone(),
+                PromptContent::Text(_) => String::new(),
+            },
+            self.key.clone(),
+        );
+        let (stream, signed_json, manifest) = tokio::task::spawn_blocking(move || {
+            let (stream, m) = build_manifest(&kv, engine.identity(), frame_tokens, content, tdig);
+            let signed = ep_proto::sign(&key, m);
+            let json = serde_json::to_vec(&signed).expect("a manifest serialises");
+            (stream, json, signed)
+        })
+        .await
+        .map_err(|e| format!("the encode task failed: {e}"))?;
+        if manifest.manifest.id != job.id {
+            return Err("the computed KV's id differs from the registered one".into());
+        }
+        let n = stream.len() as u64;
+        self.store
+            .put_kv(&job.id, Bytes::from(stream), &signed_json)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.metrics.computed.inc();
+        Ok(n)
+    }
+
+    /// The current version of every name.
+    pub async fn list(&self) -> Result<Vec<CloudPromptInfo>, ApiError> {
+        let mut out = Vec::new();
+        for name in self.store.list_names().await? {
+            if let Some(rec) = self.load_record(&name).await? {
+                if let Some(v) = rec.versions.last() {
+                    out.push(v.info(&rec.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current version of `name`.
+    pub async fn get(&self, name: &str) -> Result<CloudPromptInfo, ApiError> {
+        let unknown =
+            || ApiError::not_found(format!("no cloud prompt '{name}'"), "prompt_not_found");
+        if !valid_name(name) {
+            return Err(unknown());
+        }
+        let rec = self.load_record(name).await?.ok_or_else(unknown)?;
+        rec.versions
+            .last()
+            .map(|v| v.info(&rec.name))
+            .ok_or_else(unknown)
+    }
+
+    /// Removes `name` and every version of it (their KV unless another name holds the same id).
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let unknown =
+            || ApiError::not_found(format!("no cloud prompt '{name}'"), "prompt_not_found");
+        if !valid_name(name) {
+            return Err(unknown());
+        }
+        let _g = self.registry_lock.lock().await;
+        let rec = self.load_record(name).await?.ok_or_else(unknown)?;
+        self.store.delete_record(name).await?;
+        let ids: HashSet<String> = rec.versions.iter().map(|v| v.id.clone()).collect();
+        self.drop_unreferenced(ids).await?;
+        tracing::info!(name = %name, "cloud prompt deleted");
+        Ok(())
+    }
+
+    /// Deletes the KV of those `ids` no record names.
+    async fn drop_unreferenced(&self, mut ids: HashSet<String>) -> Result<(), ApiError> {
+        for name in self.store.list_names().await? {
+            if let Some(rec) = self.load_record(&name).await? {
+                for v in &rec.versions {
+                    ids.remove(&v.id);
+                }
+            }
+        }
+        for id in ids {
+            self.store.delete_kv(&id).await?;
+            tracing::info!(id = short(&id), "KV deleted");
+        }
+        Ok(())
+    }
+
+    /// Renews the lease of version `id` (`POST /v1/kv/{id}/lease`).
+    pub async fn renew(&self, id: &str) -> Result<ep_proto::Lease, ApiError> {
+        let unknown =
+            || ApiError::not_found(format!("no cloud prompt version {id}"), "kv_not_found");
+        if !valid_id(id) {
+            return Err(unknown());
+        }
+        let _g = self.registry_lock.lock().await;
+        let now = now_secs();
+        let mut until = None;
+        for name in self.store.list_names().await? {
+            let Some(mut rec) = self.load_record(&name).await? else {
+                continue;
+            };
+            let last = rec.versions.len().saturating_sub(1);
+            let mut changed = false;
+            for (i, v) in rec
+                .versions
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, v)| v.id == id)
+            {
+                let t = now + v.lease_secs;
+                if i < last {
+                    if v.lease_until.is_some_and(|u| u < now) {
+                        continue; // expired: collected soon, not revived
+                    }
+                    v.lease_until = Some(v.lease_until.map_or(t, |u| u.max(t)));
+                    changed = true;
+                }
+                until = Some(until.map_or(t, |u: u64| u.max(t)));
+            }
+            if changed {
+                self.save_record(&rec).await?;
+            }
+        }
+        until
+            .map(|lease_until| ep_proto::Lease {
+                id: id.to_string(),
+                lease_until,
+            })
+            .ok_or_else(unknown)
+    }
+
+    /// Removes superseded versions whose lease has run out, and their KV; returns how many.
+    pub async fn gc(&self) -> Result<usize, ApiError> {
+        let _g = self.registry_lock.lock().await;
+        let now = now_secs();
+        let mut expired = HashSet::new();
+        for name in self.store.list_names().await? {
+            let Some(mut rec) = self.load_record(&name).await? else {
+                continue;
+            };
+            let n = rec.versions.len();
+            let mut keep = Vec::with_capacity(n);
+            for (i, v) in rec.versions.drain(..).enumerate() {
+                if i + 1 < n && v.lease_until.is_some_and(|u| u < now) {
+                    tracing::info!(name = %name, version = v.version, id = short(&v.id), "superseded version expired");
+                    expired.insert(v.id);
+                } else {
+                    keep.push(v);
+                }
+            }
+            if keep.len() != n {
+                rec.versions = keep;
+                self.save_record(&rec).await?;
+            }
+        }
+        let count = expired.len();
+        if count > 0 {
+            self.drop_unreferenced(expired).await?;
+        }
+        Ok(count)
+    }
+
+    /// Ready current versions (`GET /v1/prefetch`).
+    pub async fn prefetch(&self) -> Result<ep_proto::PrefetchHints, ApiError> {
+        let mut ids = Vec::new();
+        for name in self.store.list_names().await? {
+            if let Some(rec) = self.load_record(&name).await? {
+                if let Some(v) = rec
+                    .versions
+                    .last()
+                    .filter(|v| v.status == PromptStatus::Ready)
+                {
+                    ids.push(ep_proto::PrefetchHint {
+                        name: rec.name.clone(),
+                        id: v.id.clone(),
+                        tokens: v.tokens,
+                        stream_bytes: v.stream_bytes,
+                    });
+                }
+            }
+        }
+        Ok(ep_proto::PrefetchHints { ids })
+    }
+
+    /// Queues again the current versions a store holds as queued or computing without their KV (a
+    /// cloud that stopped while computing).
+    async fn resume_unfinished(&self) -> Result<(), ApiError> {
+        for name in self.store.list_names().await? {
+            let _g = self.registry_lock.lock().await;
+            let Some(mut rec) = self.load_record(&name).await? else {
+                continue;
+            };
+            let Some(v) = rec.versions.last() else {
+                continue;
+            };
+            if matches!(v.status, PromptStatus::Queued | PromptStatus::Computing) {
+                let (id, content) = (v.id.clone(), v.content.clone());
+                let tok = self.model.tok.clone();
+                let template = self.model.template.clone();
+                let c = content.clone();
+                let tokens = tokio::task::spawn_blocking(move || {
+                    render_cloud_prompt(&tok, template.as_deref(), &c)
+                })
+                .await
+                .map_err(ApiError::internal)?;
+                match tokens {
+                    Ok(t) if ep_proto::prompt_id(&self.identity_digest, &t) == id => {
+                        tracing::info!(name = %name, id = short(&id), "resuming an unfinished computation");
+                        self.enqueue(&mut rec, &id, t, content).await?;
+                    }
+                    _ => {
+                        tracing::warn!(name = %name, "an unfinished version no longer renders to its id; left as it is")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running cloud server.
+pub struct CloudServer {
+    addr: SocketAddr,
+    tls: bool,
+    key_hex: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl CloudServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// Its base URL (`http://…` or `https://…`).
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
+    }
+    /// The manifest signing key (hex): what edges pin with `--cloud-key`.
+    pub fn public_key(&self) -> &str {
+        &self.key_hex
+    }
+
+    /// Stops accepting connections, lets requests in flight finish, then stops.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        match (&mut self.server).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Runs until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+/// A fresh Ed25519 signing-key seed from the OS's random source.
+pub fn generate_seed() -> [u8; 32] {
+    SigningKey::generate(&mut rand::rngs::OsRng).to_bytes()
+}
+
+/// The public key (hex) of a signing-key seed.
+pub fn public_key_of(seed: &[u8; 32]) -> String {
+    hex(SigningKey::from_bytes(seed).verifying_key().as_bytes())
+}
+
+/// The public key (hex) of the signing key in `store`, if one was generated.
+pub async fn stored_public_key(store: &dyn Store) -> Result<Option<String>, StoreError> {
+    Ok(store
+        .signing_key()
+        .await?
+        .map(|seed| hex(SigningKey::from_bytes(&seed).verifying_key().as_bytes())))
+}
+
+/// Starts a cloud: the signing key from the store (generated when absent), the compute worker, the
+/// collector of expired versions and the HTTP(S) server.
+pub async fn serve(
+    cfg: CloudConfig,
+    store: Arc<dyn Store>,
+    model: CloudModel,
+) -> Result<CloudServer, CloudError> {
+    if cfg.frame_tokens == 0 {
+        return Err(CloudError::Config("frame_tokens must be at least 1".into()));
+    }
+    if cfg.token.as_deref().is_some_and(str::is_empty) {
+        return Err(CloudError::Config("the token is empty".into()));
+    }
+    let seed = store.signing_key_or_insert(generate_seed()).await?;
+    let key = SigningKey::from_bytes(&seed);
+    let identity = model.engine.identity().clone();
+    let template_digest = model
+        .template
+        .as_deref()
+        .map(|t| hex(&template_digest(t)))
+        .unwrap_or_default();
+    let (jtx, mut jrx) = mpsc::unbounded_channel::<Job>();
+    let cloud = Arc::new(Cloud {
+        cfg: cfg.clone(),
+        store,
+        model,
+        key,
+        identity_hex: identity.to_hex(),
+        identity_digest: identity.digest(),
+        template_digest,
+        jobs: jtx,
+        inflight: Mutex::new(HashSet::new()),
+        registry_lock: tokio::sync::Mutex::new(()),
+        metrics: Metrics::new(),
+    });
+    let key_hex = cloud.public_key_hex();
+    let worker = {
+        let c = cloud.clone();
+        tokio::spawn(async move {
+            while let Some(job) = jrx.recv().await {
+                c.run_job(job).await;
+            }
+        })
+    };
+    let gc = {
+        let c = cloud.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(cfg.gc_interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if let Err(e) = c.gc().await {
+                    tracing::warn!("collecting expired versions: {:?}", e.body);
+                }
+            }
+        })
+    };
+    if let Err(e) = cloud.resume_unfinished().await {
+        tracing::warn!("resuming unfinished computations: {:?}", e.body);
+    }
+    let app = http::router(cloud.clone());
+    let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = match &cfg.tls {
+        None => {
+            let listener = tokio::net::TcpListener::from_std(std_listener)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            })
+        }
+        Some(tls) => {
+            let rc = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                .await
+                .map_err(|e| {
+                    CloudError::Config(format!(
+                        "TLS certificate {} / key {}: {e}",
+                        tls.cert.display(),
+                        tls.key.display()
+                    ))
+                })?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                let _ = stop_rx.await;
+                h.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let srv = axum_server::from_tcp_rustls(std_listener, rc)?;
+            tokio::spawn(async move { srv.handle(handle).serve(app.into_make_service()).await })
+        }
+    };
+    tracing::info!(
+        addr = %addr,
+        tls = cfg.tls.is_some(),
+        store = %cloud.store.describe(),
+        identity = %cloud.identity_hex,
+        key = %key_hex,
+        "cloud listening"
+    );
+    Ok(CloudServer {
+        addr,
+        tls: cfg.tls.is_some(),
+        key_hex,
+        stop: Some(stop_tx),
+        server,
+        tasks: vec![worker, gc],
+    })
+}

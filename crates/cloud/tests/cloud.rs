@@ -1,0 +1,752 @@
+//! The cloud over real HTTP on loopback: registration → ready → signed manifest → stream (decoded and
+//! checked against the manifest, `Range` resume, frames, `ETag`/304), the token guard, bad input,
+//! versions kept servable for their lease and then collected, a restart on the same store, two
+//! replicas sharing one Redis, and a SmolLM2 messages prompt.
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ep_cloud::{CloudConfig, CloudModel, CloudServer, DirStore, RedisStore, Store};
+use ep_engine::{Engine, EngineConfig};
+use ep_kv::wire::{Item, StreamReader};
+use ep_model::chat::ChatTemplate;
+use ep_model::tokenizer::Tokenizer;
+use ep_model::Model;
+use ep_proto::{CloudPromptInfo, ErrorBody, PromptContent, PromptStatus, SignedManifest};
+use reqwest::StatusCode;
+use serde_json::json;
+
+struct Loaded {
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn tiny() -> Loaded {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, ep_testutil::tiny_model_bytes(7, "llama")).unwrap();
+    let model = Model::load(&path, |_, _| {}).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
+    Loaded {
+        model: Arc::new(model),
+        tok: Arc::new(tok),
+        template: None,
+        _dir: Some(dir),
+    }
+}
+
+fn smollm2() -> Loaded {
+    let model = Model::load(ep_testutil::require_test_model(), |_, _| {}).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
+    let template = ChatTemplate::from_gguf(model.gguf().unwrap(), &tok)
+        .unwrap()
+        .map(Arc::new);
+    Loaded {
+        model: Arc::new(model),
+        tok: Arc::new(tok),
+        template,
+        _dir: None,
+    }
+}
+
+fn cloud_model(l: &Loaded) -> CloudModel {
+    let cfg = EngineConfig {
+        kv_budget_bytes: 64 << 20,
+        max_seq_len: 2048,
+        ..EngineConfig::default()
+    };
+    CloudModel {
+        engine: Arc::new(Engine::start(l.model.clone(), l.tok.clone(), cfg, None).unwrap()),
+        tok: l.tok.clone(),
+        template: l.template.clone(),
+    }
+}
+
+fn config(token: Option<&str>) -> CloudConfig {
+    CloudConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: token.map(str::to_string),
+        frame_tokens: 64,
+        gc_interval: Duration::from_millis(200),
+        ..CloudConfig::default()
+    }
+}
+
+async fn start(l: &Loaded, store: Arc<dyn Store>, token: Option<&str>) -> CloudServer {
+    ep_cloud::serve(config(token), store, cloud_model(l))
+        .await
+        .unwrap()
+}
+
+/// A client of one cloud.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn new(s: &CloudServer, token: Option<&str>) -> Self {
+        Api {
+            http: reqwest::Client::new(),
+            base: s.url(),
+            token: token.map(str::to_string),
+        }
+    }
+    fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(m, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.req(reqwest::Method::GET, path)
+    }
+    async fn register(&self, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        let r = self
+            .req(reqwest::Method::POST, "/v1/cloud-prompts")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap())
+    }
+    async fn info(&self, name: &str) -> CloudPromptInfo {
+        let r = self
+            .get(&format!("/v1/cloud-prompts/{name}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+    async fn wait_ready(&self, name: &str) -> CloudPromptInfo {
+        let t0 = Instant::now();
+        loop {
+            let i = self.info(name).await;
+            match i.status {
+                PromptStatus::Ready => {
+                    assert_eq!(i.progress, 1.0);
+                    return i;
+                }
+                PromptStatus::Failed => panic!("computing {name} failed: {:?}", i.error),
+                _ => {}
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "{name} never got ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    async fn manifest(&self, id: &str) -> reqwest::Response {
+        self.get(&format!("/v1/kv/{id}/manifest"))
+            .send()
+            .await
+            .unwrap()
+    }
+    async fn stream(&self, id: &str) -> Vec<u8> {
+        let r = self
+            .get(&format!("/v1/kv/{id}/stream"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap().to_vec()
+    }
+}
+
+fn text_prompt(n: usize) -> String {
+    let words = [
+        "cloud", "edge", "prompt", "kv", "cache", "layer", "frame", "token",
+    ];
+    (0..n)
+        .map(|i| words[(i * 7 + i / 3) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Decodes a stream and checks it against the manifest: header digest and tokens, every frame's
+/// offset, length and digest.
+fn check_stream(m: &ep_proto::Manifest, bytes: &[u8]) {
+    assert_eq!(bytes.len() as u64, m.stream_bytes);
+    let hb = m.header_bytes as usize;
+    assert_eq!(
+        ep_proto::hex(blake3::hash(&bytes[..hb]).as_bytes()),
+        m.header_digest
+    );
+    let mut r = StreamReader::new();
+    // Fed in odd-sized pieces, as a network delivers it.
+    let mut items = Vec::new();
+    for chunk in bytes.chunks(777) {
+        r.push(chunk);
+        while let Some(it) = r.next_item().unwrap() {
+            items.push(it);
+        }
+    }
+    assert_eq!(r.pending_bytes(), 0);
+    let Item::Header(h) = &items[0] else {
+        panic!("the stream starts with its header")
+    };
+    assert_eq!(h.tokens, m.tokens);
+    assert_eq!(
+        h.block_hashes
+            .iter()
+            .map(|b| b.to_hex())
+            .collect::<Vec<_>>(),
+        m.block_hashes
+    );
+    assert_eq!(items.len(), 1 + m.frames.len());
+    for (it, fr) in items[1..].iter().zip(&m.frames) {
+        let Item::Frame(f) = it else { panic!() };
+        assert_eq!((f.layer, f.start, f.end), (fr.layer, fr.start, fr.end));
+        assert_eq!(ep_proto::hex(&f.digest), fr.digest);
+        let mut enc = Vec::new();
+        f.encode_into(&mut enc);
+        assert_eq!(
+            &bytes[fr.offset as usize..(fr.offset + fr.bytes) as usize],
+            &enc[..]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_compute_and_serve_kv_over_http() {
+    let l = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DirStore::open(dir.path()).unwrap());
+    let s = start(&l, store.clone(), Some("s3cret")).await;
+    let api = Api::new(&s, Some("s3cret"));
+    let anon = Api::new(&s, None);
+
+    // The token guards everything but /health and /openapi.json.
+    let r = anon.get("/health").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h: ep_proto::Health = r.json().await.unwrap();
+    assert_eq!(h.role, "cloud");
+    let (st, body) = anon.register(json!({"name": "sys", "text": "hello"})).await;
+    assert_eq!(st, 401);
+    let e: ErrorBody = serde_json::from_value(body).unwrap();
+    assert_eq!(e.error.kind, "authentication_error");
+    for path in ["/v1/cloud-prompts", "/v1/prefetch", "/metrics"] {
+        assert_eq!(anon.get(path).send().await.unwrap().status(), 401, "{path}");
+    }
+    let bad = Api::new(&s, Some("s3cres"));
+    assert_eq!(
+        bad.get("/v1/cloud-prompts").send().await.unwrap().status(),
+        401
+    );
+    let doc = anon.get("/openapi.json").send().await.unwrap();
+    assert_eq!(doc.status(), 200);
+    assert!(doc.text().await.unwrap().contains("/v1/kv/{id}/stream"));
+
+    // Register: queued at once, ready after computing.
+    let text = text_prompt(60);
+    let (st, body) = api.register(json!({"name": "sys", "text": text})).await;
+    assert_eq!(st, 202, "{body}");
+    let info: CloudPromptInfo = serde_json::from_value(body).unwrap();
+    assert_eq!(info.version, 1);
+    assert!(matches!(
+        info.status,
+        PromptStatus::Queued | PromptStatus::Computing | PromptStatus::Ready
+    ));
+    let ready = api.wait_ready("sys").await;
+    assert_eq!(ready.id, info.id);
+    let tokens =
+        ep_cloud::render_cloud_prompt(&l.tok, None, &PromptContent::Text(text.clone())).unwrap();
+    assert_eq!(ready.tokens, tokens.len());
+    assert!(tokens.len() > 128, "several frames per layer");
+
+    // The manifest verifies under the cloud's key and names this model.
+    let r = api.manifest(&ready.id).await;
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, format!("\"{}\"", ready.id));
+    assert_eq!(
+        r.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    let sm: SignedManifest = r.json().await.unwrap();
+    ep_proto::verify(s.public_key(), &sm).unwrap();
+    let m = &sm.manifest;
+    assert_eq!(m.id, ready.id);
+    assert_eq!(m.tokens, tokens);
+    assert_eq!(m.content, PromptContent::Text(text.clone()));
+    assert_eq!(m.template_digest, "");
+    let eng = cloud_model(&l).engine;
+    assert_eq!(m.identity_digest, ep_proto::hex(&eng.identity().digest()));
+    assert_eq!(m.id, ep_proto::prompt_id(&eng.identity().digest(), &tokens));
+    assert_eq!(m.layout.n_layer as usize, ep_testutil::TINY_LAYERS);
+    assert_eq!(m.frames.len(), 2 * tokens.len().div_ceil(64));
+    assert_eq!(
+        ep_cloud::stored_public_key(store.as_ref())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(s.public_key())
+    );
+
+    // The stream decodes and matches every digest of the manifest.
+    let full = api.stream(&m.id).await;
+    check_stream(m, &full);
+
+    // Range: resume from the middle, a closed range, a suffix, and one past the end.
+    let path = format!("/v1/kv/{}/stream", m.id);
+    let cut = full.len() / 3;
+    let r = api
+        .get(&path)
+        .header("range", format!("bytes={cut}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes {cut}-{}/{}", full.len() - 1, full.len()).as_str()
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &full[cut..]);
+    let r = api
+        .get(&path)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &full[10..20]);
+    let r = api
+        .get(&path)
+        .header("range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(&r.bytes().await.unwrap()[..], &full[full.len() - 5..]);
+    let r = api
+        .get(&path)
+        .header("range", format!("bytes={}-", full.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", full.len()).as_str()
+    );
+
+    // If-None-Match → 304 on the manifest, the stream and a frame.
+    for p in [format!("/v1/kv/{}/manifest", m.id), path.clone()] {
+        let r = api
+            .get(&p)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304, "{p}");
+        assert!(r.bytes().await.unwrap().is_empty());
+    }
+
+    // Frames: each one alone, the bytes the manifest lists.
+    for fr in [&m.frames[0], &m.frames[3], m.frames.last().unwrap()] {
+        let p = format!("/v1/kv/{}/frames/{}/{}", m.id, fr.layer, fr.start);
+        let r = api.get(&p).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let fe = r.headers()["etag"].to_str().unwrap().to_string();
+        assert_eq!(fe, format!("\"{}\"", fr.digest));
+        let b = r.bytes().await.unwrap();
+        assert_eq!(
+            &b[..],
+            &full[fr.offset as usize..(fr.offset + fr.bytes) as usize]
+        );
+        let r = api
+            .get(&p)
+            .header("if-none-match", &fe)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304);
+    }
+    for p in [
+        format!("/v1/kv/{}/frames/9/0", m.id),
+        format!("/v1/kv/{}/frames/0/1", m.id),
+        format!("/v1/kv/{}/frames/x/y", m.id),
+    ] {
+        assert_eq!(api.get(&p).send().await.unwrap().status(), 404, "{p}");
+    }
+
+    // The same content again: the same version, nothing recomputed.
+    let (st, body) = api.register(json!({"name": "sys", "text": text})).await;
+    assert_eq!(st, 200);
+    assert_eq!(body["id"], m.id.as_str());
+    assert_eq!(body["version"], 1);
+    // The same content under another name: ready without computing.
+    let (st, _) = api
+        .register(json!({"name": "sys-copy", "text": text}))
+        .await;
+    assert_eq!(st, 202);
+    assert_eq!(api.wait_ready("sys-copy").await.id, m.id);
+
+    let list: ep_proto::CloudPromptList = api
+        .get("/v1/cloud-prompts")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.data.len(), 2);
+    let hints: ep_proto::PrefetchHints = api
+        .get("/v1/prefetch")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(hints
+        .ids
+        .iter()
+        .any(|h| h.id == m.id && h.stream_bytes == m.stream_bytes));
+
+    let metrics = api
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("edgeprompt_cloud_prompts_registered_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeprompt_cloud_prompts_computed_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("edgeprompt_cloud_kv_bytes_served_total"));
+    assert!(
+        metrics.contains("route=\"/v1/kv/{id}/stream\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("status=\"401\""));
+
+    let key = s.public_key().to_string();
+    s.shutdown().await.unwrap();
+
+    // A restart on the same store: the same key, the prompts still served, nothing recomputed.
+    let s2 = start(&l, store.clone(), Some("s3cret")).await;
+    let api2 = Api::new(&s2, Some("s3cret"));
+    assert_eq!(api2.wait_ready("sys").await.id, m.id);
+    let sm2: SignedManifest = api2.manifest(&m.id).await.json().await.unwrap();
+    assert_eq!(s2.public_key(), key);
+    ep_proto::verify(&key, &sm2).unwrap();
+    assert_eq!(api2.stream(&m.id).await, full);
+    let metrics = api2
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("edgeprompt_cloud_prompts_computed_total 0"));
+    s2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_4xx() {
+    let l = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&l, Arc::new(DirStore::open(dir.path()).unwrap()), None).await;
+    let api = Api::new(&s, None);
+    let post = |body: &'static str| {
+        api.req(reqwest::Method::POST, "/v1/cloud-prompts")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, code) in [
+        ("{not json", "invalid_json"),
+        (r#"{"name": "a"}"#, "invalid_content"),
+        (
+            r#"{"name": "a", "text": "x", "messages": [{"role": "system", "content": "y"}]}"#,
+            "invalid_content",
+        ),
+        (r#"{"name": "a", "text": ""}"#, "invalid_content"),
+        (r#"{"name": "a", "messages": []}"#, "invalid_content"),
+        (r#"{"name": "a", "text": "x", "extra": 1}"#, "invalid_json"),
+        (r#"{"name": "a/b", "text": "x"}"#, "invalid_name"),
+        (r#"{"name": "", "text": "x"}"#, "invalid_name"),
+        (r#"{"name": "..", "text": "x"}"#, "invalid_name"),
+        (
+            r#"{"name": "a", "text": "x", "lease_secs": 0}"#,
+            "invalid_lease",
+        ),
+        // The tiny model has no chat template.
+        (
+            r#"{"name": "a", "messages": [{"role": "system", "content": "y"}]}"#,
+            "render_failed",
+        ),
+    ] {
+        let r = post(body).await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: ErrorBody = r.json().await.unwrap();
+        assert_eq!(e.error.code.as_deref(), Some(code), "{body}");
+        assert_eq!(e.error.kind, "invalid_request_error");
+    }
+    let long = format!(r#"{{"name": "{}", "text": "x"}}"#, "n".repeat(65));
+    let r = api
+        .req(reqwest::Method::POST, "/v1/cloud-prompts")
+        .body(long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Too long for the engine (max_seq_len 2048).
+    let (st, body) = api
+        .register(json!({"name": "big", "text": "y ".repeat(3000)}))
+        .await;
+    assert_eq!(st, 400);
+    assert_eq!(body["error"]["code"], "prompt_too_long");
+    // Over the body limit.
+    let r = api
+        .req(reqwest::Method::POST, "/v1/cloud-prompts")
+        .body(vec![b' '; 5 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let e: ErrorBody = r.json().await.unwrap();
+    assert_eq!(e.error.code.as_deref(), Some("body_too_large"));
+
+    // Unknown prompts and KV.
+    let zero = "0".repeat(64);
+    for p in [
+        "/v1/cloud-prompts/nope".to_string(),
+        "/v1/cloud-prompts/a%2Fb".to_string(),
+        format!("/v1/kv/{zero}/manifest"),
+        format!("/v1/kv/{zero}/stream"),
+        format!("/v1/kv/{zero}/frames/0/0"),
+        "/v1/kv/..%2Fkey/manifest".to_string(),
+        "/v1/nothing".to_string(),
+    ] {
+        let r = api.get(&p).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{p}");
+        let _: ErrorBody = r.json().await.unwrap();
+    }
+    let r = api
+        .req(reqwest::Method::DELETE, "/v1/cloud-prompts/nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = api
+        .req(reqwest::Method::POST, &format!("/v1/kv/{zero}/lease"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_keeps_the_old_one_servable_until_its_lease_ends() {
+    let l = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&l, Arc::new(DirStore::open(dir.path()).unwrap()), None).await;
+    let api = Api::new(&s, None);
+    let (st, _) = api
+        .register(json!({"name": "p", "text": "first version of the prompt", "lease_secs": 2}))
+        .await;
+    assert_eq!(st, 202);
+    let v1 = api.wait_ready("p").await;
+    let (st, body) = api
+        .register(json!({"name": "p", "text": "second version of the prompt"}))
+        .await;
+    assert_eq!(st, 202);
+    assert_eq!(body["version"], 2);
+    let v2 = api.wait_ready("p").await;
+    assert_ne!(v1.id, v2.id);
+    assert_eq!(v2.version, 2);
+    // The old version is still served, and its lease can be renewed.
+    assert_eq!(api.manifest(&v1.id).await.status(), 200);
+    let r = api
+        .req(reqwest::Method::POST, &format!("/v1/kv/{}/lease", v1.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let lease: ep_proto::Lease = r.json().await.unwrap();
+    assert!(lease.lease_until > ep_cloud::now_secs());
+    // After the lease, it is collected; the current version stays.
+    let t0 = Instant::now();
+    while api.manifest(&v1.id).await.status() != 404 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the old version was never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "not before its lease"
+    );
+    assert_eq!(api.manifest(&v2.id).await.status(), 200);
+    assert_eq!(api.info("p").await.id, v2.id);
+    // Delete: the name and its KV go.
+    let r = api
+        .req(reqwest::Method::DELETE, "/v1/cloud-prompts/p")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(api.manifest(&v2.id).await.status(), 404);
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_messages_prompt_is_rendered_with_its_template() {
+    let l = smollm2();
+    let template = l.template.clone().expect("SmolLM2 has a chat template");
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&l, Arc::new(DirStore::open(dir.path()).unwrap()), None).await;
+    let api = Api::new(&s, None);
+    let msgs = json!([{"role": "system", "content": "You are a terse assistant for a logistics company. Answer in one sentence."}]);
+    let (st, _) = api
+        .register(json!({"name": "logistics", "messages": msgs}))
+        .await;
+    assert_eq!(st, 202);
+    let info = api.wait_ready("logistics").await;
+    let sm: SignedManifest = api.manifest(&info.id).await.json().await.unwrap();
+    ep_proto::verify(s.public_key(), &sm).unwrap();
+    let m = &sm.manifest;
+    let content: PromptContent = PromptContent::Messages(serde_json::from_value(msgs).unwrap());
+    assert_eq!(m.content, content);
+    assert_eq!(
+        m.template_digest,
+        ep_proto::hex(&ep_cloud::template_digest(&template))
+    );
+    let want = ep_cloud::render_cloud_prompt(&l.tok, Some(&template), &content).unwrap();
+    assert_eq!(m.tokens, want);
+    let text = l.tok.detokenize(&m.tokens, true);
+    assert!(
+        text.starts_with("<|im_start|>system\nYou are a terse"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("assistant\n"),
+        "no generation prompt: {text}"
+    );
+    check_stream(m, &api.stream(&m.id).await);
+    s.shutdown().await.unwrap();
+}
+
+/// A `redis-server` on a free loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_redis_store() {
+    let redis = Redis::start();
+    let l = tiny();
+    let a_store: Arc<dyn Store> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let b_store = ep_cloud::open_store(&redis.url()).await.unwrap();
+    let (a, b) = tokio::join!(start(&l, a_store, None), start(&l, b_store, None));
+    assert_eq!(a.public_key(), b.public_key(), "replicas agree on one key");
+    let (api_a, api_b) = (Api::new(&a, None), Api::new(&b, None));
+    let (st, _) = api_a
+        .register(json!({"name": "shared", "text": text_prompt(40)}))
+        .await;
+    assert_eq!(st, 202);
+    let ia = api_a.wait_ready("shared").await;
+    // Served by the other replica: record, manifest, stream, ranges, frames.
+    let ib = api_b.wait_ready("shared").await;
+    assert_eq!(ia.id, ib.id);
+    let sm: SignedManifest = api_b.manifest(&ib.id).await.json().await.unwrap();
+    ep_proto::verify(a.public_key(), &sm).unwrap();
+    let full = api_b.stream(&ib.id).await;
+    check_stream(&sm.manifest, &full);
+    assert_eq!(full, api_a.stream(&ia.id).await);
+    let r = api_b
+        .get(&format!("/v1/kv/{}/stream", ib.id))
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &full[100..]);
+    let fr = &sm.manifest.frames[1];
+    let r = api_b
+        .get(&format!(
+            "/v1/kv/{}/frames/{}/{}",
+            ib.id, fr.layer, fr.start
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        &r.bytes().await.unwrap()[..],
+        &full[fr.offset as usize..(fr.offset + fr.bytes) as usize]
+    );
+    let listed: ep_proto::CloudPromptList = api_b
+        .get("/v1/cloud-prompts")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.data.len(), 1);
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    assert_eq!(
+        ep_cloud::stored_public_key(&store)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(a.public_key())
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
