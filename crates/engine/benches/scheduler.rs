@@ -141,8 +141,8 @@ fn main() {
         max_seqs: a.max_seqs,
         ..EngineConfig::default()
     };
-    let root = ep_engine::cache_root_of(&model, &tok, &cfg);
-    let mut core = Core::new(&model, &tok, cfg, root).unwrap();
+    let identity = ep_kv::identity::ContentIdentity::of(&model, &tok).digest();
+    let mut core = Core::new(&model, &tok, cfg, identity).unwrap();
     println!(
         "scheduler bench: {} blocks of {} B ({} MiB budget, {} positions per block), fill prompts of \
          {} tokens, then {} requests of {} prompt tokens + {} generated, max_seqs {}, {} tokens per step",

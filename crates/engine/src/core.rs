@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ep_kv::identity::{cache_root, CODEC_RAW};
 use ep_kv::{block_hashes, BlockHash, BlockId, BlockPool, KvLayout, PrefixCache};
 use ep_model::generate::FinishReason;
 use ep_model::kv::SeqSlice;
@@ -193,6 +194,8 @@ pub enum ImportError {
 }
 
 struct Import {
+    /// The root its hashes chain from (its codec's).
+    root: BlockHash,
     n_tokens: usize,
     hashes: Vec<BlockHash>,
     /// Per full block: the block this import writes (`None`: already cached and computed).
@@ -259,6 +262,7 @@ pub struct Core<'a> {
     max_pinned: usize,
     steps: u64,
     layer_log: Vec<LayerEvent>,
+    identity: [u8; 32],
 }
 
 /// A sequence's share of one step: tokens `start..start + n`.
@@ -277,13 +281,17 @@ enum Grow {
 }
 
 impl<'a> Core<'a> {
-    /// A scheduler over a fresh pool; `root` is the prefix cache's root (see `ep_kv::identity`).
+    /// A scheduler over a fresh pool for the model whose content identity digest is `identity`
+    /// (`ep_kv::identity::ContentIdentity::digest`): block hashes chain from
+    /// `cache_root(identity, dtype, block size, codec)`, exact KV under the raw codec, KV derived from a
+    /// lossy import under that codec's root.
     pub fn new(
         model: &'a Model,
         tok: &'a Tokenizer,
         cfg: EngineConfig,
-        root: BlockHash,
+        identity: [u8; 32],
     ) -> Result<Self, EngineError> {
+        let root = cache_root(&identity, cfg.kv_dtype, cfg.block_tokens, CODEC_RAW);
         let layout = layout_of(model, &cfg);
         let pool = BlockPool::new(layout, cfg.kv_budget_bytes)?;
         let max_pinned = ((pool.n_blocks() as f64) * cfg.max_pinned_share.clamp(0.0, 1.0)) as usize;
@@ -294,6 +302,7 @@ impl<'a> Core<'a> {
             layout,
             pool,
             cache: PrefixCache::new(root),
+            identity,
             seqs: HashMap::new(),
             waiting: BTreeMap::new(),
             running: BTreeMap::new(),
@@ -316,6 +325,19 @@ impl<'a> Core<'a> {
 
     pub fn pool(&self) -> &BlockPool {
         &self.pool
+    }
+    /// The root block hashes chain from for KV of `codec` (raw: exact KV).
+    pub fn root_for(&self, codec: u8) -> BlockHash {
+        if codec == CODEC_RAW {
+            self.cache.root()
+        } else {
+            cache_root(
+                &self.identity,
+                self.layout.dtype,
+                self.layout.block_tokens,
+                codec,
+            )
+        }
     }
     pub fn cache(&self) -> &PrefixCache {
         &self.cache
@@ -368,7 +390,7 @@ impl<'a> Core<'a> {
             .map_err(|e| InvalidRequest::new(InvalidKind::Sampling, e.to_string()))?;
         self.arrivals += 1;
         let hashes = block_hashes(
-            self.cache.root(),
+            self.root_for(req.kv_codec),
             &req.prompt,
             self.layout.block_tokens,
             req.public_prefix,
@@ -495,12 +517,12 @@ impl<'a> Core<'a> {
     /// Admits waiting requests in arrival order while memory allows.
     fn admit(&mut self) {
         let bt = self.layout.block_tokens;
-        let root = self.cache.root();
         let queue: Vec<RequestId> = self.waiting.values().copied().collect();
         for id in queue {
             if self.running.len() >= self.cfg.max_seqs {
                 break;
             }
+            let root = self.root_for(self.seqs[&id].req.kv_codec);
             let s = self.seqs.get_mut(&id).expect("waiting sequences exist");
             // Hashes of blocks generated before a preemption.
             while s.hashes.len() < s.tokens.len() / bt {
@@ -939,7 +961,7 @@ impl<'a> Core<'a> {
         let kv = PromptKv {
             tokens: s.tokens[..n].to_vec(),
             layout: self.layout,
-            block_hashes: block_hashes(self.cache.root(), &s.tokens[..n], bt, n, None),
+            block_hashes: block_hashes(self.root_for(s.req.kv_codec), &s.tokens[..n], bt, n, None),
             layers,
         };
         let _ = s.tx.send(Event::Kv(Box::new(kv)));
@@ -948,9 +970,9 @@ impl<'a> Core<'a> {
     /// Inserts newly filled blocks into the prefix cache and marks computed pending ones ready.
     fn register_blocks(&mut self) {
         let bt = self.layout.block_tokens;
-        let root = self.cache.root();
         let ids: Vec<RequestId> = self.running.values().copied().collect();
         for id in ids {
+            let root = self.root_for(self.seqs[&id].req.kv_codec);
             let s = self.seqs.get_mut(&id).expect("running sequences exist");
             let full = s.computed / bt;
             let (cache, pool) = (&mut self.cache, &mut self.pool);
@@ -1058,9 +1080,15 @@ impl<'a> Core<'a> {
             tokens.len(),
             None,
         );
-        let present = self.cache.present(&hashes);
+        // The computed prefix (pending and importing blocks are not pinned).
+        let present = self
+            .cache
+            .lookup(&hashes)
+            .iter()
+            .take_while(|h| h.ready && h.importing.is_none())
+            .count();
         self.check_pin_cap(&hashes[..present], 0)?;
-        let pinned = self.cache.pin(&hashes[..present]);
+        let pinned = self.cache.pin(&self.pool, &hashes[..present]);
         let n = pinned.len();
         let id = self.next_pin;
         self.next_pin += 1;
@@ -1091,9 +1119,12 @@ impl<'a> Core<'a> {
     /// Starts importing the KV of the public prefix `tokens`: its full blocks enter the prefix cache as
     /// one pinned public run (blocks already cached and computed are reused), the partial last block
     /// is held by the import; layers become usable as [`import_rows`](Self::import_rows) fills them.
+    /// `codec` is the codec the KV went through: a lossy one puts the blocks under that codec's root,
+    /// so only requests asking for it ([`crate::Request::kv_codec`]) use them.
     pub fn import_begin(
         &mut self,
         tokens: Vec<u32>,
+        codec: u8,
     ) -> Result<(ImportId, Arc<ImportProgress>), ImportError> {
         if tokens.is_empty() {
             return Err(ImportError::Empty);
@@ -1106,7 +1137,8 @@ impl<'a> Core<'a> {
         }
         let bt = self.layout.block_tokens;
         let n = tokens.len();
-        let hashes = block_hashes(self.cache.root(), &tokens, bt, n, None);
+        let root = self.root_for(codec);
+        let hashes = block_hashes(root, &tokens, bt, n, None);
         let hits = self.cache.lookup(&hashes);
         if hits.iter().any(|h| !h.ready || h.importing.is_some()) {
             return Err(ImportError::Busy);
@@ -1126,7 +1158,7 @@ impl<'a> Core<'a> {
         let id = self.next_import;
         self.next_import += 1;
         // Pin the present part first so allocation cannot evict it.
-        let mut pinned = self.cache.pin(&hashes[..hits.len()]);
+        let mut pinned = self.cache.pin(&self.pool, &hashes[..hits.len()]);
         let mut targets: Vec<Option<BlockId>> = vec![None; hits.len()];
         for i in hits.len()..hashes.len() {
             let b = self.alloc_block().expect("counted above");
@@ -1135,8 +1167,9 @@ impl<'a> Core<'a> {
                 .cache
                 .insert(&mut self.pool, hashes[i], parent, b, true);
             debug_assert!(ok, "import nodes are new");
+            // Pinned while it looks computed, then marked as filling (nothing else can pin it now).
+            pinned.extend(self.cache.pin(&self.pool, &hashes[i..i + 1]));
             self.cache.set_importing(&self.pool, &hashes[i], Some(id));
-            pinned.extend(self.cache.pin(&hashes[i..i + 1]));
             // The tree holds the block now; drop the allocation's reference.
             self.pool.release(b);
             targets.push(Some(b));
@@ -1159,6 +1192,7 @@ impl<'a> Core<'a> {
         }
         let progress = Arc::new(ImportProgress::default());
         let mut imp = Import {
+            root,
             n_tokens: n,
             hashes,
             targets,
@@ -1170,11 +1204,7 @@ impl<'a> Core<'a> {
             progress: progress.clone(),
         };
         if imp.tail.is_some() {
-            let key = imp
-                .hashes
-                .last()
-                .copied()
-                .unwrap_or_else(|| self.cache.root());
+            let key = imp.hashes.last().copied().unwrap_or(imp.root);
             self.import_tails.insert(key, id);
         }
         Self::advance(&mut imp);
@@ -1302,11 +1332,7 @@ impl<'a> Core<'a> {
             return;
         };
         if let Some((b, _)) = &imp.tail {
-            let key = imp
-                .hashes
-                .last()
-                .copied()
-                .unwrap_or_else(|| self.cache.root());
+            let key = imp.hashes.last().copied().unwrap_or(imp.root);
             if self.import_tails.get(&key) == Some(&id) {
                 self.import_tails.remove(&key);
             }

@@ -161,6 +161,9 @@ pub struct Request {
     pub public_prefix: usize,
     /// Send the prompt's KV ([`Event::Kv`]) once it is computed, before the first token.
     pub export_kv: bool,
+    /// The KV this request may reuse: exact KV (`CODEC_RAW`, the default), or KV imported through a
+    /// lossy codec (and everything computed over it) under that codec's cache root — never mixed.
+    pub kv_codec: u8,
 }
 
 impl Request {
@@ -171,6 +174,7 @@ impl Request {
             salt: None,
             public_prefix: 0,
             export_kv: false,
+            kv_codec: CODEC_RAW,
         }
     }
 }
@@ -260,7 +264,7 @@ enum Cmd {
     Cancel(RequestId),
     Pin(Vec<u32>, Reply<(PinId, usize)>),
     Unpin(PinId),
-    ImportBegin(Vec<u32>, Reply<(ImportId, Arc<ImportProgress>)>),
+    ImportBegin(Vec<u32>, u8, Reply<(ImportId, Arc<ImportProgress>)>),
     ImportRows(Box<ImportRows>),
     ImportRelease(ImportId),
     TakeLayerLog(oneshot::Sender<Vec<LayerEvent>>),
@@ -313,16 +317,17 @@ impl Engine {
         let identity = ContentIdentity::of(&model, &tok);
         let root = identity.cache_root(cfg.kv_dtype, cfg.block_tokens, CODEC_RAW);
         // Build the pool here so a bad budget fails the caller, not the thread.
-        let probe = Core::new(&model, &tok, cfg.clone(), root)?;
+        let probe = Core::new(&model, &tok, cfg.clone(), identity.digest())?;
         let (n_blocks, layout) = (probe.pool().n_blocks(), *probe.pool().layout());
         drop(probe);
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (m, t, c, sh) = (model.clone(), tok, cfg.clone(), shared.clone());
+        let digest = identity.digest();
         let thread = std::thread::Builder::new()
             .name("ep-engine".into())
             .spawn(move || {
-                let run = || engine_loop(&m, &t, c, root, rx, &sh);
+                let run = || engine_loop(&m, &t, c, digest, rx, &sh);
                 match pool {
                     Some(p) => p.install(run),
                     None => run(),
@@ -412,8 +417,14 @@ impl Engine {
         Ok(self.pin_handle(r))
     }
 
-    fn import_handle(&self, r: (ImportId, Arc<ImportProgress>), tokens: Vec<u32>) -> KvImport {
+    fn import_handle(
+        &self,
+        r: (ImportId, Arc<ImportProgress>),
+        tokens: Vec<u32>,
+        codec: u8,
+    ) -> KvImport {
         KvImport {
+            codec,
             id: r.0,
             progress: r.1,
             tokens,
@@ -430,16 +441,31 @@ impl Engine {
     /// soon as it is present. The imported blocks stay pinned until the handle is dropped (an
     /// incomplete import is then abandoned and its requests recompute).
     pub async fn import(&self, tokens: Vec<u32>) -> Result<KvImport, EngineError> {
-        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), r))?;
+        self.import_codec(tokens, CODEC_RAW).await
+    }
+
+    /// [`import`](Self::import) of KV that went through `codec` (a lossy one is kept under that
+    /// codec's cache root: only requests with [`Request::kv_codec`] = `codec` use it).
+    pub async fn import_codec(&self, tokens: Vec<u32>, codec: u8) -> Result<KvImport, EngineError> {
+        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), codec, r))?;
         let r = rx.await.map_err(|_| EngineError::Stopped)??;
-        Ok(self.import_handle(r, tokens))
+        Ok(self.import_handle(r, tokens, codec))
     }
 
     /// [`import`](Self::import) for callers outside an async runtime.
     pub fn import_blocking(&self, tokens: Vec<u32>) -> Result<KvImport, EngineError> {
-        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), r))?;
+        self.import_codec_blocking(tokens, CODEC_RAW)
+    }
+
+    /// [`import_codec`](Self::import_codec) for callers outside an async runtime.
+    pub fn import_codec_blocking(
+        &self,
+        tokens: Vec<u32>,
+        codec: u8,
+    ) -> Result<KvImport, EngineError> {
+        let rx = self.ask(|r| Cmd::ImportBegin(tokens.clone(), codec, r))?;
         let r = rx.blocking_recv().map_err(|_| EngineError::Stopped)??;
-        Ok(self.import_handle(r, tokens))
+        Ok(self.import_handle(r, tokens, codec))
     }
 
     /// Computes a prompt (through the prefix cache) and returns its KV in the stored dtype.
@@ -484,12 +510,6 @@ impl Engine {
     }
 }
 
-/// The prefix-cache root of an engine for `model` with `cfg`'s KV dtype and block size (exact KV): the
-/// one the engine itself uses.
-pub fn cache_root_of(model: &Model, tok: &Tokenizer, cfg: &EngineConfig) -> BlockHash {
-    ContentIdentity::of(model, tok).cache_root(cfg.kv_dtype, cfg.block_tokens, CODEC_RAW)
-}
-
 /// A pin of a cached prefix; dropping it unpins.
 #[derive(Debug)]
 pub struct PinHandle {
@@ -520,6 +540,8 @@ impl std::fmt::Debug for Cmd {
 /// An import of external KV in progress (or complete, holding its blocks pinned).
 pub struct KvImport {
     id: ImportId,
+    /// The codec its KV went through (`CODEC_RAW`: exact).
+    codec: u8,
     progress: Arc<ImportProgress>,
     tokens: Vec<u32>,
     layout: KvLayout,
@@ -530,6 +552,10 @@ pub struct KvImport {
 }
 
 impl KvImport {
+    /// The codec its KV went through.
+    pub fn codec(&self) -> u8 {
+        self.codec
+    }
     /// The prefix being imported.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
@@ -611,11 +637,11 @@ fn engine_loop(
     model: &Model,
     tok: &Tokenizer,
     cfg: EngineConfig,
-    root: BlockHash,
+    identity: [u8; 32],
     rx: mpsc::Receiver<Cmd>,
     shared: &Mutex<Shared>,
 ) {
-    let mut core = match Core::new(model, tok, cfg, root) {
+    let mut core = match Core::new(model, tok, cfg, identity) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("engine failed to start: {e}");
@@ -658,8 +684,8 @@ fn engine_loop(
                     let _ = reply.send(core.pin_prefix(&tokens));
                 }
                 Cmd::Unpin(id) => core.unpin(id),
-                Cmd::ImportBegin(tokens, reply) => {
-                    let _ = reply.send(core.import_begin(tokens));
+                Cmd::ImportBegin(tokens, codec, reply) => {
+                    let _ = reply.send(core.import_begin(tokens, codec));
                 }
                 Cmd::ImportRows(r) => {
                     if let Err(e) = core.import_rows(r.id, r.layer, r.start, r.end, &r.k, &r.v) {

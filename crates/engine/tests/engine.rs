@@ -553,6 +553,45 @@ fn imported_kv_gives_the_computed_tokens() {
 }
 
 #[test]
+fn lossy_imports_never_satisfy_exact_lookups() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(4, SamplingParams::greedy());
+    let prefix: Vec<u32> = (0..64).map(|i| (i * 7 + 2) % v).collect();
+    let kv = engine(&l, small_cfg(KvDtype::F16))
+        .export_blocking(prefix.clone())
+        .unwrap();
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    // Imported as if it went through codec 2: kept under that codec's root.
+    let imp = e.import_codec_blocking(prefix.clone(), 2).unwrap();
+    for (layer, (k, vv)) in kv.layers.iter().enumerate() {
+        imp.write_rows(layer, 0, 64, k.clone(), vv.clone()).unwrap();
+    }
+    let mut p = prefix.clone();
+    p.extend([5, 6, 7]);
+    let exact = run_all(&e, vec![Request::new(p.clone(), gp.clone())]);
+    assert_eq!(exact[0].finished.as_ref().unwrap().imported_tokens, 0);
+    assert_eq!(exact[0].finished.as_ref().unwrap().cached_tokens, 0);
+    let lossy = run_all(
+        &e,
+        vec![Request {
+            kv_codec: 2,
+            ..Request::new(p.clone(), gp.clone())
+        }],
+    );
+    assert_eq!(lossy[0].finished.as_ref().unwrap().imported_tokens, 64);
+    // And the exact blocks the first request computed are not reused under the lossy root either.
+    let again = run_all(
+        &e,
+        vec![Request {
+            kv_codec: 1,
+            ..Request::new(p, gp)
+        }],
+    );
+    assert_eq!(again[0].finished.as_ref().unwrap().cached_tokens, 0);
+}
+
+#[test]
 fn bad_import_rows_are_refused() {
     let l = tiny();
     let e = engine(&l, small_cfg(KvDtype::F16));

@@ -7,13 +7,15 @@
 //! across processes and machines, unlike a process-seeded hasher.
 //!
 //! The tree holds one pool reference per node. A node is **idle** when it is computed, unpinned and
-//! nothing but the tree references its block; idle nodes wait in an LRU list (ordered by when they
-//! became idle) and are evicted from its old end when a block is needed. Releasing a sequence's blocks
-//! last-to-first makes its deepest blocks the oldest, so leaves go before their ancestors (as vLLM's
-//! free-block queue does). Every node below an idle node is idle too (a sequence holds its whole path,
-//! pins cover whole prefixes), so the number of blocks eviction can free is exactly the idle count — a
-//! counter, not a walk. Every transition (a sequence acquiring or releasing a cached block, pins,
-//! readiness) goes through the cache so the list stays exact.
+//! nothing but the tree references its block; an idle node keeps the time it became idle. Idle leaves
+//! wait in an LRU list ordered by that time and are evicted from its old end when a block is needed;
+//! an idle node with children joins the list, at its own time, when its last child goes — so leaves
+//! always go before their ancestors, and releasing a sequence's blocks last-to-first (as vLLM's
+//! free-block queue does) makes its deepest blocks the oldest. Every node below an idle node is idle
+//! too (a sequence holds its whole path, pins cover whole prefixes of computed nodes), so the number of
+//! blocks eviction can free is exactly the idle count — a counter, not a walk. Every transition (a
+//! sequence acquiring or releasing a cached block, pins, readiness, children) goes through the cache
+//! so the list and the count stay exact; each costs O(log n).
 //! A salt (one per tenant) makes private blocks unmatchable across tenants: the same tokens under
 //! different salts hash differently, and the chain carries the salt to every block after it.
 
@@ -138,8 +140,10 @@ pub struct PrefixCache {
     root: BlockHash,
     nodes: HashMap<BlockHash, Node>,
     by_block: HashMap<BlockId, BlockHash>,
-    /// Idle nodes, oldest first.
+    /// Idle leaves, oldest first.
     idle: BTreeMap<u64, BlockHash>,
+    /// Idle nodes that still have children (they join `idle` when their last child goes).
+    idle_inner: usize,
     next_idle: u64,
     pinned_nodes: usize,
     evictions: u64,
@@ -152,6 +156,7 @@ impl PrefixCache {
             nodes: HashMap::new(),
             by_block: HashMap::new(),
             idle: BTreeMap::new(),
+            idle_inner: 0,
             next_idle: 0,
             pinned_nodes: 0,
             evictions: 0,
@@ -235,10 +240,8 @@ impl PrefixCache {
                 break;
             };
             pool.retain(n.block);
-            if let Some(k) = n.idle_key.take() {
-                self.idle.remove(&k);
-            }
             out.push(n.block);
+            self.refresh(pool, h);
         }
         out
     }
@@ -247,6 +250,10 @@ impl PrefixCache {
     /// by the tree alone becomes idle (the newest in the LRU list). Release a sequence's blocks
     /// last-to-first so its leaves are evicted before their ancestors.
     pub fn release(&mut self, pool: &mut BlockPool, block: BlockId) {
+        assert!(
+            pool.ref_count(block) > 1 || !self.by_block.contains_key(&block),
+            "release of block {block} that only the prefix cache holds"
+        );
         pool.release(block);
         if let Some(h) = self.by_block.get(&block).copied() {
             self.refresh(pool, &h);
@@ -257,7 +264,7 @@ impl PrefixCache {
         n.ready && n.pins == 0 && n.importing.is_none() && pool.ref_count(n.block) == 1
     }
 
-    /// Puts a node on or off the idle list according to its state.
+    /// Puts a node on or off the idle list (or count) according to its state.
     fn refresh(&mut self, pool: &BlockPool, h: &BlockHash) {
         let Some(n) = self.nodes.get_mut(h) else {
             return;
@@ -268,13 +275,48 @@ impl PrefixCache {
                 let k = self.next_idle;
                 self.next_idle += 1;
                 n.idle_key = Some(k);
-                self.idle.insert(k, *h);
+                if n.children == 0 {
+                    self.idle.insert(k, *h);
+                } else {
+                    self.idle_inner += 1;
+                }
             }
             (false, Some(k)) => {
                 n.idle_key = None;
-                self.idle.remove(&k);
+                if n.children == 0 {
+                    self.idle.remove(&k);
+                } else {
+                    self.idle_inner -= 1;
+                }
             }
             _ => {}
+        }
+    }
+
+    /// A child was added under `p` (present).
+    fn child_added(&mut self, p: &BlockHash) {
+        let n = self.nodes.get_mut(p).expect("parent present");
+        if n.children == 0 {
+            if let Some(k) = n.idle_key {
+                self.idle.remove(&k);
+                self.idle_inner += 1;
+            }
+        }
+        n.children += 1;
+    }
+
+    /// A child under `p` went (if `p` is present): an idle parent left childless joins the list at the
+    /// time it became idle.
+    fn child_removed(&mut self, p: &BlockHash) {
+        let Some(n) = self.nodes.get_mut(p) else {
+            return;
+        };
+        n.children -= 1;
+        if n.children == 0 {
+            if let Some(k) = n.idle_key {
+                self.idle_inner -= 1;
+                self.idle.insert(k, *p);
+            }
         }
     }
 
@@ -293,10 +335,10 @@ impl PrefixCache {
             return false;
         }
         if let Some(p) = parent {
-            match self.nodes.get_mut(&p) {
-                Some(pn) => pn.children += 1,
-                None => return false,
+            if !self.nodes.contains_key(&p) {
+                return false;
             }
+            self.child_added(&p);
         }
         pool.retain(block);
         self.nodes.insert(
@@ -344,18 +386,18 @@ impl PrefixCache {
         block: BlockId,
     ) -> bool {
         match self.nodes.get(hash) {
-            Some(n) if !n.ready && n.block == block && n.children == 0 => {}
+            Some(n) if !n.ready && n.block == block && n.children == 0 && n.pins == 0 => {}
             _ => return false,
         }
         self.remove(pool, hash);
         true
     }
 
-    /// Removes a leaf node whatever its state (an import that was abandoned), dropping the tree's
-    /// reference. Returns whether it was removed (false when absent or it has children).
+    /// Removes an unpinned leaf node whatever its state (an import that was abandoned), dropping the
+    /// tree's reference. Returns whether it was removed (false when absent, pinned or with children).
     pub fn remove_leaf(&mut self, pool: &mut BlockPool, hash: &BlockHash) -> bool {
         match self.nodes.get(hash) {
-            Some(n) if n.children == 0 => {}
+            Some(n) if n.children == 0 && n.pins == 0 => {}
             _ => return false,
         }
         self.remove(pool, hash);
@@ -364,11 +406,15 @@ impl PrefixCache {
 
     fn remove(&mut self, pool: &mut BlockPool, hash: &BlockHash) {
         if let Some(n) = self.nodes.remove(hash) {
-            if let Some(p) = n.parent.and_then(|p| self.nodes.get_mut(&p)) {
-                p.children -= 1;
-            }
             if let Some(k) = n.idle_key {
-                self.idle.remove(&k);
+                if n.children == 0 {
+                    self.idle.remove(&k);
+                } else {
+                    self.idle_inner -= 1;
+                }
+            }
+            if let Some(p) = n.parent {
+                self.child_removed(&p);
             }
             if n.pins > 0 {
                 self.pinned_nodes -= 1;
@@ -378,21 +424,22 @@ impl PrefixCache {
         }
     }
 
-    /// Pins the nodes of `hashes` that are present (a pinned node is never evicted) and returns the
-    /// hashes it pinned: pass exactly those to [`unpin`](Self::unpin), so one caller never removes
-    /// another's pins.
-    pub fn pin(&mut self, hashes: &[BlockHash]) -> Vec<BlockHash> {
+    /// Pins the nodes of `hashes` that are present and computed (not pending, not being imported; a
+    /// pinned node is never evicted or removed) and returns the hashes it pinned: pass exactly those
+    /// to [`unpin`](Self::unpin), so one caller never removes another's pins.
+    pub fn pin(&mut self, pool: &BlockPool, hashes: &[BlockHash]) -> Vec<BlockHash> {
         let mut pinned = Vec::new();
         for h in hashes {
             if let Some(node) = self.nodes.get_mut(h) {
+                if !node.ready || node.importing.is_some() {
+                    continue;
+                }
                 node.pins += 1;
                 if node.pins == 1 {
                     self.pinned_nodes += 1;
                 }
-                if let Some(k) = node.idle_key.take() {
-                    self.idle.remove(&k);
-                }
                 pinned.push(*h);
+                self.refresh(pool, h);
             }
         }
         pinned
@@ -423,7 +470,7 @@ impl PrefixCache {
 
     /// Blocks that eviction could free now: the idle nodes (everything below an idle node is idle).
     pub fn reclaimable(&self) -> usize {
-        self.idle.len()
+        self.idle.len() + self.idle_inner
     }
 
     /// Whether the node behind `hash` is idle (taking it uses up reclaimable space).
@@ -431,31 +478,16 @@ impl PrefixCache {
         self.nodes.get(hash).is_some_and(|n| n.idle_key.is_some())
     }
 
-    /// Evicts idle nodes, oldest first and never a node before its children, until `want` blocks were
-    /// freed or none is idle. Returns the number freed.
+    /// Evicts idle leaves, oldest first (a parent left childless and idle joins at its own time), until
+    /// `want` blocks were freed or no idle leaf is left. Returns the number freed.
     pub fn evict(&mut self, pool: &mut BlockPool, want: usize) -> usize {
         let mut freed = 0;
-        // An idle node with (idle) children goes to the back so they go first; bounded, as each
-        // such node is passed over once per round of its children.
-        let mut skips = 0usize;
         while freed < want {
-            let Some((&k, &h)) = self.idle.iter().next() else {
+            let Some((_, h)) = self.idle.pop_first() else {
                 break;
             };
-            let n = &self.nodes[&h];
-            if n.children > 0 {
-                skips += 1;
-                if skips > self.idle.len() {
-                    break;
-                }
-                self.idle.remove(&k);
-                let nk = self.next_idle;
-                self.next_idle += 1;
-                self.idle.insert(nk, h);
-                self.nodes.get_mut(&h).expect("idle node present").idle_key = Some(nk);
-                continue;
-            }
-            skips = 0;
+            // Off the list already: `remove` must not look for it there.
+            self.nodes.get_mut(&h).expect("idle node present").idle_key = None;
             self.remove(pool, &h);
             self.evictions += 1;
             freed += 1;

@@ -8,9 +8,9 @@ use std::time::Instant;
 use ep_kv::identity::{cache_root, dtype_from_code, hex, ContentIdentity, NUMERICS_VERSION};
 use ep_kv::KvDtype;
 use ep_model::gguf::Gguf;
-use ep_model::testutil::{test_model_path, tiny_model_bytes};
 use ep_model::tokenizer::Tokenizer;
 use ep_model::{load_model_dir_or_gguf, Model};
+use ep_testutil::{test_model_path, tiny_model_bytes};
 use serde_json::Value;
 
 /// The seed of `fixtures/kv/tiny.gguf`.
@@ -280,7 +280,7 @@ fn default_model_identity_matches_reference() {
         eprintln!("default model absent: skipped");
         return;
     };
-    if path.file_name().and_then(|n| n.to_str()) != Some(ep_model::testutil::DEFAULT_MODEL_FILE) {
+    if path.file_name().and_then(|n| n.to_str()) != Some(ep_model::paths::DEFAULT_MODEL_FILE) {
         eprintln!("not the default model: skipped");
         return;
     }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests talk to, idempotently:
+#   - redis-server (Debian's package) when missing; tests start their own on a free loopback port;
+#   - a Python venv with the official `openai` client at $EDGEPROMPT_HOME/venv-e2e (reused across runs).
+# Prints the venv's python on stdout.
+set -euo pipefail
+home="${EDGEPROMPT_HOME:-$HOME/.cache/edgeprompt}"
+OPENAI_VERSION="3.51.0"
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server (Debian package)..." >&2
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
+  else
+    sudo apt-get update -qq >&2 && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
+  fi
+fi
+venv="$home/venv-e2e"
+if ! "$venv/bin/python" -c "import openai, sys; sys.exit(0 if openai.__version__ == '$OPENAI_VERSION' else 1)" >/dev/null 2>&1; then
+  echo "creating $venv with openai==$OPENAI_VERSION..." >&2
+  mkdir -p "$home"
+  python3 -m venv "$venv" >&2
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION" >&2
+fi
+echo "$venv/bin/python"
