@@ -393,7 +393,13 @@ pub fn run(
                 for s0 in (0..p).step_by(cfg.frame_tokens) {
                     let s1 = (s0 + cfg.frame_tokens).min(p);
                     let (id, payload) = sc
-                        .encode(l, &layout, s1 - s0, &k[s0 * w * 2..s1 * w * 2], &v[s0 * w * 2..s1 * w * 2])
+                        .encode(
+                            l,
+                            &layout,
+                            s1 - s0,
+                            &k[s0 * w * 2..s1 * w * 2],
+                            &v[s0 * w * 2..s1 * w * 2],
+                        )
                         .map_err(|e| cerr(e.to_string()))?;
                     acc.payload_bytes += payload.len();
                     Frame::new(l as u32, s0 as u32, s1 as u32, KvDtype::F16, id, payload)
@@ -550,7 +556,8 @@ fn read_answers(dir: &Path, n: usize) -> Result<Vec<Vec<usize>>, CodecsError> {
                 .map_err(|e| CodecsError::Config(format!("{}: {e}", path.display())))?;
             r.records()
                 .map(|rec| {
-                    let rec = rec.map_err(|e| CodecsError::Config(format!("{}: {e}", path.display())))?;
+                    let rec =
+                        rec.map_err(|e| CodecsError::Config(format!("{}: {e}", path.display())))?;
                     Ok(match rec.get(5).map(str::trim) {
                         Some("A") => 0,
                         Some("B") => 1,

@@ -788,7 +788,10 @@ fn cmd_bench_codecs(a: CodecsArgs) -> Result<()> {
         bail!("bench codecs needs MMLU: pass --datasets DIR (holding mmlu/dev and mmlu/test) or set $EDGEPROMPT_DATASETS");
     };
     if !datasets.join("mmlu").is_dir() {
-        bail!("datasets directory {} has no mmlu/ folder", datasets.display());
+        bail!(
+            "datasets directory {} has no mmlu/ folder",
+            datasets.display()
+        );
     }
     let mut out = match &a.json {
         Some(p) => {
@@ -826,7 +829,15 @@ fn cmd_bench_codecs(a: CodecsArgs) -> Result<()> {
         );
         println!(
             "{:<16} {:>9} {:>7} {:>7} {:>7} {:>9} {:>6} {:>9} {:>9}",
-            "codec", "B/token", "vs f16", "top-1", "answer", "mean KL", "acc", "enc MB/s", "dec MB/s"
+            "codec",
+            "B/token",
+            "vs f16",
+            "top-1",
+            "answer",
+            "mean KL",
+            "acc",
+            "enc MB/s",
+            "dec MB/s"
         );
         for r in &recs {
             println!(
