@@ -65,7 +65,7 @@ pub const CODECS: &[u8] = &[CODEC_RAW, CODEC_INT8, CODEC_INT4];
 /// Tokens per key group and channels per value group of the int8 and int4 codecs.
 pub const GROUP: usize = 32;
 /// zstd level of the lossy codecs' payloads (measured in docs/performance.md, "KV codecs").
-pub const ZSTD_LEVEL: i32 = 3;
+pub const ZSTD_LEVEL: i32 = 1;
 
 /// Errors of encoding and decoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
