@@ -2,6 +2,7 @@
 //! tests.
 
 pub mod batch;
+pub mod codecs;
 pub mod micro;
 
 /// Median of a non-empty list (the lower middle for even lengths).

@@ -96,6 +96,35 @@ enum BenchCommand {
     /// The non-interactive scenario: batches of requests sharing cloud prompts, decode throughput per
     /// attention mode. Each point is the median of --reps interleaved runs.
     Batch(BatchArgs),
+    /// KV codecs: MMLU questions after their subject's 5-shot cloud prompt, whose KV is sent through
+    /// each codec (encode, wire stream, decode); answer and top-1 agreement with the exact KV, KL
+    /// divergence, bytes per token with headers and framing. One JSON record per codec.
+    Codecs(CodecsArgs),
+}
+
+#[derive(Args)]
+struct CodecsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Codecs to compare: raw, int8, int4 (measured variants: +kN key groups, +vN value groups,
+    /// +hiL first L layers int8, +zN zstd level, e.g. int4+k64+v64).
+    #[arg(long, value_delimiter = ',', default_value = "raw,int8,int4")]
+    codecs: Vec<String>,
+    /// MMLU test questions, spread round-robin over the subjects.
+    #[arg(long, default_value_t = 200)]
+    questions: usize,
+    /// Greedy continuation compared per question (teacher-forced), in tokens.
+    #[arg(long, default_value_t = 16)]
+    cont_tokens: usize,
+    /// Tokens per wire frame.
+    #[arg(long, default_value_t = 256)]
+    frame_tokens: usize,
+    /// Public datasets directory (MMLU); default $EDGEPROMPT_DATASETS, then ../shared/datasets.
+    #[arg(long)]
+    datasets: Option<PathBuf>,
+    /// Write the records as JSON lines to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -763,6 +792,84 @@ fn cmd_bench_batch(a: BatchArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench_codecs(a: CodecsArgs) -> Result<()> {
+    let pool = thread_pool(a.common.threads)?;
+    let Some(datasets) = ep_bench::batch::datasets_dir(a.datasets.clone()) else {
+        bail!("bench codecs needs MMLU: pass --datasets DIR (holding mmlu/dev and mmlu/test) or set $EDGEPROMPT_DATASETS");
+    };
+    if !datasets.join("mmlu").is_dir() {
+        bail!(
+            "datasets directory {} has no mmlu/ folder",
+            datasets.display()
+        );
+    }
+    let mut out = match &a.json {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    pool.install(|| {
+        let l = load(&a.common)?;
+        let cfg = ep_bench::codecs::CodecsConfig {
+            datasets,
+            questions: a.questions,
+            codecs: a.codecs.clone(),
+            cont_tokens: a.cont_tokens,
+            frame_tokens: a.frame_tokens,
+            block_tokens: 16,
+        };
+        let bar = ProgressBar::new(a.questions as u64).with_style(
+            ProgressStyle::with_template(
+                "bench codecs [{bar:30}] {pos}/{len} questions ({elapsed}, eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        let t0 = std::time::Instant::now();
+        let recs = ep_bench::codecs::run(&l.model, &l.tok, &cfg, |done, _| {
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        eprintln!(
+            "{} questions, {} codecs in {:.1} s",
+            a.questions,
+            recs.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        println!(
+            "{:<16} {:>9} {:>7} {:>7} {:>7} {:>9} {:>6} {:>9} {:>9}",
+            "codec",
+            "B/token",
+            "vs f16",
+            "top-1",
+            "answer",
+            "mean KL",
+            "acc",
+            "enc MB/s",
+            "dec MB/s"
+        );
+        for r in &recs {
+            println!(
+                "{:<16} {:>9.1} {:>6.2}x {:>7.4} {:>7.3} {:>9.2e} {:>6.3} {:>9.1} {:>9.1}",
+                r.codec,
+                r.bytes_per_token,
+                r.compression_vs_f16,
+                r.top1_agreement,
+                r.answer_agreement,
+                r.mean_kl,
+                r.accuracy,
+                r.encode_mb_s,
+                r.decode_mb_s
+            );
+            if let Some(f) = out.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(r)?)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Reads a KV frame stream, checking every digest, before anything of it is used.
 fn read_kv_file(
     path: &std::path::Path,
@@ -900,6 +1007,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => cmd_chat(a),
         Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
+        Command::Bench(BenchCommand::Codecs(a)) => cmd_bench_codecs(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),

@@ -713,3 +713,117 @@ fn cloud_key_is_generated_once_and_printed() {
 fn ep_proto_key_is_hex(k: &str) -> bool {
     k.bytes().all(|b| b.is_ascii_hexdigit())
 }
+
+/// A tiny MMLU-shaped dataset: two subjects, two dev and two test rows each.
+fn tiny_mmlu(dir: &Path) -> PathBuf {
+    let root = dir.join("datasets");
+    for split in ["dev", "test"] {
+        std::fs::create_dir_all(root.join("mmlu").join(split)).unwrap();
+    }
+    for (s, rows) in [
+        (
+            "geography",
+            "What is the capital of France?,Berlin,Paris,Rome,Madrid,B\nWhich ocean is the largest?,Pacific,Atlantic,Indian,Arctic,A\n",
+        ),
+        (
+            "arithmetic",
+            "What is 2 + 2?,3,4,5,6,B\nWhat is 3 times 3?,6,8,9,12,C\n",
+        ),
+    ] {
+        for split in ["dev", "test"] {
+            std::fs::write(
+                root.join("mmlu").join(split).join(format!("{s}_{split}.csv")),
+                rows,
+            )
+            .unwrap();
+        }
+    }
+    root
+}
+
+#[test]
+fn bench_codecs_writes_one_record_per_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_mmlu(dir.path());
+    let json = dir.path().join("codecs.jsonl");
+    let m = model();
+    let o = run(&[
+        "bench",
+        "codecs",
+        "--model",
+        &m,
+        "--datasets",
+        data.to_str().unwrap(),
+        "--questions",
+        "3",
+        "--cont-tokens",
+        "4",
+        "--frame-tokens",
+        "16",
+        "--codecs",
+        "raw,int8,int4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs: Vec<Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = recs.iter().map(|r| r["codec"].as_str().unwrap()).collect();
+    assert_eq!(names, ["raw", "int8", "int4"]);
+    for r in &recs {
+        assert_eq!(r["questions"], 3);
+        assert_eq!(r["subjects"], 2);
+        assert_eq!(r["positions"], 12);
+        for f in [
+            "bytes_per_token",
+            "compression_vs_f16",
+            "top1_agreement",
+            "answer_agreement",
+            "mean_kl",
+            "accuracy",
+        ] {
+            assert!(r[f].as_f64().is_some(), "{f} missing in {r}");
+        }
+        for f in ["top1_agreement", "answer_agreement", "accuracy"] {
+            let x = r[f].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{f} = {x}");
+        }
+        assert!(r["mean_kl"].as_f64().unwrap() >= 0.0);
+        // Headers and framing are counted: more than the payload alone.
+        assert!(
+            r["bytes_per_token"].as_f64().unwrap() > r["payload_bytes_per_token"].as_f64().unwrap()
+        );
+    }
+    // Raw is exact: nothing lost, nothing gained.
+    assert_eq!(recs[0]["kv_identical"], true);
+    assert_eq!(recs[0]["top1_agreement"], 1.0);
+    assert_eq!(recs[0]["mean_kl"], 0.0);
+    assert!(recs[0]["compression_vs_f16"].as_f64().unwrap() < 1.0);
+    // The lossy codecs really are smaller, and really are lossy (measured, not assumed).
+    let c8 = recs[1]["compression_vs_f16"].as_f64().unwrap();
+    let c4 = recs[2]["compression_vs_f16"].as_f64().unwrap();
+    assert!(c8 > 1.5 && c4 > c8, "int8 {c8}x, int4 {c4}x");
+    for r in &recs[1..] {
+        assert_eq!(r["kv_identical"], false);
+        assert!(r["max_abs_err"].as_f64().unwrap() > 0.0);
+    }
+    // A bad codec name is refused with a message.
+    let o = run(&[
+        "bench",
+        "codecs",
+        "--model",
+        &m,
+        "--datasets",
+        data.to_str().unwrap(),
+        "--codecs",
+        "int3",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("int3"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -2,6 +2,7 @@
 //! frames of raw rows in the stored dtype, and an import started from a received header and fed with
 //! received frames — refused unless identity, layout and block hashes are exactly this engine's.
 
+use ep_kv::codec;
 use ep_kv::identity::{hex, CODEC_RAW};
 use ep_kv::wire::{validate_frame, Frame, KvHeader, WireLayout};
 
@@ -109,19 +110,28 @@ impl Engine {
 
 impl KvImport {
     /// Writes one received frame (its digest was checked when it was decoded; here it is checked
-    /// against the header: layer, range, dtype, codec, length).
+    /// against the header: layer, range, dtype, codec, length). The frame's codec must be the
+    /// import's (a lossy frame never enters an exact import, nor the reverse); its payload is decoded
+    /// with [`ep_kv::codec::decode`] into raw rows.
     pub fn write_frame(&self, f: &Frame) -> Result<(), EngineError> {
         let h = self.header.as_ref().ok_or_else(|| {
             EngineError::KvRefused("this import was not started from a stream header".into())
         })?;
         validate_frame(h, f)?;
-        let half = f.payload.len() / 2;
-        self.write_rows(
-            f.layer as usize,
-            f.start as usize,
-            f.end as usize,
-            f.payload[..half].to_vec(),
-            f.payload[half..].to_vec(),
-        )
+        if f.codec != self.codec {
+            return Err(EngineError::KvRefused(format!(
+                "a frame of codec {} in an import of codec {}",
+                codec::codec_name(f.codec).unwrap_or("?"),
+                codec::codec_name(self.codec).unwrap_or("?")
+            )));
+        }
+        let (k, v) = codec::decode(f.codec, &h.layout, (f.end - f.start) as usize, &f.payload)
+            .map_err(|e| {
+                EngineError::KvRefused(format!(
+                    "frame of layer {}, tokens {}..{}: {e}",
+                    f.layer, f.start, f.end
+                ))
+            })?;
+        self.write_rows(f.layer as usize, f.start as usize, f.end as usize, k, v)
     }
 }

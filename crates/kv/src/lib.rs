@@ -5,8 +5,10 @@
 //! [`BlockId`]) into the pool. Scheduling policy (who gets blocks, who is preempted) lives in the engine.
 //!
 //! [`identity`] defines what KV was computed by (the content identity and the cache root every chain
-//! starts from); [`wire`] the byte format KV travels in between processes.
+//! starts from); [`wire`] the byte format KV travels in between processes; [`codec`] the frame payloads
+//! (raw, and the lossy int8 / int4 codecs).
 
+pub mod codec;
 pub mod identity;
 pub mod pool;
 pub mod tree;

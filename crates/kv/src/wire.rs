@@ -28,19 +28,26 @@
 //! token_start  u32
 //! token_end    u32 (exclusive)
 //! dtype        u8
-//! codec        u8  0 = raw values in the stored dtype
+//! codec        u8  0 raw, 1 int8, 2 int4 (ep_kv::codec)
 //! payload_len  u64
 //! digest       32  BLAKE3 of the payload bytes
 //! payload      payload_len bytes
 //! ```
 //!
-//! A raw payload is the K rows of tokens `start..end` (each row `n_head_kv × head_dim` values in the
-//! dtype, little-endian), then the V rows likewise: `(end − start) × row_bytes × 2` bytes.
+//! A raw payload (codec 0) is the K rows of tokens `start..end` (each row `n_head_kv × head_dim`
+//! values in the dtype, little-endian), then the V rows likewise: `(end − start) × row_bytes × 2`
+//! bytes. A lossy payload (codec 1 int8, 2 int4) is one zstd frame of group-wise quantised K and V
+//! (keys per channel over groups of 32 tokens, values per token over groups of 32 channels, f16
+//! min and scale per group); its exact format is in [`crate::codec`], whose `decode` turns any
+//! payload back into raw rows. A lossy payload must be non-empty and at most
+//! [`crate::codec::max_payload_len`] bytes (zstd's bound of the body the range implies); its body
+//! length is checked when it is decoded.
 //!
 //! Hostile input never panics and never makes the decoder allocate more than the input it holds:
 //! every count is checked against a limit ([`MAX_TOKENS`], [`MAX_PAYLOAD`], [`MAX_LAYERS`],
 //! [`MAX_KV_WIDTH`]) and against the bytes present before anything is allocated.
 
+use crate::codec;
 use crate::identity::{cache_root, dtype_code, dtype_from_code, CODEC_RAW};
 use crate::{block_hashes, BlockHash, KvDtype, KvLayout};
 
@@ -109,6 +116,15 @@ pub enum WireError {
         end: u32,
         len: u64,
         expected: u64,
+    },
+    #[error("frame of layer {layer}, tokens {start}..{end}: payload of {len} bytes, outside 1..={max} for codec {codec}")]
+    PayloadBound {
+        layer: u32,
+        start: u32,
+        end: u32,
+        codec: u8,
+        len: u64,
+        max: u64,
     },
     #[error("the stream failed earlier and cannot continue")]
     StreamFailed,
@@ -456,8 +472,9 @@ impl Frame {
 }
 
 /// Checks that `frame` belongs to the stream of `header`: layer in range, `start < end <= n_tokens`,
-/// the header's dtype, a known codec, and for the raw codec a payload of exactly
-/// [`Frame::expected_raw_len`] bytes.
+/// the header's dtype, a known codec ([`crate::codec::CODECS`]), for the raw codec a payload of
+/// exactly [`Frame::expected_raw_len`] bytes, for a lossy codec a non-empty payload of at most
+/// [`crate::codec::max_payload_len`] bytes.
 pub fn validate_frame(header: &KvHeader, frame: &Frame) -> Result<(), WireError> {
     let l = &header.layout;
     if frame.layer >= l.n_layer {
@@ -480,11 +497,26 @@ pub fn validate_frame(header: &KvHeader, frame: &Frame) -> Result<(), WireError>
             header: l.dtype,
         });
     }
-    if frame.codec != CODEC_RAW {
+    if !codec::CODECS.contains(&frame.codec) {
         return Err(WireError::UnsupportedCodec(frame.codec));
     }
-    let expected = frame.expected_raw_len(l);
     let len = frame.payload.len() as u64;
+    if frame.codec != CODEC_RAW {
+        let n = (frame.end - frame.start) as usize;
+        let max = codec::max_payload_len(frame.codec, l, n).unwrap_or(0);
+        if len == 0 || len > max {
+            return Err(WireError::PayloadBound {
+                layer: frame.layer,
+                start: frame.start,
+                end: frame.end,
+                codec: frame.codec,
+                len,
+                max,
+            });
+        }
+        return Ok(());
+    }
+    let expected = frame.expected_raw_len(l);
     if len != expected {
         return Err(WireError::PayloadLength {
             layer: frame.layer,

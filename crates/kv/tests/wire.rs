@@ -404,8 +404,8 @@ fn hostile_frame_fields() {
         WireError::DtypeMismatch { .. }
     ));
     assert_eq!(
-        bad(Frame::new(0, 5, 8, KvDtype::F16, 1, p.clone())),
-        WireError::UnsupportedCodec(1)
+        bad(Frame::new(0, 5, 8, KvDtype::F16, 7, p.clone())),
+        WireError::UnsupportedCodec(7)
     );
     assert!(matches!(
         bad(Frame::new(0, 5, 8, KvDtype::F16, 0, p[1..].to_vec())),

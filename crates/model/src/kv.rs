@@ -167,6 +167,47 @@ impl ContiguousKv {
         }
     }
 
+    /// A sequence's stored K and V rows of `layer` (positions × kv_width, f16).
+    pub fn rows(&self, seq: SeqId, layer: usize) -> Option<(&[f16], &[f16])> {
+        let s = self.seqs.get(seq)?.as_ref()?;
+        Some((s.k.get(layer)?, s.v.get(layer)?))
+    }
+
+    /// Appends K and V rows (whole rows of kv_width, f16) to one layer of a sequence — KV computed
+    /// elsewhere. The sequence's length is the fewest tokens any layer holds.
+    pub fn push_rows(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        k: &[f16],
+        v: &[f16],
+    ) -> Result<(), ModelError> {
+        let (kw, n_layer, max_len) = (self.shape.kv_width(), self.shape.n_layer, self.max_len);
+        let s = self
+            .seqs
+            .get_mut(seq)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| ModelError::Kv(format!("unknown sequence {seq}")))?;
+        if layer >= n_layer || k.len() != v.len() || !k.len().is_multiple_of(kw) {
+            return Err(ModelError::Kv(format!(
+                "rows for layer {layer}: {} K and {} V values, not whole rows of {kw}",
+                k.len(),
+                v.len()
+            )));
+        }
+        let end = s.k[layer].len() / kw + k.len() / kw;
+        if end > max_len {
+            return Err(ModelError::ContextFull {
+                needed: end,
+                max: max_len,
+            });
+        }
+        s.k[layer].extend_from_slice(k);
+        s.v[layer].extend_from_slice(v);
+        s.len = s.k.iter().map(|l| l.len() / kw).min().unwrap_or(0);
+        Ok(())
+    }
+
     /// Largest number of tokens one sequence may hold.
     pub fn max_len(&self) -> usize {
         self.max_len
