@@ -1,6 +1,6 @@
 //! A cloud prompt's content as token ids: the one place content becomes tokens.
 
-use ep_model::chat::{ChatMessage, ChatTemplate};
+use ep_model::chat::{render_prompt, ChatMessage, ChatTemplate};
 use ep_model::tokenizer::Tokenizer;
 use ep_proto::PromptContent;
 
@@ -28,21 +28,24 @@ pub fn render_cloud_prompt(
     template: Option<&ChatTemplate>,
     content: &PromptContent,
 ) -> Result<Vec<u32>, RenderError> {
-    let text = match content {
-        PromptContent::Text(t) => t.clone(),
+    let tokens = match content {
+        // Text is the operator's raw prefix: special-token text in it is parsed.
+        PromptContent::Text(t) => tok
+            .encode(t, true)
+            .map_err(|e| RenderError::Tokenize(e.to_string()))?,
+        // Messages go through the same render + tokenize as the edge and `generate` (content's
+        // special-token text stays text), so an edge's conversation extends exactly these tokens.
         PromptContent::Messages(m) => {
             let t = template.ok_or(RenderError::NoTemplate)?;
             let msgs: Vec<ChatMessage> = m
                 .iter()
                 .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
                 .collect();
-            t.render(&msgs, false)
+            render_prompt(tok, t, &msgs, false)
                 .map_err(|e| RenderError::Template(e.to_string()))?
+                .tokens
         }
     };
-    let tokens = tok
-        .encode(&text, true)
-        .map_err(|e| RenderError::Tokenize(e.to_string()))?;
     if tokens.is_empty() {
         return Err(RenderError::Empty);
     }
@@ -51,5 +54,5 @@ pub fn render_cloud_prompt(
 
 /// Hex BLAKE3 of a chat template's source (a manifest's `template_digest`).
 pub fn template_digest(template: &ChatTemplate) -> [u8; 32] {
-    *blake3::hash(template.source().as_bytes()).as_bytes()
+    template.source_digest()
 }

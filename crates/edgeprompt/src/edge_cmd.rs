@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ep_edge::fetch::FetcherConfig;
 use ep_edge::{ApiKeys, EdgeConfig, Fetcher};
 use ep_engine::Engine;
 
@@ -33,9 +34,18 @@ pub struct EdgeArgs {
     /// The cloud's manifest signing key (hex Ed25519 public key) to pin.
     #[arg(long)]
     cloud_key: Option<String>,
-    /// Disk cache of fetched cloud prompts.
+    /// A private CA certificate (PEM) the cloud's TLS certificate chains to.
+    #[arg(long)]
+    cloud_ca: Option<PathBuf>,
+    /// Allow plain http:// to a cloud that is not on loopback (the token and KV travel in clear).
+    #[arg(long)]
+    allow_plain_http: bool,
+    /// Disk cache of fetched cloud prompts (signed manifest + KV stream per prompt; re-checked on load).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    cache_mib: u64,
     /// API keys: one per line, or `key tenant` pairs (without: the bearer token is the tenant).
     #[arg(long)]
     api_keys: Option<PathBuf>,
@@ -82,14 +92,33 @@ pub fn run(a: EdgeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "edgeprompt".into())
     });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     let fetcher: Option<Arc<Fetcher>> = match &a.cloud_url {
         None => None,
         Some(url) => {
-            // FETCHER: construct it here once `Fetcher::new(...)` lands — with the cloud URL, token,
-            // pinned key, disk cache and the engine (`url`, `a.cloud_token`, `a.cloud_key`,
-            // `a.cache_dir`, `engine.clone()`).
-            let _ = (&a.cloud_token, &a.cloud_key, &a.cache_dir);
-            bail!("--cloud-url {url}: the cloud fetcher is not available in this build yet");
+            let template_digest = l
+                .template
+                .as_ref()
+                .map(|t| t.source_digest())
+                .unwrap_or([0; 32]);
+            let fc = FetcherConfig {
+                token: a.cloud_token.clone(),
+                cloud_key: a.cloud_key.clone(),
+                cloud_ca: a.cloud_ca.clone(),
+                allow_plain_http: a.allow_plain_http,
+                cache_dir: a.cache_dir.clone(),
+                cache_budget_bytes: a.cache_mib << 20,
+                ..FetcherConfig::new(url.clone())
+            };
+            let _guard = rt.enter();
+            Some(Arc::new(
+                Fetcher::new(fc, engine.clone(), template_digest)
+                    .map_err(|e| anyhow::anyhow!("--cloud-url {url}: {e}"))?,
+            ))
         }
     };
     let cfg = EdgeConfig {
@@ -100,11 +129,6 @@ pub fn run(a: EdgeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         ..EdgeConfig::default()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     eprintln!(
         "edge: serving '{}' on http://{} (Ctrl-C or SIGTERM stops it after the running requests)",
         cfg.model_id, cfg.listen
