@@ -20,6 +20,7 @@ use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod cloud_cmd;
+mod up_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,10 @@ enum Command {
     /// The cloud: the cloud prompt registry, KV computed once and served signed to edges
     /// (`cloud key --store S` prints the signing key).
     Cloud(cloud_cmd::CloudArgs),
+    /// A cloud and an edge on loopback with the embedded defaults: registers an example cloud prompt,
+    /// sends a chat request with private details through the edge, streams the answer and prints what
+    /// crossed the network (then serves until Ctrl-C, or exits with --once).
+    Up(up_cmd::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -1012,6 +1017,7 @@ fn main() -> ExitCode {
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),
         Command::Cloud(a) => cloud_cmd::run(a),
+        Command::Up(a) => up_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
