@@ -1,0 +1,564 @@
+//! The cloud and the edge as the real binaries on loopback, driven by real clients (`curl`, the
+//! official `openai` Python package): the edge's answers equal `generate`'s, and — through a recording
+//! proxy between edge and cloud — no byte derived from the user's data goes upstream while the cloud
+//! prompt's KV really comes down.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edgeprompt"))
+}
+
+fn model() -> String {
+    ep_testutil::require_test_model()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop, its stderr kept in a file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(args: &[&str], log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .env("EDGEPROMPT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("binary starts");
+        Proc { child, log }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl` with a JSON body (or none); returns (status, body).
+fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "-S",
+        "-X",
+        method,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let o: Output = c.output().expect("curl runs");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn wait_for(url: &str, what: &str, p: &Proc) {
+    let t0 = Instant::now();
+    loop {
+        let (code, _) = curl("GET", url, None, None);
+        if code == 200 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what} did not come up: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP proxy that records every byte each way, per connection.
+struct Recorder {
+    port: u16,
+    up: Arc<Mutex<Vec<Vec<u8>>>>,
+    down: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Recorder {
+    fn start(target: u16) -> Recorder {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let up: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let down: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let (u, d) = (up.clone(), down.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(client) = c else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let i = {
+                    let mut u = u.lock().unwrap();
+                    u.push(Vec::new());
+                    d.lock().unwrap().push(Vec::new());
+                    u.len() - 1
+                };
+                let pipe =
+                    |mut from: TcpStream, mut to: TcpStream, rec: Arc<Mutex<Vec<Vec<u8>>>>| {
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 1 << 16];
+                            loop {
+                                match from.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        rec.lock().unwrap()[i].extend_from_slice(&buf[..n]);
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    };
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    u.clone(),
+                );
+                pipe(server, client, d.clone());
+            }
+        });
+        Recorder { port, up, down }
+    }
+    fn up_bytes(&self) -> Vec<u8> {
+        self.up.lock().unwrap().concat()
+    }
+    fn down_len(&self) -> usize {
+        self.down.lock().unwrap().iter().map(|c| c.len()).sum()
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn tokens_of(text: &str) -> Vec<u32> {
+    let m = ep_model::Model::load(model(), |_, _| {}).unwrap();
+    let tok = ep_model::tokenizer::Tokenizer::from_gguf(m.gguf().unwrap()).unwrap();
+    tok.encode(text, false).unwrap()
+}
+
+/// Every way a run of token ids could be written: decimal text (as in a JSON array or a list) and
+/// little-endian u32 bytes — for every window of 3 consecutive ids.
+fn token_forms(ids: &[u32]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for w in ids.windows(3.min(ids.len())) {
+        let dec: Vec<String> = w.iter().map(|t| t.to_string()).collect();
+        out.push(dec.join(",").into_bytes());
+        out.push(dec.join(", ").into_bytes());
+        out.push(dec.join(" ").into_bytes());
+        out.push(w.iter().flat_map(|t| t.to_le_bytes()).collect());
+    }
+    out
+}
+
+fn dir_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+const CLOUD_SYSTEM: &str =
+    "You are the assistant of a small bakery called Korn & Kruste. Answer in one \
+friendly sentence. The bakery opens from 8 to 18 on weekdays and from 9 to 13 on Saturdays; it is \
+closed on Sundays. Rye bread costs 4.20 euros, a baguette 2.10 euros, a cinnamon roll 2.80 euros. \
+Orders for cakes need two days' notice. Never repeat a customer's phone number or e-mail address.";
+
+/// The canaries: a name, an e-mail, an IBAN and a phone number.
+const CANARIES: [&str; 4] = [
+    "Annika Sorensen-Vale",
+    "annika.vale@example.net",
+    "NO93 8601 1117 947",
+    "+47 912 34 567",
+];
+
+struct Stack {
+    _cloud: Proc,
+    cloud_port: u16,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+fn start_cloud() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = "cloud-secret-token".to_string();
+    let m = model();
+    let store = dir.path().join("store");
+    let cloud = Proc::start(
+        &[
+            "cloud",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            &dir_str(&store),
+            "--model",
+            &m,
+            "--threads",
+            "2",
+            "--token",
+            &token,
+        ],
+        dir.path().join("cloud.log"),
+    );
+    wait_for(
+        &format!("http://127.0.0.1:{port}/health"),
+        "the cloud",
+        &cloud,
+    );
+    let (code, body) = curl(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/cloud-prompts"),
+        Some(&token),
+        Some(&json!({"name": "bakery", "messages": [{"role": "system", "content": CLOUD_SYSTEM}]})),
+    );
+    assert!(code == 200 || code == 202, "{code}: {body}");
+    let t0 = Instant::now();
+    loop {
+        let (_, b) = curl(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v1/cloud-prompts/bakery"),
+            Some(&token),
+            None,
+        );
+        let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
+        if v["status"] == "ready" {
+            break;
+        }
+        assert_ne!(v["status"], "failed", "{b}");
+        assert!(t0.elapsed() < Duration::from_secs(120), "not ready: {b}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Stack {
+        _cloud: cloud,
+        cloud_port: port,
+        token,
+        dir,
+    }
+}
+
+/// An edge reaching the cloud through a fresh recording proxy, with its own cache directory.
+fn start_edge(s: &Stack, name: &str) -> (Proc, u16, Recorder) {
+    let rec = Recorder::start(s.cloud_port);
+    let port = free_port();
+    let m = model();
+    let cache = s.dir.path().join(format!("cache-{name}"));
+    let edge = Proc::start(
+        &[
+            "edge",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--model",
+            &m,
+            "--threads",
+            "2",
+            "--model-id",
+            "smol",
+            "--cloud-url",
+            &format!("http://127.0.0.1:{}", rec.port),
+            "--cloud-token",
+            &s.token,
+            "--cache-dir",
+            &dir_str(&cache),
+        ],
+        s.dir.path().join(format!("edge-{name}.log")),
+    );
+    wait_for(
+        &format!("http://127.0.0.1:{port}/health"),
+        "the edge",
+        &edge,
+    );
+    (edge, port, rec)
+}
+
+fn chat(port: u16, key: &str, body: Value) -> Value {
+    let (code, b) = curl(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        Some(key),
+        Some(&body),
+    );
+    assert_eq!(code, 200, "{b}");
+    serde_json::from_str(&b).unwrap()
+}
+
+fn generate(system: &str, user: &str, n: usize) -> String {
+    let o = Command::new(bin())
+        .args([
+            "generate",
+            "--model",
+            &model(),
+            "--threads",
+            "2",
+            "--system",
+            system,
+            "--prompt",
+            user,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            &n.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
+/// Request lines (method and path) of everything sent up.
+fn request_lines(up: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(up)
+        .lines()
+        .filter(|l| l.starts_with("GET ") || l.starts_with("POST "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A cloud and edges as the real binaries: the edge's greedy answer equals `generate`'s (through
+/// `curl` and the official `openai` client, streaming and not); through a recording proxy, no canary
+/// from the messages or the edge prompt — as text or as token ids — goes up, while the cloud prompt's
+/// KV comes down; two fresh edges with different users send the same requests up; a restarted edge
+/// serves from its disk cache without fetching KV.
+#[test]
+fn cloud_and_edge_keep_user_data_on_the_edge() {
+    let s = start_cloud();
+    let (edge, port, rec) = start_edge(&s, "a");
+    let user = format!(
+        "Hello, I am {} ({}, {}). Can I pay my cake order from {}? Are you open on Sunday?",
+        CANARIES[0], CANARIES[1], CANARIES[3], CANARIES[2]
+    );
+    let notes = format!(
+        "Customer file: {} orders a birthday cake every March; phone {}; IBAN {}.",
+        CANARIES[0], CANARIES[3], CANARIES[2]
+    );
+    let key = "tenant-annika";
+    let (code, b) = curl(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/edge-prompts"),
+        Some(key),
+        Some(&json!({"name": "file", "text": notes})),
+    );
+    assert!(code == 200 || code == 201, "{code}: {b}");
+    // Without the edge prompt: the answer equals `generate --system S --prompt U`.
+    let v = chat(
+        port,
+        key,
+        json!({"model": "smol:bakery", "messages": [{"role": "user", "content": user}],
+               "temperature": 0, "max_tokens": 24}),
+    );
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        answer,
+        generate(CLOUD_SYSTEM, &user, 24),
+        "edge vs generate"
+    );
+    // What one chat on a fresh edge sent up (compared with another user's below).
+    let first_a = request_lines(&rec.up_bytes());
+    let cloud_tokens = tokens_of_prompt(CLOUD_SYSTEM);
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= cloud_tokens as u64,
+        "{v}"
+    );
+    // With the edge prompt.
+    let v2 = chat(
+        port,
+        key,
+        json!({"model": "smol:bakery", "edge_prompt": "file",
+               "messages": [{"role": "user", "content": user}], "temperature": 0, "max_tokens": 24}),
+    );
+    assert!(v2["usage"]["prompt_tokens"].as_u64() > v["usage"]["prompt_tokens"].as_u64());
+    // The official openai client, streaming and not.
+    let py = std::env::var("EDGEPROMPT_E2E_PYTHON").unwrap_or_else(|_| {
+        ep_model::paths::edgeprompt_home()
+            .join("venv-e2e/bin/python")
+            .to_string_lossy()
+            .into_owned()
+    });
+    assert!(
+        Path::new(&py).exists(),
+        "no Python with the openai client at {py}: run scripts/test.sh (it sets one up)"
+    );
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/e2e/openai_client.py");
+    let o = Command::new(&py)
+        .arg(&script)
+        .args([
+            &format!("http://127.0.0.1:{port}/v1"),
+            key,
+            "smol:bakery",
+            "",
+            &user,
+            "24",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openai client: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        edge.log()
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["full"]["text"], answer, "openai client vs curl");
+    assert_eq!(r["stream"]["text"], answer, "streamed vs whole");
+    assert!(r["stream"]["chunks"].as_u64().unwrap() > 1);
+    assert_eq!(
+        r["stream"]["usage"]["completion_tokens"],
+        r["full"]["completion_tokens"]
+    );
+    assert!(r["full"]["cached_tokens"].as_u64().unwrap() >= cloud_tokens as u64);
+    assert!(r["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "smol:bakery"));
+    assert_eq!(r["empty_messages_error"]["status"], 400);
+    // Nothing derived from user content went up.
+    let up = rec.up_bytes();
+    assert!(!up.is_empty());
+    for c in CANARIES
+        .iter()
+        .chain([user.as_str(), notes.as_str()].iter())
+    {
+        assert!(!contains(&up, c.as_bytes()), "{c:?} went up");
+        for f in token_forms(&tokens_of(c)) {
+            assert!(!contains(&up, &f), "token ids of {c:?} went up");
+        }
+    }
+    // The KV really came down.
+    assert!(
+        rec.down_len() as f64 >= 0.9 * cloud_tokens as f64 * 23_040.0,
+        "{} bytes down for {cloud_tokens} tokens",
+        rec.down_len()
+    );
+    // A second fresh edge, another user: the same requests go up.
+    let (_edge_b, port_b, rec_b) = start_edge(&s, "b");
+    let v = chat(
+        port_b,
+        "tenant-other",
+        json!({"model": "smol:bakery", "messages": [{"role": "user", "content": "Do you sell rye bread?"}],
+               "temperature": 0, "max_tokens": 8}),
+    );
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    let lines_a: Vec<String> = first_a
+        .into_iter()
+        .filter(|l| !l.contains("/lease"))
+        .collect();
+    let lines_b: Vec<String> = request_lines(&rec_b.up_bytes())
+        .into_iter()
+        .filter(|l| !l.contains("/lease"))
+        .collect();
+    assert_eq!(lines_a, lines_b, "upstream requests depend on the user");
+    // A restarted edge serves from its disk cache: no KV stream fetched.
+    drop(edge);
+    let (_edge_c, port_c, rec_c) = start_edge(&s, "a");
+    let v = chat(
+        port_c,
+        key,
+        json!({"model": "smol:bakery", "messages": [{"role": "user", "content": user}],
+               "temperature": 0, "max_tokens": 24}),
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], answer);
+    assert!(
+        !request_lines(&rec_c.up_bytes())
+            .iter()
+            .any(|l| l.contains("/stream") || l.contains("/frames")),
+        "the restarted edge fetched KV: {:?}",
+        request_lines(&rec_c.up_bytes())
+    );
+}
+
+/// Tokens of the cloud prompt as the cloud renders it (the system message alone).
+fn tokens_of_prompt(system: &str) -> usize {
+    let (m, tok, t) = {
+        let b = ep_model::load_model_dir_or_gguf(model(), |_, _| {}).unwrap();
+        (b.model, b.tokenizer, b.template.unwrap())
+    };
+    drop(m);
+    let msgs = [ep_model::chat::ChatMessage::new("system", system)];
+    ep_model::chat::render_prompt(&tok, &t, &msgs, false)
+        .unwrap()
+        .tokens
+        .len()
+}
+
+/// The README's main command runs the whole demo and says nothing private went up.
+#[test]
+fn up_runs_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args([
+            "up",
+            "--once",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            &model(),
+            "--max-tokens",
+            "16",
+            "--store",
+            &dir_str(&dir.path().join("store")),
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("privacy: none of the 5 private values"),
+        "{out}"
+    );
+    assert!(
+        out.contains("sent up:") && out.contains("received down:"),
+        "{out}"
+    );
+    assert!(out.contains("assistant: "), "{out}");
+}
