@@ -562,3 +562,176 @@ fn up_runs_the_demo() {
     );
     assert!(out.contains("assistant: "), "{out}");
 }
+
+/// A `redis-server` (Debian's package) on a free loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Redis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir_str(dir),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test.sh installs it)");
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Redis { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two cloud replicas on one real Redis: a prompt registered through one is served by the other, and
+/// edges fetching from either give the same answer as `generate`.
+#[test]
+fn two_cloud_replicas_on_one_redis_serve_either_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store = format!("redis://127.0.0.1:{}", redis.port);
+    let m = model();
+    let token = "replica-token";
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let port = free_port();
+        let p = Proc::start(
+            &[
+                "cloud",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--store",
+                &store,
+                "--model",
+                &m,
+                "--threads",
+                "2",
+                "--token",
+                token,
+            ],
+            dir.path().join(format!("cloud-{i}.log")),
+        );
+        wait_for(&format!("http://127.0.0.1:{port}/health"), "a replica", &p);
+        replicas.push((p, port));
+    }
+    let (code, body) = curl(
+        "POST",
+        &format!("http://127.0.0.1:{}/v1/cloud-prompts", replicas[0].1),
+        Some(token),
+        Some(&json!({"name": "bakery", "messages": [{"role": "system", "content": CLOUD_SYSTEM}]})),
+    );
+    assert!(code == 200 || code == 202, "{code}: {body}");
+    // Ready as seen by the other replica.
+    let t0 = Instant::now();
+    loop {
+        let (_, b) = curl(
+            "GET",
+            &format!("http://127.0.0.1:{}/v1/cloud-prompts/bakery", replicas[1].1),
+            Some(token),
+            None,
+        );
+        let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
+        if v["status"] == "ready" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not ready on replica 1: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Both replicas serve the same manifest, signed with the one key in the store.
+    let (_, info) = curl(
+        "GET",
+        &format!("http://127.0.0.1:{}/v1/cloud-prompts/bakery", replicas[0].1),
+        Some(token),
+        None,
+    );
+    let id = serde_json::from_str::<Value>(&info).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest = |port: u16| -> Value {
+        let (code, b) = curl(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v1/kv/{id}/manifest"),
+            Some(token),
+            None,
+        );
+        assert_eq!(code, 200, "{b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let (m0, m1) = (manifest(replicas[0].1), manifest(replicas[1].1));
+    assert_eq!(m0, m1);
+    assert_eq!(m0["key"].as_str().unwrap().len(), 64);
+    let user = "Are you open on Saturday at noon?";
+    let want = generate(CLOUD_SYSTEM, user, 16);
+    for (i, (_, cloud_port)) in replicas.iter().enumerate().rev() {
+        let port = free_port();
+        let edge = Proc::start(
+            &[
+                "edge",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--model",
+                &m,
+                "--threads",
+                "2",
+                "--model-id",
+                "smol",
+                "--cloud-url",
+                &format!("http://127.0.0.1:{cloud_port}"),
+                "--cloud-token",
+                token,
+            ],
+            dir.path().join(format!("edge-{i}.log")),
+        );
+        wait_for(
+            &format!("http://127.0.0.1:{port}/health"),
+            "the edge",
+            &edge,
+        );
+        let v = chat(
+            port,
+            "t",
+            json!({"model": "smol:bakery", "messages": [{"role": "user", "content": user}],
+                   "temperature": 0, "max_tokens": 16}),
+        );
+        assert_eq!(
+            v["choices"][0]["message"]["content"], want,
+            "edge on replica {i}"
+        );
+        assert!(
+            v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+                > 0,
+            "edge on replica {i} did not use the cloud KV: {v}"
+        );
+    }
+}
