@@ -412,6 +412,19 @@ fn cloud_and_edge_keep_user_data_on_the_edge() {
                "messages": [{"role": "user", "content": user}], "temperature": 0, "max_tokens": 24}),
     );
     assert!(v2["usage"]["prompt_tokens"].as_u64() > v["usage"]["prompt_tokens"].as_u64());
+    // ... equal to the same message list run locally through the engine.
+    assert_eq!(
+        v2["choices"][0]["message"]["content"],
+        local_chat(
+            &[
+                ("system", CLOUD_SYSTEM),
+                ("system", notes.as_str()),
+                ("user", user.as_str())
+            ],
+            24
+        ),
+        "edge prompt: edge vs local"
+    );
     // The official openai client, streaming and not.
     let py = std::env::var("EDGEPROMPT_E2E_PYTHON").unwrap_or_else(|_| {
         ep_model::paths::edgeprompt_home()
@@ -734,4 +747,34 @@ fn two_cloud_replicas_on_one_redis_serve_either_edge() {
             "edge on replica {i} did not use the cloud KV: {v}"
         );
     }
+}
+
+/// Greedy text of a message list rendered and run locally (the engine, the same render function).
+fn local_chat(msgs: &[(&str, &str)], max_tokens: usize) -> String {
+    let b = ep_model::load_model_dir_or_gguf(model(), |_, _| {}).unwrap();
+    let t = b.template.unwrap();
+    let msgs: Vec<ep_model::chat::ChatMessage> = msgs
+        .iter()
+        .map(|(r, c)| ep_model::chat::ChatMessage::new(*r, *c))
+        .collect();
+    let prompt = ep_model::chat::render_prompt(&b.tokenizer, &t, &msgs, true)
+        .unwrap()
+        .tokens;
+    let e = ep_engine::Engine::start(
+        std::sync::Arc::new(b.model),
+        std::sync::Arc::new(b.tokenizer),
+        ep_engine::EngineConfig::default(),
+        None,
+    )
+    .unwrap();
+    let params = ep_model::generate::GenerateParams {
+        max_tokens,
+        sampling: ep_model::sampling::SamplingParams::greedy(),
+        ..Default::default()
+    };
+    e.submit(ep_engine::Request::new(prompt, params))
+        .unwrap()
+        .collect_blocking()
+        .unwrap()
+        .text
 }
