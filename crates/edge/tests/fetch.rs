@@ -27,11 +27,7 @@ struct Tiny {
 }
 
 fn tiny() -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    std::fs::write(&path, ep_testutil::tiny_model_bytes(7, "llama")).unwrap();
-    let model = Model::load(&path, |_, _| {}).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
+    let (model, tok, dir) = ep_testutil::load_tiny(7);
     Tiny {
         model: Arc::new(model),
         tok: Arc::new(tok),

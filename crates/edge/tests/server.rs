@@ -92,11 +92,7 @@ fn edge_cfg() -> EdgeConfig {
 }
 
 async fn tiny(cfg: EdgeConfig, ecfg: EngineConfig) -> Edge {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    std::fs::write(&path, ep_testutil::tiny_model_bytes(7, "llama")).unwrap();
-    let model = Model::load(&path, |_, _| {}).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf().unwrap()).unwrap();
+    let (model, tok, dir) = ep_testutil::load_tiny(7);
     start_with(model, tok, None, Some(dir), ecfg, cfg).await
 }
 

@@ -272,3 +272,21 @@ pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec
     ];
     to_bytes(&meta, &tensors)
 }
+
+/// The tiny random model of `seed` (the "llama" architecture) written to a temporary directory and
+/// loaded with its tokenizer. Keep the directory as long as the model: the model maps the file.
+pub fn load_tiny(
+    seed: u64,
+) -> (
+    ep_model::Model,
+    ep_model::tokenizer::Tokenizer,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, tiny_model_bytes(seed, "llama")).expect("the tiny model is written");
+    let model = ep_model::Model::load(&path, |_, _| {}).expect("the tiny model loads");
+    let tok = ep_model::tokenizer::Tokenizer::from_gguf(model.gguf().expect("a GGUF model"))
+        .expect("the tiny model's tokenizer");
+    (model, tok, dir)
+}
