@@ -507,6 +507,12 @@ fn cloud_and_edge_keep_user_data_on_the_edge() {
         .filter(|l| !l.contains("/lease"))
         .collect();
     assert_eq!(lines_a, lines_b, "upstream requests depend on the user");
+    // The edge's log (at info, with the audit lines) holds no canary.
+    let log = edge.log();
+    assert!(log.contains("audit") || log.contains("request"), "{log}");
+    for c in CANARIES {
+        assert!(!log.contains(c), "{c:?} in the edge's log");
+    }
     // A restarted edge serves from its disk cache: no KV stream fetched.
     drop(edge);
     let (_edge_c, port_c, rec_c) = start_edge(&s, "a");
