@@ -83,6 +83,7 @@ fn invalid_param(kind: InvalidKind) -> &'static str {
         InvalidKind::MaxTokens => "max_tokens",
         InvalidKind::Sampling => "temperature",
         InvalidKind::PublicPrefix => "model",
+        InvalidKind::Export => "model",
     }
 }
 

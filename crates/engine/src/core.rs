@@ -260,6 +260,8 @@ pub struct Core<'a> {
     pins: HashMap<PinId, Vec<BlockHash>>,
     next_pin: PinId,
     max_pinned: usize,
+    /// Partial last blocks held by imports.
+    import_tail_blocks: usize,
     steps: u64,
     layer_log: Vec<LayerEvent>,
     identity: [u8; 32],
@@ -322,6 +324,7 @@ impl<'a> Core<'a> {
             pins: HashMap::new(),
             next_pin: 1,
             max_pinned,
+            import_tail_blocks: 0,
             steps: 0,
             layer_log: Vec::new(),
             salted: HashMap::new(),
@@ -549,6 +552,20 @@ impl<'a> Core<'a> {
             let need = self.layout.blocks_for(s.tokens.len() + 1) - hits.len();
             let avail = self.available() - self.cache.idle_among(&s.hashes[..hits.len()]);
             if need > avail {
+                if self.running.is_empty() {
+                    // Nothing running will free memory: what is missing is held by pins and imports.
+                    // Fail it clearly rather than wait, and let the requests behind it go on.
+                    let f = Failure::OutOfKvMemory {
+                        tokens: s.tokens.len() + 1,
+                        capacity: (avail + hits.len()) * bt,
+                    };
+                    tracing::warn!(
+                        request = id,
+                        "a request does not fit beside the pinned KV; failing it"
+                    );
+                    self.drop_seq(id, f);
+                    continue;
+                }
                 // First come, first served: nothing behind a request that does not fit may pass it.
                 break;
             }
@@ -1164,7 +1181,8 @@ impl<'a> Core<'a> {
 
     fn check_pin_cap(&self, hashes: &[BlockHash], new_nodes: usize) -> Result<(), ImportError> {
         let want = self.cache.unpinned_among(hashes) + new_nodes;
-        let pinned = self.cache.pinned_nodes();
+        // Imports' partial last blocks are held as long as the import, like pins.
+        let pinned = self.cache.pinned_nodes() + self.import_tail_blocks;
         if pinned + want > self.max_pinned {
             return Err(ImportError::PinCap {
                 want,
@@ -1220,7 +1238,7 @@ impl<'a> Core<'a> {
                 free,
             });
         }
-        self.check_pin_cap(&hashes[..hits.len()], new_full)?;
+        self.check_pin_cap(&hashes[..hits.len()], new_full + usize::from(tail_len > 0))?;
         let id = self.next_import;
         self.next_import += 1;
         // Pin the present part first so allocation cannot evict it.
@@ -1241,6 +1259,7 @@ impl<'a> Core<'a> {
             targets.push(Some(b));
         }
         let tail = (tail_len > 0).then(|| {
+            self.import_tail_blocks += 1;
             let b = self.alloc_block().expect("counted above");
             (b, tokens[n - tail_len..].to_vec())
         });
@@ -1398,6 +1417,7 @@ impl<'a> Core<'a> {
             return;
         };
         if let Some((b, _)) = &imp.tail {
+            self.import_tail_blocks -= 1;
             let key = imp.hashes.last().copied().unwrap_or(imp.root);
             if self.import_tails.get(&key) == Some(&id) {
                 self.import_tails.remove(&key);
@@ -1572,6 +1592,12 @@ pub(crate) fn validate(
         return Err(bad(
             InvalidKind::MaxTokens,
             "max_tokens must be at least 1".into(),
+        ));
+    }
+    if req.export_kv && req.kv_codec != CODEC_RAW {
+        return Err(bad(
+            InvalidKind::Export,
+            "only exact KV (kv_codec raw) can be exported".into(),
         ));
     }
     if req.public_prefix > n {

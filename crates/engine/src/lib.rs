@@ -41,6 +41,8 @@ pub enum InvalidKind {
     MaxTokens,
     Sampling,
     PublicPrefix,
+    /// `export_kv` on a request whose KV is not exact.
+    Export,
     /// The prompt alone needs more KV than the whole budget.
     ExceedsKvBudget,
 }

@@ -364,6 +364,36 @@ fn pins_have_a_cap_of_their_own() {
     assert_eq!(pb.blocks(), 3);
 }
 
+/// A request that cannot fit beside pinned KV while nothing runs fails with a typed error instead of
+/// blocking every request behind it.
+#[test]
+fn a_request_that_cannot_fit_beside_pins_fails_and_others_go_on() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(1, SamplingParams::greedy());
+    let block_bytes = 2 * 2 * 16 * 32 * 2;
+    let e = engine(
+        &l,
+        EngineConfig {
+            kv_budget_bytes: 8 * block_bytes,
+            ..small_cfg(KvDtype::F16)
+        },
+    );
+    let a: Vec<u32> = (0..60).map(|i| (i * 5 + 1) % v).collect();
+    run_all(&e, vec![Request::new(a.clone(), gp.clone())]);
+    let pin = e.pin_prefix_blocking(a[..48].to_vec()).unwrap();
+    assert_eq!(pin.blocks(), 3);
+    // 91 positions need 6 blocks; 5 are outside the pin.
+    let big: Vec<u32> = (0..90).map(|i| (i * 7 + 3) % v).collect();
+    let s_big = e.submit(Request::new(big, gp.clone())).unwrap();
+    let s_small = e.submit(Request::new(vec![1, 2, 3], gp.clone())).unwrap();
+    match s_big.collect_blocking() {
+        Err(EngineError::Failed(Failure::OutOfKvMemory { .. })) => {}
+        other => panic!("expected out of KV memory, got {other:?}"),
+    }
+    assert_eq!(s_small.collect_blocking().unwrap().tokens.len(), 1);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn pins_work_from_async_code() {
     let l = tiny();
