@@ -286,19 +286,7 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks a prompt name: 1 to 64 characters of `[A-Za-z0-9._-]`, not starting with `.`.
-pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Checks a content id: 64 lowercase hex digits.
-pub fn valid_id(id: &str) -> bool {
-    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+pub use ep_proto::{valid_id, valid_name};
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]

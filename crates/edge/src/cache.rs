@@ -37,10 +37,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn valid_id(id: &str) -> bool {
-    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 impl DiskCache {
     /// Opens (creating) the cache in `dir` with a budget of `budget` stream + manifest bytes.
     pub fn open(dir: impl Into<PathBuf>, budget: u64) -> std::io::Result<Self> {
@@ -67,12 +63,12 @@ impl DiskCache {
 
     /// Whether `id` is cached.
     pub fn contains(&self, id: &str) -> bool {
-        valid_id(id) && self.manifest_path(id).is_file() && self.stream_path(id).is_file()
+        ep_proto::valid_id(id) && self.manifest_path(id).is_file() && self.stream_path(id).is_file()
     }
 
     /// The signed manifest (JSON) and the stream of `id`, marked as used now.
     pub fn read(&self, id: &str) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        if !valid_id(id) {
+        if !ep_proto::valid_id(id) {
             return Ok(None);
         }
         let _g = self.lock.lock().expect("cache lock");
@@ -96,7 +92,7 @@ impl DiskCache {
     /// Stores the KV of `id`, then evicts the least recently used others until the cache is within
     /// its budget. Returns `false` (storing nothing) when this entry alone exceeds the budget.
     pub fn put(&self, id: &str, manifest: &[u8], stream: &[u8]) -> std::io::Result<bool> {
-        if !valid_id(id) {
+        if !ep_proto::valid_id(id) {
             return Err(std::io::Error::other("not a content id"));
         }
         let size = (manifest.len() + stream.len()) as u64;
@@ -112,7 +108,7 @@ impl DiskCache {
 
     /// Removes the KV of `id` (a bad entry).
     pub fn remove(&self, id: &str) {
-        if !valid_id(id) {
+        if !ep_proto::valid_id(id) {
             return;
         }
         let _g = self.lock.lock().expect("cache lock");
@@ -129,7 +125,7 @@ impl DiskCache {
             let Some(id) = name.strip_suffix(".stream") else {
                 continue;
             };
-            if !valid_id(id) {
+            if !ep_proto::valid_id(id) {
                 continue;
             }
             let md = e.metadata()?;

@@ -320,14 +320,6 @@ fn unavailable(name: &str, why: impl std::fmt::Display) -> FetchError {
     }
 }
 
-fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -440,7 +432,7 @@ impl Fetcher {
     /// imported; frames keep arriving in the background), so requests can be submitted at once.
     pub async fn resolve(&self, name: &str) -> Result<Arc<ReadyPrompt>, FetchError> {
         let inner = &self.inner;
-        if !valid_name(name) {
+        if !ep_proto::valid_name(name) {
             return Err(FetchError::NotFound(name.to_string()));
         }
         let (id, version) = match inner.lookup(name).await {

@@ -111,6 +111,20 @@ pub struct SamplingFields {
     pub logit_bias: Option<serde_json::Value>,
 }
 
+impl SamplingFields {
+    /// Whether the answer streams as SSE.
+    pub fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+    /// Whether a streamed answer ends with a usage chunk (`stream_options.include_usage`).
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct ChatCompletionRequest {

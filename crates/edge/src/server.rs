@@ -644,13 +644,8 @@ async fn chat_completions(
             params,
             salt,
             _cloud: cloud,
-            stream: req.sampling.stream.unwrap_or(false),
-            include_usage: req
-                .sampling
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            stream: req.sampling.stream(),
+            include_usage: req.sampling.include_usage(),
             model: req.model.clone(),
             body_bytes,
         };
@@ -658,13 +653,7 @@ async fn chat_completions(
         Ok(p)
     }
     .await;
-    match r {
-        Ok(p) => run(app, p, Kind::Chat).await,
-        Err(e) => {
-            app.metrics.errors.inc();
-            e.into_response()
-        }
-    }
+    respond(app, r, Kind::Chat).await
 }
 
 #[utoipa::path(
@@ -748,13 +737,8 @@ async fn completions(
             params,
             salt,
             _cloud: cloud,
-            stream: req.sampling.stream.unwrap_or(false),
-            include_usage: req
-                .sampling
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            stream: req.sampling.stream(),
+            include_usage: req.sampling.include_usage(),
             model: req.model.clone(),
             body_bytes,
         };
@@ -762,8 +746,13 @@ async fn completions(
         Ok(p)
     }
     .await;
+    respond(app, r, Kind::Completion).await
+}
+
+/// Runs a prepared request, or answers its error (counted).
+async fn respond(app: Shared, r: Result<Prepared, ApiError>, kind: Kind) -> Response {
     match r {
-        Ok(p) => run(app, p, Kind::Completion).await,
+        Ok(p) => run(app, p, kind).await,
         Err(e) => {
             app.metrics.errors.inc();
             e.into_response()

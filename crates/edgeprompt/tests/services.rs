@@ -218,56 +218,74 @@ struct Stack {
     dir: tempfile::TempDir,
 }
 
-fn start_cloud() -> Stack {
-    let dir = tempfile::tempdir().unwrap();
+/// `edgeprompt cloud` on a free port over `store`, up and answering.
+fn spawn_cloud(dir: &Path, store: &str, token: &str, log: &str) -> (Proc, u16) {
     let port = free_port();
-    let token = "cloud-secret-token".to_string();
-    let m = model();
-    let store = dir.path().join("store");
     let cloud = Proc::start(
         &[
             "cloud",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--store",
-            &dir_str(&store),
+            store,
             "--model",
-            &m,
+            &model(),
             "--threads",
             "2",
             "--token",
-            &token,
+            token,
         ],
-        dir.path().join("cloud.log"),
+        dir.join(log),
     );
     wait_for(
         &format!("http://127.0.0.1:{port}/health"),
         "the cloud",
         &cloud,
     );
+    (cloud, port)
+}
+
+/// Registers the bakery cloud prompt through the cloud at `port`.
+fn register_bakery(port: u16, token: &str) {
     let (code, body) = curl(
         "POST",
         &format!("http://127.0.0.1:{port}/v1/cloud-prompts"),
-        Some(&token),
+        Some(token),
         Some(&json!({"name": "bakery", "messages": [{"role": "system", "content": CLOUD_SYSTEM}]})),
     );
     assert!(code == 200 || code == 202, "{code}: {body}");
+}
+
+/// Waits until the cloud at `port` reports the bakery prompt ready.
+fn wait_ready(port: u16, token: &str) {
     let t0 = Instant::now();
     loop {
         let (_, b) = curl(
             "GET",
             &format!("http://127.0.0.1:{port}/v1/cloud-prompts/bakery"),
-            Some(&token),
+            Some(token),
             None,
         );
         let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
         if v["status"] == "ready" {
-            break;
+            return;
         }
         assert_ne!(v["status"], "failed", "{b}");
-        assert!(t0.elapsed() < Duration::from_secs(120), "not ready: {b}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not ready on the cloud at {port}: {b}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn start_cloud() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "cloud-secret-token".to_string();
+    let store = dir_str(&dir.path().join("store"));
+    let (cloud, port) = spawn_cloud(dir.path(), &store, &token, "cloud.log");
+    register_bakery(port, &token);
+    wait_ready(port, &token);
     Stack {
         _cloud: cloud,
         cloud_port: port,
@@ -276,36 +294,56 @@ fn start_cloud() -> Stack {
     }
 }
 
-/// An edge reaching the cloud through a fresh recording proxy, with its own cache directory.
-fn start_edge(s: &Stack, name: &str) -> (Proc, u16, Recorder) {
-    let rec = Recorder::start(s.cloud_port);
+/// `edgeprompt edge` on a free port, fetching from `cloud_port` (with a disk cache when given), up.
+fn spawn_edge(
+    dir: &Path,
+    log: &str,
+    cloud_port: u16,
+    token: &str,
+    cache: Option<&Path>,
+) -> (Proc, u16) {
     let port = free_port();
     let m = model();
-    let cache = s.dir.path().join(format!("cache-{name}"));
-    let edge = Proc::start(
-        &[
-            "edge",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--model",
-            &m,
-            "--threads",
-            "2",
-            "--model-id",
-            "smol",
-            "--cloud-url",
-            &format!("http://127.0.0.1:{}", rec.port),
-            "--cloud-token",
-            &s.token,
-            "--cache-dir",
-            &dir_str(&cache),
-        ],
-        s.dir.path().join(format!("edge-{name}.log")),
-    );
+    let listen = format!("127.0.0.1:{port}");
+    let cloud = format!("http://127.0.0.1:{cloud_port}");
+    let mut args = vec![
+        "edge",
+        "--listen",
+        &listen,
+        "--model",
+        &m,
+        "--threads",
+        "2",
+        "--model-id",
+        "smol",
+        "--cloud-url",
+        &cloud,
+        "--cloud-token",
+        token,
+    ];
+    let cache = cache.map(dir_str);
+    if let Some(c) = &cache {
+        args.extend(["--cache-dir", c.as_str()]);
+    }
+    let edge = Proc::start(&args, dir.join(log));
     wait_for(
         &format!("http://127.0.0.1:{port}/health"),
         "the edge",
         &edge,
+    );
+    (edge, port)
+}
+
+/// An edge reaching the cloud through a fresh recording proxy, with its own cache directory.
+fn start_edge(s: &Stack, name: &str) -> (Proc, u16, Recorder) {
+    let rec = Recorder::start(s.cloud_port);
+    let cache = s.dir.path().join(format!("cache-{name}"));
+    let (edge, port) = spawn_edge(
+        s.dir.path(),
+        &format!("edge-{name}.log"),
+        rec.port,
+        &s.token,
+        Some(&cache),
     );
     (edge, port, rec)
 }
@@ -634,56 +672,13 @@ fn two_cloud_replicas_on_one_redis_serve_either_edge() {
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start(dir.path());
     let store = format!("redis://127.0.0.1:{}", redis.port);
-    let m = model();
     let token = "replica-token";
-    let mut replicas = Vec::new();
-    for i in 0..2 {
-        let port = free_port();
-        let p = Proc::start(
-            &[
-                "cloud",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--store",
-                &store,
-                "--model",
-                &m,
-                "--threads",
-                "2",
-                "--token",
-                token,
-            ],
-            dir.path().join(format!("cloud-{i}.log")),
-        );
-        wait_for(&format!("http://127.0.0.1:{port}/health"), "a replica", &p);
-        replicas.push((p, port));
-    }
-    let (code, body) = curl(
-        "POST",
-        &format!("http://127.0.0.1:{}/v1/cloud-prompts", replicas[0].1),
-        Some(token),
-        Some(&json!({"name": "bakery", "messages": [{"role": "system", "content": CLOUD_SYSTEM}]})),
-    );
-    assert!(code == 200 || code == 202, "{code}: {body}");
+    let replicas: Vec<(Proc, u16)> = (0..2)
+        .map(|i| spawn_cloud(dir.path(), &store, token, &format!("cloud-{i}.log")))
+        .collect();
+    register_bakery(replicas[0].1, token);
     // Ready as seen by the other replica.
-    let t0 = Instant::now();
-    loop {
-        let (_, b) = curl(
-            "GET",
-            &format!("http://127.0.0.1:{}/v1/cloud-prompts/bakery", replicas[1].1),
-            Some(token),
-            None,
-        );
-        let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
-        if v["status"] == "ready" {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "not ready on replica 1: {b}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(replicas[1].1, token);
     // Both replicas serve the same manifest, signed with the one key in the store.
     let (_, info) = curl(
         "GET",
@@ -711,29 +706,12 @@ fn two_cloud_replicas_on_one_redis_serve_either_edge() {
     let user = "Are you open on Saturday at noon?";
     let want = generate(CLOUD_SYSTEM, user, 16);
     for (i, (_, cloud_port)) in replicas.iter().enumerate().rev() {
-        let port = free_port();
-        let edge = Proc::start(
-            &[
-                "edge",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--model",
-                &m,
-                "--threads",
-                "2",
-                "--model-id",
-                "smol",
-                "--cloud-url",
-                &format!("http://127.0.0.1:{cloud_port}"),
-                "--cloud-token",
-                token,
-            ],
-            dir.path().join(format!("edge-{i}.log")),
-        );
-        wait_for(
-            &format!("http://127.0.0.1:{port}/health"),
-            "the edge",
-            &edge,
+        let (_edge, port) = spawn_edge(
+            dir.path(),
+            &format!("edge-{i}.log"),
+            *cloud_port,
+            token,
+            None,
         );
         let v = chat(
             port,

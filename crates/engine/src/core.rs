@@ -114,6 +114,18 @@ impl Seq<'_> {
     fn generated(&self) -> usize {
         self.tokens.len() - self.n_prompt
     }
+    /// Extends the chain of block hashes (from `root`) to the first `n` full blocks of `tokens`.
+    fn extend_hashes(&mut self, root: BlockHash, bt: usize, n: usize) {
+        while self.hashes.len() < n {
+            let idx = self.hashes.len();
+            let prev = idx.checked_sub(1).map_or(root, |p| self.hashes[p]);
+            let h = prev.chain(
+                &self.tokens[idx * bt..(idx + 1) * bt],
+                self.salt_for(idx, bt),
+            );
+            self.hashes.push(h);
+        }
+    }
     fn salt_for(&self, block: usize, bt: usize) -> Option<&[u8]> {
         if (block + 1) * bt > self.req.public_prefix {
             self.req.salt.as_deref()
@@ -213,6 +225,11 @@ struct Import {
 impl Import {
     fn complete(&self) -> bool {
         self.ready == self.counts.len()
+    }
+    /// Where a prompt extending this import's full blocks looks for its partial last block: the
+    /// hash of the last full block (the root when there is none).
+    fn tail_key(&self) -> BlockHash {
+        self.hashes.last().copied().unwrap_or(self.root)
     }
 }
 
@@ -534,12 +551,7 @@ impl<'a> Core<'a> {
             let root = self.root_for(self.seqs[&id].req.kv_codec);
             let s = self.seqs.get_mut(&id).expect("waiting sequences exist");
             // Hashes of blocks generated before a preemption.
-            while s.hashes.len() < s.tokens.len() / bt {
-                let idx = s.hashes.len();
-                let prev = idx.checked_sub(1).map_or(root, |p| s.hashes[p]);
-                let h = prev.chain(&s.tokens[idx * bt..(idx + 1) * bt], s.salt_for(idx, bt));
-                s.hashes.push(h);
-            }
+            s.extend_hashes(root, bt, s.tokens.len() / bt);
             let s = &self.seqs[&id];
             // Never match the whole sequence: the last token is recomputed for its logits.
             let usable = ((s.tokens.len() - 1) / bt).min(s.hashes.len());
@@ -1012,13 +1024,7 @@ impl<'a> Core<'a> {
                     true
                 }
             });
-            while s.hashes.len() < full {
-                let idx = s.hashes.len();
-                let prev = idx.checked_sub(1).map_or(root, |p| s.hashes[p]);
-                let salt = s.salt_for(idx, bt);
-                let h = prev.chain(&s.tokens[idx * bt..(idx + 1) * bt], salt);
-                s.hashes.push(h);
-            }
+            s.extend_hashes(root, bt, full);
             while s.registered < full {
                 let idx = s.registered;
                 let parent = idx.checked_sub(1).map(|p| s.hashes[p]);
@@ -1289,7 +1295,7 @@ impl<'a> Core<'a> {
             progress: progress.clone(),
         };
         if imp.tail.is_some() {
-            let key = imp.hashes.last().copied().unwrap_or(imp.root);
+            let key = imp.tail_key();
             self.import_tails.insert(key, id);
         }
         Self::advance(&mut imp);
@@ -1418,7 +1424,7 @@ impl<'a> Core<'a> {
         };
         if let Some((b, _)) = &imp.tail {
             self.import_tail_blocks -= 1;
-            let key = imp.hashes.last().copied().unwrap_or(imp.root);
+            let key = imp.tail_key();
             if self.import_tails.get(&key) == Some(&id) {
                 self.import_tails.remove(&key);
             }

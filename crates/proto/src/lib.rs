@@ -256,6 +256,20 @@ pub fn prompt_id(identity_digest: &[u8; 32], tokens: &[u32]) -> String {
     hex(h.finalize().as_bytes())
 }
 
+/// Checks a cloud prompt name: 1 to 64 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a content id ([`prompt_id`]): 64 lowercase hex digits.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// `POST /v1/kv/{id}/lease`: the version stays servable until `lease_until` (Unix seconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Lease {
@@ -410,6 +424,8 @@ mod tests {
     fn prompt_ids_depend_on_identity_and_every_token() {
         let a = prompt_id(&[1; 32], &[1, 2, 3]);
         assert_eq!(a.len(), 64);
+        assert!(valid_id(&a));
+        assert!(!valid_id(&a[1..]) && !valid_id(&a.to_uppercase()));
         assert_ne!(a, prompt_id(&[2; 32], &[1, 2, 3]));
         assert_ne!(a, prompt_id(&[1; 32], &[1, 2, 4]));
         assert_ne!(a, prompt_id(&[1; 32], &[1, 2]));
