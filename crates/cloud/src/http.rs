@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -55,6 +55,7 @@ pub(crate) fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/kv/{id}/frames/{layer}/{start}", get(frame))
         .route("/v1/kv/{id}/lease", post(lease))
         .route("/v1/prefetch", get(prefetch))
+        .route("/v1/probe", get(probe))
         .fallback(|| async { ApiError::not_found("no such route", "unknown_route") })
         .layer(DefaultBodyLimit::max(cloud.cfg.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), auth))
@@ -134,11 +135,13 @@ async fn track(State(c): State<Arc<Cloud>>, req: Request, next: Next) -> Respons
         frame,
         lease,
         prefetch,
+        probe,
         metrics
     ),
     components(schemas(
         RegisterCloudPrompt,
         CloudPromptInfo,
+        ep_proto::KvVariant,
         CloudPromptList,
         SignedManifest,
         Lease,
@@ -247,12 +250,88 @@ async fn delete_prompt(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn stored(c: &Cloud, id: &str) -> ApiResult<Arc<crate::StoredManifest>> {
+/// The query of the KV routes: which encoding (`codec`, default raw), and for the stream, the first
+/// token whose frames it carries (`from`, a frame boundary; the header always comes first).
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct KvQuery {
+    /// `raw` (default), `int8` or `int4`.
+    codec: Option<String>,
+    /// Stream only: send the frames of tokens from here on (each layer's), after the header.
+    from: Option<u32>,
+}
+
+impl KvQuery {
+    fn codec(&self, c: &Cloud) -> ApiResult<u8> {
+        let Some(name) = self.codec.as_deref() else {
+            return Ok(ep_kv::identity::CODEC_RAW);
+        };
+        match ep_kv::codec::parse(name) {
+            Some(codec) if c.cfg.codecs.contains(&codec) => Ok(codec),
+            _ => Err(ApiError::bad(
+                format!(
+                    "unknown KV codec '{name}'; this cloud serves {}",
+                    c.cfg
+                        .codecs
+                        .iter()
+                        .filter_map(|&k| ep_kv::codec::codec_name(k))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Some("codec"),
+                "invalid_codec",
+            )),
+        }
+    }
+}
+
+fn kv_query(q: Result<Query<KvQuery>, QueryRejection>) -> ApiResult<KvQuery> {
+    q.map(|Query(q)| q).map_err(|e| {
+        ApiError::bad(
+            format!("bad query: {}", e.body_text()),
+            None,
+            "invalid_query",
+        )
+    })
+}
+
+async fn stored(c: &Cloud, id: &str, codec: u8) -> ApiResult<Arc<crate::StoredManifest>> {
     let unknown = || ApiError::not_found(format!("no KV {id}"), "kv_not_found");
     if !valid_id(id) {
         return Err(unknown());
     }
-    c.manifest(id).await?.ok_or_else(unknown)
+    c.manifest_codec(id, codec).await?.ok_or_else(unknown)
+}
+
+/// The ETag of the KV of `id` in `codec` (from token `from`, for a stream).
+fn kv_etag(id: &str, codec: u8, from: u32) -> String {
+    let key = crate::kv_key(id, codec);
+    if from == 0 {
+        format!("\"{key}\"")
+    } else {
+        format!("\"{key}@{from}\"")
+    }
+}
+
+/// The byte segments of the stored stream that make the stream from token `from`: the header, then
+/// every layer's frames starting at `from` or later (contiguous runs merged). `None` when `from` is
+/// not a frame boundary.
+pub fn stream_segments(m: &ep_proto::Manifest, from: u32) -> Option<Vec<(u64, u64)>> {
+    if from == 0 {
+        return Some(vec![(0, m.stream_bytes)]);
+    }
+    if !m.frames.iter().any(|f| f.start == from) {
+        return None;
+    }
+    let mut segs: Vec<(u64, u64)> = vec![(0, m.header_bytes)];
+    for f in m.frames.iter().filter(|f| f.start >= from) {
+        let (s, e) = (f.offset, f.offset + f.bytes);
+        match segs.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => segs.push((s, e)),
+        }
+    }
+    Some(segs)
 }
 
 /// Whether `If-None-Match` lists `etag` (or `*`).
@@ -278,16 +357,19 @@ fn not_modified_response(etag: &str) -> Response {
 }
 
 #[utoipa::path(
-    get, path = "/v1/kv/{id}/manifest", params(("id" = String, Path)),
+    get, path = "/v1/kv/{id}/manifest", params(("id" = String, Path), KvQuery),
     responses((status = 200, body = SignedManifest), (status = 304), (status = 404, body = ErrorBody))
 )]
 async fn manifest(
     State(c): State<Arc<Cloud>>,
     Path(id): Path<String>,
+    q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let m = stored(&c, &id).await?;
-    let etag = format!("\"{id}\"");
+    let q = kv_query(q)?;
+    let codec = q.codec(&c)?;
+    let m = stored(&c, &id, codec).await?;
+    let etag = kv_etag(&id, codec, 0);
     if not_modified(&headers, &etag) {
         return Ok(not_modified_response(&etag));
     }
@@ -340,18 +422,33 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, 
     Ok(Some((start, end)))
 }
 
-/// A body of stream bytes `start..end` of `id`, read from the store a chunk at a time.
-fn stream_body(c: Arc<Cloud>, id: String, start: u64, end: u64) -> Body {
+/// A body of bytes `start..end` of the stream made of `segs` (byte ranges of the stored stream of
+/// `key`, in order), read from the store a chunk at a time.
+fn stream_body(c: Arc<Cloud>, key: String, segs: Vec<(u64, u64)>, start: u64, end: u64) -> Body {
     let s = futures_util::stream::try_unfold(start, move |pos| {
-        let (c, id) = (c.clone(), id.clone());
+        let (c, key) = (c.clone(), key.clone());
+        let segs = segs.clone();
         async move {
             if pos >= end {
                 return Ok::<_, std::io::Error>(None);
             }
-            let e = (pos + CHUNK).min(end);
+            // The segment holding virtual offset `pos`, and where it starts in the stored stream.
+            let mut base = 0u64;
+            let mut at = None;
+            for &(s, e) in &segs {
+                if pos < base + (e - s) {
+                    at = Some((s + (pos - base), base + (e - s)));
+                    break;
+                }
+                base += e - s;
+            }
+            let Some((stored_pos, seg_end)) = at else {
+                return Ok(None);
+            };
+            let n = CHUNK.min(end - pos).min(seg_end - pos);
             let b = c
                 .store
-                .get_stream_range(&id, pos, e)
+                .get_stream_range(&key, stored_pos, stored_pos + n)
                 .await
                 .map_err(std::io::Error::other)?;
             if b.is_empty() {
@@ -368,7 +465,7 @@ fn stream_body(c: Arc<Cloud>, id: String, start: u64, end: u64) -> Body {
 }
 
 #[utoipa::path(
-    get, path = "/v1/kv/{id}/stream", params(("id" = String, Path)),
+    get, path = "/v1/kv/{id}/stream", params(("id" = String, Path), KvQuery),
     responses(
         (status = 200, description = "the whole EPKV stream", content_type = "application/octet-stream"),
         (status = 206, description = "the requested byte range"), (status = 304),
@@ -378,11 +475,23 @@ fn stream_body(c: Arc<Cloud>, id: String, start: u64, end: u64) -> Body {
 async fn stream(
     State(c): State<Arc<Cloud>>,
     Path(id): Path<String>,
+    q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let m = stored(&c, &id).await?;
-    let len = m.signed.manifest.stream_bytes;
-    let etag = format!("\"{id}\"");
+    let q = kv_query(q)?;
+    let codec = q.codec(&c)?;
+    let m = stored(&c, &id, codec).await?;
+    let from = q.from.unwrap_or(0);
+    let segs = stream_segments(&m.signed.manifest, from).ok_or_else(|| {
+        ApiError::bad(
+            format!("'from' {from} is not the first token of a frame of {id}"),
+            Some("from"),
+            "invalid_from",
+        )
+    })?;
+    let len: u64 = segs.iter().map(|(s, e)| e - s).sum();
+    let key = crate::kv_key(&id, codec);
+    let etag = kv_etag(&id, codec, from);
     if not_modified(&headers, &etag) {
         return Ok(not_modified_response(&etag));
     }
@@ -397,19 +506,19 @@ async fn stream(
             .body(Body::empty()),
         Ok(None) => b
             .header(header::CONTENT_LENGTH, len)
-            .body(stream_body(c.clone(), id, 0, len)),
+            .body(stream_body(c.clone(), key, segs, 0, len)),
         Ok(Some((s, e))) => b
             .status(StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_RANGE, format!("bytes {s}-{}/{len}", e - 1))
             .header(header::CONTENT_LENGTH, e - s)
-            .body(stream_body(c.clone(), id, s, e)),
+            .body(stream_body(c.clone(), key, segs, s, e)),
     };
     r.map_err(ApiError::internal)
 }
 
 #[utoipa::path(
     get, path = "/v1/kv/{id}/frames/{layer}/{start}",
-    params(("id" = String, Path), ("layer" = u32, Path), ("start" = u32, Path)),
+    params(("id" = String, Path), ("layer" = u32, Path), ("start" = u32, Path), KvQuery),
     responses(
         (status = 200, description = "one EPKF frame", content_type = "application/octet-stream"),
         (status = 304), (status = 404, body = ErrorBody)
@@ -418,9 +527,12 @@ async fn stream(
 async fn frame(
     State(c): State<Arc<Cloud>>,
     Path((id, layer, start)): Path<(String, String, String)>,
+    q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let m = stored(&c, &id).await?;
+    let q = kv_query(q)?;
+    let codec = q.codec(&c)?;
+    let m = stored(&c, &id, codec).await?;
     let none = || {
         ApiError::not_found(
             format!("no frame {layer}/{start} in {id}"),
@@ -444,7 +556,7 @@ async fn frame(
     }
     let b = c
         .store
-        .get_stream_range(&id, f.offset, f.offset + f.bytes)
+        .get_stream_range(&crate::kv_key(&id, codec), f.offset, f.offset + f.bytes)
         .await?;
     if b.len() as u64 != f.bytes {
         return Err(ApiError::internal(format!(
@@ -489,4 +601,75 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=1-2,4-5"), 10), Ok(None));
         assert_eq!(parse_range(Some("items=1-2"), 10), Ok(None));
     }
+}
+
+/// The query of `GET /v1/probe`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ProbeQuery {
+    /// Bytes to send, 1 to 16 MiB.
+    bytes: u64,
+}
+
+/// Largest probe body.
+pub const PROBE_MAX_BYTES: u64 = 16 << 20;
+
+/// Incompressible bytes for link probes (a fixed pseudo-random block, repeated).
+fn probe_block() -> Bytes {
+    static BLOCK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BLOCK
+        .get_or_init(|| {
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut v = Vec::with_capacity(CHUNK as usize);
+            while v.len() < CHUNK as usize {
+                // xorshift64*: cheap bytes no link compresses.
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+            }
+            Bytes::from(v)
+        })
+        .clone()
+}
+
+#[utoipa::path(
+    get, path = "/v1/probe", params(ProbeQuery),
+    responses(
+        (status = 200, description = "`bytes` incompressible bytes, for edges measuring the link", content_type = "application/octet-stream"),
+        (status = 400, body = ErrorBody)
+    )
+)]
+async fn probe(q: Result<Query<ProbeQuery>, QueryRejection>) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::bad(
+            format!("bad query: {}", e.body_text()),
+            Some("bytes"),
+            "invalid_query",
+        )
+    })?;
+    if q.bytes == 0 || q.bytes > PROBE_MAX_BYTES {
+        return Err(ApiError::bad(
+            format!("'bytes' must be between 1 and {PROBE_MAX_BYTES}"),
+            Some("bytes"),
+            "invalid_bytes",
+        ));
+    }
+    let total = q.bytes;
+    let s = futures_util::stream::unfold(0u64, move |sent| async move {
+        if sent >= total {
+            return None;
+        }
+        let n = (total - sent).min(CHUNK);
+        Some((
+            Ok::<_, std::io::Error>(probe_block().slice(..n as usize)),
+            sent + n,
+        ))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, total)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(s))
+        .map_err(ApiError::internal)
 }

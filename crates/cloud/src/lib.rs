@@ -66,6 +66,9 @@ pub struct CloudConfig {
     pub tls: Option<TlsFiles>,
     /// Tokens per KV frame.
     pub frame_tokens: usize,
+    /// The wire codecs each prompt's KV is encoded with once and served in (`?codec=`); raw is
+    /// always among them.
+    pub codecs: Vec<u8>,
     /// Lease of a superseded version when its registration gives none (seconds).
     pub default_lease_secs: u64,
     /// Longest lease a registration may ask for (seconds).
@@ -83,6 +86,7 @@ impl Default for CloudConfig {
             token: None,
             tls: None,
             frame_tokens: 256,
+            codecs: ep_kv::codec::CODECS.to_vec(),
             default_lease_secs: 600,
             max_lease_secs: 7 * 24 * 3600,
             max_body_bytes: 4 << 20,
@@ -124,6 +128,8 @@ struct VersionRecord {
     error: Option<String>,
     #[serde(default)]
     stream_bytes: u64,
+    #[serde(default)]
+    kv: Vec<ep_proto::KvVariant>,
     content: PromptContent,
 }
 
@@ -139,6 +145,7 @@ impl VersionRecord {
             created_at: self.created_at,
             lease_until: self.lease_until,
             error: self.error.clone(),
+            kv: self.kv.clone(),
         }
     }
 }
@@ -297,11 +304,12 @@ pub fn build_manifest(
     kv: &ep_engine::PromptKv,
     identity: &ep_kv::identity::ContentIdentity,
     frame_tokens: usize,
+    codec: u8,
     content: PromptContent,
     template_digest: String,
-) -> (Vec<u8>, Manifest) {
+) -> Result<(Vec<u8>, Manifest), ep_kv::codec::CodecError> {
     let digest = identity.digest();
-    let (header, frames) = kv.to_frames(digest, frame_tokens);
+    let (header, frames) = kv.to_frames_codec(digest, frame_tokens, codec)?;
     let header_bytes = header.encode();
     let mut offset = header_bytes.len() as u64;
     let refs: Vec<FrameRef> = frames
@@ -346,7 +354,13 @@ pub fn build_manifest(
         stream_bytes: stream.len() as u64,
         created_at: now_secs(),
     };
-    (stream, manifest)
+    Ok((stream, manifest))
+}
+
+/// The store key of the KV of `id` encoded with `codec`: the id itself for raw, `{id}.{codec}`
+/// otherwise.
+pub fn kv_key(id: &str, codec: u8) -> String {
+    ep_kv::codec::variant_key(id, codec)
 }
 
 impl Cloud {
@@ -371,7 +385,16 @@ impl Cloud {
     /// The stored manifest of `id` (read from the store each time, so that what another replica
     /// collected is not served from memory).
     pub async fn manifest(&self, id: &str) -> Result<Option<Arc<StoredManifest>>, ApiError> {
-        let Some(json) = self.store.get_manifest(id).await? else {
+        self.manifest_codec(id, ep_kv::identity::CODEC_RAW).await
+    }
+
+    /// The stored manifest of the KV of `id` encoded with `codec`.
+    pub async fn manifest_codec(
+        &self,
+        id: &str,
+        codec: u8,
+    ) -> Result<Option<Arc<StoredManifest>>, ApiError> {
+        let Some(json) = self.store.get_manifest(&kv_key(id, codec)).await? else {
             return Ok(None);
         };
         let signed: SignedManifest = serde_json::from_slice(&json)
@@ -469,6 +492,7 @@ impl Cloud {
             lease_until: None,
             error: None,
             stream_bytes: 0,
+            kv: Vec::new(),
             content: content.clone(),
         });
         self.metrics.registered.inc();
@@ -518,8 +542,9 @@ impl Cloud {
         status: PromptStatus,
         progress: f32,
         error: Option<String>,
-        stream_bytes: u64,
+        kv: Vec<ep_proto::KvVariant>,
     ) -> Result<(), ApiError> {
+        let stream_bytes = kv.iter().find(|v| v.codec == "raw").map_or(0, |v| v.bytes);
         let _g = self.registry_lock.lock().await;
         let Some(mut rec) = self.load_record(name).await? else {
             return Ok(());
@@ -531,6 +556,7 @@ impl Cloud {
             v.error = error.clone();
             if stream_bytes > 0 {
                 v.stream_bytes = stream_bytes;
+                v.kv = kv.clone();
             }
             changed = true;
         }
@@ -543,10 +569,11 @@ impl Cloud {
     async fn run_job(&self, job: Job) {
         let t0 = Instant::now();
         let r = self.compute(&job).await;
-        let (status, progress, error, bytes) = match r {
-            Ok(bytes) => (PromptStatus::Ready, 1.0, None, bytes),
-            Err(e) => (PromptStatus::Failed, 0.0, Some(e), 0),
+        let (status, progress, error, kv) = match r {
+            Ok(kv) => (PromptStatus::Ready, 1.0, None, kv),
+            Err(e) => (PromptStatus::Failed, 0.0, Some(e), Vec::new()),
         };
+        let bytes: u64 = kv.iter().map(|v| v.bytes).sum();
         match &error {
             None => tracing::info!(
                 name = %job.name,
@@ -562,7 +589,7 @@ impl Cloud {
             }
         }
         if let Err(e) = self
-            .set_status(&job.name, &job.id, status, progress, error, bytes)
+            .set_status(&job.name, &job.id, status, progress, error, kv)
             .await
         {
             tracing::error!(name = %job.name, "cannot record the prompt's status: {:?}", e.body);
@@ -570,14 +597,30 @@ impl Cloud {
         self.inflight.lock().expect("inflight").remove(&job.id);
     }
 
-    /// Computes, encodes, signs and stores the KV of a job; returns the stream's bytes.
-    async fn compute(&self, job: &Job) -> Result<u64, String> {
-        let err = |e: ApiError| e.body.error.message;
-        if let Some(m) = self.manifest(&job.id).await.map_err(err)? {
-            tracing::info!(id = short(&job.id), "KV already stored; not recomputed");
-            return Ok(m.signed.manifest.stream_bytes);
+    /// The encodings of `id`'s KV in the store, with their stream sizes.
+    async fn variants(&self, id: &str) -> Result<Vec<ep_proto::KvVariant>, ApiError> {
+        let mut out = Vec::new();
+        for &codec in &self.cfg.codecs {
+            if let Some(m) = self.manifest_codec(id, codec).await? {
+                out.push(ep_proto::KvVariant {
+                    codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
+                    bytes: m.signed.manifest.stream_bytes,
+                });
+            }
         }
-        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.1, None, 0)
+        Ok(out)
+    }
+
+    /// Computes the KV of a job, encodes it once with each of the configured codecs, signs and stores
+    /// every encoding (raw last: its manifest's presence means the job is done); returns what is
+    /// stored.
+    async fn compute(&self, job: &Job) -> Result<Vec<ep_proto::KvVariant>, String> {
+        let err = |e: ApiError| e.body.error.message;
+        if self.manifest(&job.id).await.map_err(err)?.is_some() {
+            tracing::info!(id = short(&job.id), "KV already stored; not recomputed");
+            return self.variants(&job.id).await.map_err(err);
+        }
+        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.1, None, Vec::new())
             .await
             .map_err(err)?;
         tracing::info!(name = %job.name, id = short(&job.id), tokens = job.tokens.len(), "computing KV");
@@ -587,37 +630,62 @@ impl Cloud {
             .await
             .map_err(|e| format!("the compute task failed: {e}"))?
             .map_err(|e| format!("computing the KV: {e}"))?;
-        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.8, None, 0)
+        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.8, None, Vec::new())
             .await
             .map_err(err)?;
-        let (engine, frame_tokens, content, tdig, key) = (
-            self.model.engine.clone(),
-            self.cfg.frame_tokens,
-            job.content.clone(),
-            match &job.content {
-                PromptContent::Messages(_) => self.template_digest.clone(),
-                PromptContent::Text(_) => String::new(),
-            },
-            self.key.clone(),
-        );
-        let (stream, signed_json, manifest) = tokio::task::spawn_blocking(move || {
-            let (stream, m) = build_manifest(&kv, engine.identity(), frame_tokens, content, tdig);
-            let signed = ep_proto::sign(&key, m);
-            let json = serde_json::to_vec(&signed).expect("a manifest serialises");
-            (stream, json, signed)
-        })
-        .await
-        .map_err(|e| format!("the encode task failed: {e}"))?;
-        if manifest.manifest.id != job.id {
-            return Err("the computed KV's id differs from the registered one".into());
-        }
-        let n = stream.len() as u64;
-        self.store
-            .put_kv(&job.id, Bytes::from(stream), &signed_json)
+        let kv = Arc::new(kv);
+        let mut codecs: Vec<u8> = self
+            .cfg
+            .codecs
+            .iter()
+            .copied()
+            .filter(|&c| c != ep_kv::identity::CODEC_RAW)
+            .collect();
+        codecs.push(ep_kv::identity::CODEC_RAW);
+        let mut out = Vec::new();
+        for codec in codecs {
+            let (engine, frame_tokens, content, tdig, key, kv) = (
+                self.model.engine.clone(),
+                self.cfg.frame_tokens,
+                job.content.clone(),
+                match &job.content {
+                    PromptContent::Messages(_) => self.template_digest.clone(),
+                    PromptContent::Text(_) => String::new(),
+                },
+                self.key.clone(),
+                kv.clone(),
+            );
+            let (stream, signed_json, manifest) = tokio::task::spawn_blocking(move || {
+                let (stream, m) =
+                    build_manifest(&kv, engine.identity(), frame_tokens, codec, content, tdig)?;
+                let signed = ep_proto::sign(&key, m);
+                let json = serde_json::to_vec(&signed).expect("a manifest serialises");
+                Ok::<_, ep_kv::codec::CodecError>((stream, json, signed))
+            })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("the encode task failed: {e}"))?
+            .map_err(|e| {
+                format!(
+                    "encoding the KV with {}: {e}",
+                    ep_kv::codec::codec_name(codec).unwrap_or("?")
+                )
+            })?;
+            if manifest.manifest.id != job.id {
+                return Err("the computed KV's id differs from the registered one".into());
+            }
+            let n = stream.len() as u64;
+            self.store
+                .put_kv(&kv_key(&job.id, codec), Bytes::from(stream), &signed_json)
+                .await
+                .map_err(|e| e.to_string())?;
+            out.push(ep_proto::KvVariant {
+                codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
+                bytes: n,
+            });
+        }
         self.metrics.computed.inc();
-        Ok(n)
+        out.reverse();
+        Ok(out)
     }
 
     /// The current version of every name.
@@ -673,6 +741,11 @@ impl Cloud {
             }
         }
         for id in ids {
+            for &codec in &self.cfg.codecs {
+                if codec != ep_kv::identity::CODEC_RAW {
+                    self.store.delete_kv(&kv_key(&id, codec)).await?;
+                }
+            }
             self.store.delete_kv(&id).await?;
             tracing::info!(id = short(&id), "KV deleted");
         }
@@ -885,12 +958,24 @@ pub async fn stored_public_key(store: &dyn Store) -> Result<Option<String>, Stor
 /// Starts a cloud: the signing key from the store (generated when absent), the compute worker, the
 /// collector of expired versions and the HTTP(S) server.
 pub async fn serve(
-    cfg: CloudConfig,
+    mut cfg: CloudConfig,
     store: Arc<dyn Store>,
     model: CloudModel,
 ) -> Result<CloudServer, CloudError> {
+    if !cfg.codecs.contains(&ep_kv::identity::CODEC_RAW) {
+        cfg.codecs.push(ep_kv::identity::CODEC_RAW);
+    }
+    cfg.codecs.sort_unstable();
+    cfg.codecs.dedup();
     if cfg.frame_tokens == 0 {
         return Err(CloudError::Config("frame_tokens must be at least 1".into()));
+    }
+    if let Some(&c) = cfg
+        .codecs
+        .iter()
+        .find(|&&c| ep_kv::codec::codec_name(c).is_none())
+    {
+        return Err(CloudError::Config(format!("unknown KV codec id {c}")));
     }
     if cfg.token.as_deref().is_some_and(str::is_empty) {
         return Err(CloudError::Config("the token is empty".into()));

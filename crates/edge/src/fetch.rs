@@ -36,6 +36,8 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::cache::{DiskCache, NameEntry};
+use crate::plan::{self, Arrivals, Costs, LinkEstimator, Offer, Plan, Policy, PrefillModel, Strategy};
+use ep_kv::identity::CODEC_RAW;
 
 /// A cloud prompt this edge can serve: its content, its token ids (the prefix a request extends; never
 /// re-tokenized) and its KV, imported or being imported (held pinned while this value lives).
@@ -47,6 +49,10 @@ pub struct ReadyPrompt {
     pub tokens: Vec<u32>,
     /// Whether the KV came from the disk cache (no KV fetched).
     pub from_cache: bool,
+    /// The wire codec the KV went through (requests over it use that codec's cache root).
+    pub codec: u8,
+    /// How the KV was obtained: `cache`, or a strategy label (`fetch-f16`, `split`, …).
+    pub strategy: String,
     /// The import (pinned while held); emptied when the fetch fails, so requests over it recompute.
     import: ImportSlot,
     progress: watch::Receiver<Progress>,
@@ -84,7 +90,11 @@ impl ReadyPrompt {
         content: PromptContent,
         tokens: Vec<u32>,
     ) -> Self {
-        let (_tx, progress) = watch::channel(Progress::default());
+        // Nothing to fetch: complete from the start.
+        let (_tx, progress) = watch::channel(Progress {
+            done: true,
+            ..Progress::default()
+        });
         Self {
             name,
             id,
@@ -92,6 +102,8 @@ impl ReadyPrompt {
             content,
             tokens,
             from_cache: false,
+            codec: CODEC_RAW,
+            strategy: "none".into(),
             import: Arc::default(),
             progress,
             n_layer: 0,
@@ -247,6 +259,11 @@ pub struct FetcherConfig {
     pub retries: u32,
     /// How often leases of held prompts are renewed.
     pub lease_renew: Duration,
+    /// How a prompt's KV is obtained: adaptive (the edge measures and chooses) or one fixed
+    /// strategy.
+    pub policy: Policy,
+    /// The codecs the quality floor allows (raw is exact; int8 and int4 are lossy).
+    pub codecs: Vec<u8>,
 }
 
 impl FetcherConfig {
@@ -265,6 +282,8 @@ impl FetcherConfig {
             read_timeout: Duration::from_secs(30),
             retries: 5,
             lease_renew: Duration::from_secs(120),
+            policy: Policy::FetchRaw,
+            codecs: vec![CODEC_RAW],
         }
     }
 }
@@ -294,6 +313,43 @@ struct Inner {
     /// The id each name was last served from.
     served: Mutex<HashMap<String, String>>,
     n: Counters,
+    /// The link as measured from this edge's own transfers and probes.
+    link: LinkEstimator,
+    /// The prefill model and KV decode speeds, once measured (adaptive policy only).
+    calib: OnceCell<Calibration>,
+    /// Done once the link was probed and the speeds measured.
+    warm: OnceCell<()>,
+    /// The decisions taken, newest last (bounded), and their count per strategy.
+    decisions: Mutex<Decisions>,
+}
+
+/// This edge's own speeds, measured at start.
+#[derive(Clone, Copy, Debug)]
+pub struct Calibration {
+    pub prefill: PrefillModel,
+    pub decode_s_per_token: [f64; 3],
+}
+
+/// One decision on how to get a prompt's KV.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Decision {
+    pub name: String,
+    pub id: String,
+    pub tokens: usize,
+    pub strategy: String,
+    pub codec: String,
+    /// For a split: the tokens recomputed here.
+    pub split_from: Option<u32>,
+    pub expected_ms: f64,
+    pub reason: String,
+    pub rtt_ms: Option<f64>,
+    pub mbit_per_s: Option<f64>,
+}
+
+#[derive(Default)]
+struct Decisions {
+    recent: std::collections::VecDeque<Decision>,
+    counts: std::collections::BTreeMap<String, u64>,
 }
 
 /// Resolves, fetches and holds cloud prompts for one edge.
@@ -420,10 +476,18 @@ impl Fetcher {
             prompts: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             n: Counters::default(),
+            link: LinkEstimator::default(),
+            calib: OnceCell::new(),
+            warm: OnceCell::new(),
+            decisions: Mutex::default(),
             cfg,
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(renew_leases(Arc::downgrade(&inner)));
+            if matches!(inner.cfg.policy, Policy::Adaptive | Policy::Split) {
+                let i = inner.clone();
+                rt.spawn(async move { i.warm_up().await });
+            }
         }
         Ok(Fetcher { inner })
     }
@@ -480,7 +544,13 @@ impl Fetcher {
                 }
             }
         };
-        let p = inner.get_or_load(name, &id, version).await?;
+        let offer = inner
+            .names
+            .lock()
+            .expect("names")
+            .get(name)
+            .map(|s| s.info.clone());
+        let p = inner.get_or_load(name, &id, version, offer).await?;
         let prev = inner
             .served
             .lock()
@@ -525,6 +595,7 @@ impl Fetcher {
                         created_at: 0,
                         lease_until: None,
                         error: None,
+                        kv: Vec::new(),
                     })
                     .collect())
             }
@@ -549,6 +620,32 @@ impl Fetcher {
     /// The cloud key manifests are checked against (pinned, or trusted on first use).
     pub fn cloud_key(&self) -> Option<String> {
         self.inner.key.lock().expect("key").clone()
+    }
+
+    /// The link as this edge measured it (round trip, bytes per second), once it has.
+    pub fn link(&self) -> Option<plan::LinkEstimate> {
+        self.inner.link.estimate()
+    }
+
+    /// Whether the adaptive policy's start-up measurements (link probe, prefill and decode speeds)
+    /// are done.
+    pub fn planner_ready(&self) -> bool {
+        self.inner.warm.initialized()
+    }
+
+    /// The latest decisions on how to get prompts' KV (newest last), and the count per strategy.
+    pub fn decisions(&self) -> (Vec<Decision>, Vec<(String, u64)>) {
+        let d = self.inner.decisions.lock().expect("decisions");
+        (
+            d.recent.iter().cloned().collect(),
+            d.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        )
+    }
+
+    /// Measures the link now (a few small requests, then a bulk probe), as the adaptive policy does
+    /// at start.
+    pub async fn probe_link(&self) {
+        self.inner.probe_link().await
     }
 }
 
@@ -698,6 +795,7 @@ impl Inner {
         name: &str,
         id: &str,
         version: u32,
+        info: Option<CloudPromptInfo>,
     ) -> Result<Arc<ReadyPrompt>, FetchError> {
         let cell = {
             let mut m = self.prompts.lock().expect("prompts");
@@ -711,7 +809,7 @@ impl Inner {
             if let Some(p) = self.load_cached(name, id, version).await {
                 return Ok(p);
             }
-            self.fetch(name, id, version).await
+            self.obtain(name, id, version, info).await
         })
         .await
         .cloned()
@@ -739,7 +837,13 @@ impl Inner {
 
     /// Checks a signed manifest for `id`: signature, format, id, identity, layout, template, and the
     /// frame table (contiguous, covering every token of every layer).
-    fn check_manifest(&self, name: &str, id: &str, s: &SignedManifest) -> Result<(), FetchError> {
+    fn check_manifest(
+        &self,
+        name: &str,
+        id: &str,
+        codec: u8,
+        s: &SignedManifest,
+    ) -> Result<(), FetchError> {
         self.check_signature(name, s)?;
         let m = &s.manifest;
         let r = |why: String| Err(refused(name, why));
@@ -788,6 +892,13 @@ impl Inner {
             {
                 return r("its frame table is not a contiguous layer-major stream".into());
             }
+            if f.codec != codec {
+                return r(format!(
+                    "its frames are encoded with {}, not the {} asked for",
+                    ep_kv::codec::codec_name(f.codec).unwrap_or("an unknown codec"),
+                    ep_kv::codec::codec_name(codec).unwrap_or("?")
+                ));
+            }
             if f.end <= f.start || f.bytes < ep_kv::wire::FRAME_HEADER_BYTES as u64 {
                 return r("its frame table has an empty frame".into());
             }
@@ -831,15 +942,28 @@ impl Inner {
         version: u32,
     ) -> Option<Arc<ReadyPrompt>> {
         let cache = self.cache.as_ref()?;
-        let (mjson, stream) = match cache.read(id) {
-            Ok(Some(x)) => x,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::warn!(id = short(id), "reading the KV disk cache: {e}");
-                return None;
+        // The exact KV first, then the lossy encodings the quality floor allows.
+        let mut codecs = vec![CODEC_RAW];
+        codecs.extend(self.cfg.codecs.iter().copied().filter(|&c| c != CODEC_RAW));
+        let mut found = None;
+        for codec in codecs {
+            let key = ep_kv::codec::variant_key(id, codec);
+            match cache.read(&key) {
+                Ok(Some(x)) => {
+                    found = Some((codec, key, x));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(id = short(id), "reading the KV disk cache: {e}");
+                }
             }
-        };
-        match self.import_cached(name, id, version, &mjson, &stream).await {
+        }
+        let (codec, key, (mjson, stream)) = found?;
+        match self
+            .import_cached(name, id, version, codec, &mjson, &stream)
+            .await
+        {
             Ok(p) => {
                 self.n.cache_loads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
@@ -852,7 +976,7 @@ impl Inner {
             }
             Err(e) => {
                 tracing::warn!(name, id = short(id), "dropping a bad disk-cache entry: {e}");
-                cache.remove(id);
+                cache.remove(&key);
                 None
             }
         }
@@ -863,12 +987,13 @@ impl Inner {
         name: &str,
         id: &str,
         version: u32,
+        codec: u8,
         mjson: &[u8],
         stream: &[u8],
     ) -> Result<Arc<ReadyPrompt>, FetchError> {
         let s: SignedManifest = serde_json::from_slice(mjson)
             .map_err(|e| refused(name, format!("cached manifest: {e}")))?;
-        self.check_manifest(name, id, &s)?;
+        self.check_manifest(name, id, codec, &s)?;
         let m = &s.manifest;
         if stream.len() as u64 != m.stream_bytes {
             return Err(refused(name, "the cached stream has the wrong length"));
@@ -891,7 +1016,7 @@ impl Inner {
         }
         let import = self
             .engine
-            .import_header(&header)
+            .import_header_codec(&header, codec)
             .await
             .map_err(|e| refused(name, e.to_string()))?;
         for f in &frames {
@@ -913,39 +1038,420 @@ impl Inner {
             content: m.content.clone(),
             tokens: m.tokens.clone(),
             from_cache: true,
+            codec,
+            strategy: "cache".into(),
             import: Arc::new(Mutex::new(Some(Arc::new(import)))),
             progress: prx,
             n_layer: header.layout.n_layer as usize,
         }))
     }
 
-    /// Fetches `id` from the cloud: the manifest, then the stream in a background task; returns once
-    /// the header is imported.
-    async fn fetch(
-        self: &Arc<Self>,
+    /// The signed manifest of `id`'s KV in `codec`, checked.
+    async fn get_manifest(
+        &self,
         name: &str,
         id: &str,
-        version: u32,
-    ) -> Result<Arc<ReadyPrompt>, FetchError> {
-        let s: SignedManifest = match self.get_json(&format!("/v1/kv/{id}/manifest")).await {
+        codec: u8,
+    ) -> Result<SignedManifest, FetchError> {
+        let path = match codec {
+            CODEC_RAW => format!("/v1/kv/{id}/manifest"),
+            c => format!(
+                "/v1/kv/{id}/manifest?codec={}",
+                ep_kv::codec::codec_name(c).unwrap_or("raw")
+            ),
+        };
+        let s: SignedManifest = match self.get_json(&path).await {
             Ok(s) => s,
             Err(Lookup::NotFound) => return Err(FetchError::NotFound(name.to_string())),
             Err(Lookup::Refused(why)) => return Err(refused(name, why)),
             Err(Lookup::Down(why)) => return Err(unavailable(name, why)),
         };
-        self.check_manifest(name, id, &s)?;
+        self.check_manifest(name, id, codec, &s)?;
+        Ok(s)
+    }
+
+    /// This edge's prefill model and decode speeds: measured once (a prefill of random tokens under
+    /// a throwaway salt, timed twice; each codec's decoder on a synthetic frame).
+    async fn calibration(self: &Arc<Self>) -> Calibration {
+        *self
+            .calib
+            .get_or_init(|| async {
+                let engine = self.engine.clone();
+                let cfg = engine.model_config().clone();
+                let n = 128.min(engine.config().max_seq_len.saturating_sub(2)).max(8);
+                let mut best = f64::INFINITY;
+                for round in 0..2u32 {
+                    let tokens: Vec<u32> = (0..n)
+                        .map(|i| ((i as u64 * 2_654_435_761 + round as u64) % cfg.n_vocab as u64) as u32)
+                        .collect();
+                    let params = ep_model::generate::GenerateParams {
+                        max_tokens: 1,
+                        ..Default::default()
+                    };
+                    let mut req = ep_engine::Request::new(tokens, params);
+                    let salt = format!("calibration-{round}-{}", std::process::id()).into_bytes();
+                    req.salt = Some(salt.clone());
+                    let t0 = Instant::now();
+                    if let Ok(mut st) = engine.submit(req) {
+                        while let Some(ev) = st.next().await {
+                            if matches!(ev, ep_engine::Event::Done(_) | ep_engine::Event::Error(_)) {
+                                break;
+                            }
+                        }
+                        best = best.min(t0.elapsed().as_secs_f64());
+                    }
+                    let _ = engine.purge_salt(salt).await;
+                }
+                if !best.is_finite() {
+                    best = n as f64 / 200.0;
+                }
+                let prefill = PrefillModel::calibrated(n, best, PrefillModel::work_ratio(&cfg));
+                let layout = ep_kv::wire::WireLayout::from(engine.layout());
+                let decode_s_per_token =
+                    tokio::task::spawn_blocking(move || decode_speeds(&layout))
+                        .await
+                        .unwrap_or([0.0; 3]);
+                tracing::info!(
+                    target: "ep_edge::decision",
+                    prefill_tokens_per_s = 1.0 / prefill.s_tok,
+                    "calibrated this edge's prefill and KV decoding"
+                );
+                Calibration {
+                    prefill,
+                    decode_s_per_token,
+                }
+            })
+            .await
+    }
+
+    /// Measures the link: round trips of three small requests, then the steady rate of a bulk
+    /// probe (at most 8 MiB, stopped after about ten round trips or a second).
+    async fn probe_link(&self) {
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            match self.send(Method::GET, "/health", &[]).await {
+                Ok(r) => {
+                    self.link.rtt_sample(t0.elapsed().as_secs_f64());
+                    let _ = self.body(r).await;
+                }
+                Err(e) => {
+                    tracing::debug!("link probe: {e}");
+                    return;
+                }
+            }
+        }
+        let rtt = self.link.rtt().unwrap_or(0.05).max(0.002);
+        let deadline = Duration::from_secs_f64((12.0 * rtt).clamp(0.15, 1.0));
+        let t0 = Instant::now();
+        let Ok(r) = self.send(Method::GET, "/v1/probe?bytes=8388608", &[]).await else {
+            return;
+        };
+        if !r.status().is_success() {
+            let _ = self.body(r).await;
+            return;
+        }
+        let mut arr = Arrivals::new(Instant::now());
+        let mut body = r.bytes_stream();
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(
+            deadline.saturating_sub(t0.elapsed()).max(Duration::from_millis(1)),
+            body.next(),
+        )
+        .await
+        {
+            self.n.down.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            arr.push(chunk.len());
+            if t0.elapsed() >= deadline {
+                break;
+            }
+        }
+        match arr.rate() {
+            Some(r) => {
+                self.link.rate_sample(r);
+                tracing::info!(
+                    target: "ep_edge::decision",
+                    rtt_ms = rtt * 1000.0,
+                    mbit_per_s = r * 8e-6,
+                    probe_bytes = arr.total(),
+                    "measured the link to the cloud"
+                );
+            }
+            None => tracing::debug!("link probe: too little arrived to measure"),
+        }
+    }
+
+    /// Probes the link and measures this edge's speeds, once (started with the fetcher).
+    async fn warm_up(self: &Arc<Self>) {
+        self.warm
+            .get_or_init(|| async {
+                self.probe_link().await;
+                let _ = self.calibration().await;
+            })
+            .await;
+    }
+
+    /// The costs the decision weighs now: the link measured (probed again when the start-up probe
+    /// got nothing), this edge's speeds.
+    async fn costs(self: &Arc<Self>) -> Costs {
+        self.warm_up().await;
+        if self.link.estimate().is_none() {
+            self.probe_link().await;
+        }
+        let c = self.calibration().await;
+        let e = self.link.estimate();
+        Costs {
+            rtt_s: e.map_or(0.05, |e| e.rtt_s),
+            bytes_per_s: e.map_or(1e6, |e| e.bytes_per_s),
+            prefill: c.prefill,
+            decode_s_per_token: c.decode_s_per_token,
+        }
+    }
+
+    /// Decides how to get `id`'s KV and starts getting it; returns once requests can be submitted
+    /// over it.
+    async fn obtain(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+        info: Option<CloudPromptInfo>,
+    ) -> Result<Arc<ReadyPrompt>, FetchError> {
+        let bt = self.engine.layout().block_tokens;
+        let mut sizes: Vec<(u8, u64)> = info
+            .as_ref()
+            .map(|i| {
+                i.kv.iter()
+                    .filter_map(|v| Some((ep_kv::codec::parse(&v.codec)?, v.bytes)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if sizes.is_empty() {
+            // An older cloud: raw only.
+            sizes.push((CODEC_RAW, 0));
+        }
+        let n_tokens = info.as_ref().map_or(0, |i| i.tokens);
+        let policy = self.cfg.policy.clone();
+        let (plan, costs) = match policy {
+            Policy::FetchRaw => (
+                Plan {
+                    strategy: Strategy::Fetch { codec: CODEC_RAW },
+                    expected_s: 0.0,
+                    options: Vec::new(),
+                },
+                None,
+            ),
+            _ if n_tokens < bt * 2 => (
+                Plan {
+                    strategy: Strategy::Fetch { codec: CODEC_RAW },
+                    expected_s: 0.0,
+                    options: Vec::new(),
+                },
+                None,
+            ),
+            _ => {
+                let costs = if policy == Policy::Adaptive || policy == Policy::Split {
+                    self.costs().await
+                } else {
+                    let c = self.calib.get().copied();
+                    Costs {
+                        rtt_s: 0.0,
+                        bytes_per_s: 1.0,
+                        prefill: c.map_or(
+                            PrefillModel {
+                                s_tok: 1.0,
+                                s_pair: 0.0,
+                            },
+                            |c| c.prefill,
+                        ),
+                        decode_s_per_token: [0.0; 3],
+                    }
+                };
+                let offer = Offer {
+                    n_tokens,
+                    sizes: sizes.clone(),
+                    split_points: (1..n_tokens.div_ceil(bt))
+                        .map(|b| (b * bt) as u32)
+                        .collect(),
+                };
+                let allowed = if policy == Policy::Adaptive || policy == Policy::Split {
+                    self.cfg.codecs.clone()
+                } else {
+                    ep_kv::codec::CODECS.to_vec()
+                };
+                (plan::choose(&policy, &allowed, &costs, &offer), Some(costs))
+            }
+        };
+        let codec = plan.strategy.codec();
+        let s = self.get_manifest(name, id, codec).await?;
+        let m = &s.manifest;
+        // Snap a split point to a frame start that is also a block start.
+        let strategy = match plan.strategy {
+            Strategy::Split { codec, from } => {
+                let starts = m
+                    .frames
+                    .iter()
+                    .filter(|f| f.layer == 0 && f.start > 0 && f.start as usize % bt == 0)
+                    .map(|f| f.start);
+                match starts.min_by_key(|&st| st.abs_diff(from)) {
+                    Some(from) => Strategy::Split { codec, from },
+                    None => Strategy::Fetch { codec },
+                }
+            }
+            other => other,
+        };
+        let label = strategy.label(self.engine.layout().dtype.name());
+        let reason = match &costs {
+            None => format!("fixed policy {policy:?}"),
+            Some(_) => {
+                let mut opts: Vec<(String, f64)> = plan
+                    .options
+                    .iter()
+                    .map(|(s, t)| (s.label(self.engine.layout().dtype.name()), *t))
+                    .collect();
+                opts.sort_by(|a, b| a.1.total_cmp(&b.1));
+                let mut seen = std::collections::HashSet::new();
+                opts.retain(|(l, _)| seen.insert(l.clone()));
+                opts.iter()
+                    .take(4)
+                    .map(|(l, t)| format!("{l} {:.0} ms", t * 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let est = self.link.estimate();
+        let d = Decision {
+            name: name.to_string(),
+            id: id.to_string(),
+            tokens: m.tokens.len(),
+            strategy: label.clone(),
+            codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
+            split_from: match strategy {
+                Strategy::Split { from, .. } => Some(from),
+                _ => None,
+            },
+            expected_ms: plan.expected_s * 1000.0,
+            reason,
+            rtt_ms: est.map(|e| e.rtt_s * 1000.0),
+            mbit_per_s: est.map(|e| e.bytes_per_s * 8e-6),
+        };
+        tracing::info!(
+            target: "ep_edge::decision",
+            name,
+            id = short(id),
+            tokens = d.tokens,
+            strategy = %d.strategy,
+            split_from = ?d.split_from,
+            expected_ms = d.expected_ms,
+            rtt_ms = ?d.rtt_ms,
+            mbit_per_s = ?d.mbit_per_s,
+            options = %d.reason,
+            "KV strategy chosen"
+        );
+        {
+            let mut ds = self.decisions.lock().expect("decisions");
+            *ds.counts.entry(label.clone()).or_default() += 1;
+            ds.recent.push_back(d);
+            while ds.recent.len() > 32 {
+                ds.recent.pop_front();
+            }
+        }
+        match strategy {
+            Strategy::Recompute => Ok(Arc::new(ReadyPrompt {
+                strategy: label,
+                ..ReadyPrompt::without_kv(
+                    name.to_string(),
+                    id.to_string(),
+                    version,
+                    m.content.clone(),
+                    m.tokens.clone(),
+                )
+            })),
+            Strategy::Fetch { codec } => {
+                self.fetch(name, id, version, s, codec, 0, None, label)
+                    .await
+            }
+            Strategy::Split { codec, from } => {
+                // The first tokens computed here, into the codec's cache root, while the rest arrive.
+                let mut req = ep_engine::Request::new(
+                    m.tokens[..from as usize].to_vec(),
+                    ep_model::generate::GenerateParams {
+                        max_tokens: 1,
+                        ..Default::default()
+                    },
+                );
+                req.public_prefix = from as usize;
+                req.kv_codec = codec;
+                let (tx, rx) = oneshot::channel();
+                match self.engine.submit(req) {
+                    Ok(mut st) => {
+                        tokio::spawn(async move {
+                            let mut r = Err("the prefix computation stopped".to_string());
+                            while let Some(ev) = st.next().await {
+                                match ev {
+                                    ep_engine::Event::Done(_) => {
+                                        r = Ok(());
+                                        break;
+                                    }
+                                    ep_engine::Event::Error(e) => {
+                                        r = Err(format!("computing the prefix: {e:?}"));
+                                        break;
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            let _ = tx.send(r);
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("computing the prefix: {e}")));
+                    }
+                }
+                self.fetch(name, id, version, s, codec, from, Some(rx), label)
+                    .await
+            }
+        }
+    }
+
+    /// Fetches `id`'s KV in `codec` from token `from` (the tokens before it computed here, done when
+    /// `prefix` answers): the stream in a background task; returns once the header is imported.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        version: u32,
+        s: SignedManifest,
+        codec: u8,
+        from: u32,
+        prefix: Option<oneshot::Receiver<Result<(), String>>>,
+        strategy: String,
+    ) -> Result<Arc<ReadyPrompt>, FetchError> {
         let mjson = serde_json::to_vec(&s).map_err(|e| refused(name, e.to_string()))?;
         let (htx, hrx) = oneshot::channel();
         let slot: ImportSlot = Arc::default();
+        // The frames this stream carries, at their offsets in it.
+        let mut off = s.manifest.header_bytes;
+        let frames: Vec<ep_proto::FrameRef> = s
+            .manifest
+            .frames
+            .iter()
+            .filter(|f| f.start >= from)
+            .map(|f| {
+                let mut f = f.clone();
+                f.offset = off;
+                off += f.bytes;
+                f
+            })
+            .collect();
         let (ptx, prx) = watch::channel(Progress {
-            frames: s.manifest.frames.len(),
+            frames: frames.len(),
             ..Progress::default()
         });
         self.n.streams.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             name,
             id = short(id),
-            bytes = s.manifest.stream_bytes,
+            bytes = off,
+            from,
             "fetching cloud prompt KV"
         );
         let job = StreamJob {
@@ -953,6 +1459,12 @@ impl Inner {
             name: name.to_string(),
             id: id.to_string(),
             manifest: s.manifest.clone(),
+            frames,
+            total: off,
+            codec,
+            from,
+            prefix,
+            pending: Vec::new(),
             mjson,
             header_tx: Some(htx),
             progress: ptx,
@@ -969,11 +1481,43 @@ impl Inner {
             content: s.manifest.content.clone(),
             tokens: s.manifest.tokens.clone(),
             from_cache: false,
+            codec,
+            strategy,
             import: slot,
             progress: prx,
             n_layer: header.layout.n_layer as usize,
         }))
     }
+}
+
+/// Seconds per token (all layers) to decode each codec's frames, measured on a synthetic frame.
+fn decode_speeds(layout: &ep_kv::wire::WireLayout) -> [f64; 3] {
+    let n = 64usize;
+    let row = layout.n_head_kv as usize * layout.head_dim as usize;
+    let mut k = Vec::with_capacity(n * row * layout.dtype.bytes());
+    let mut v = Vec::with_capacity(k.capacity());
+    for i in 0..n * row {
+        let x = ((i * 7919 % 1000) as f32 - 500.0) / 250.0;
+        for (buf, y) in [(&mut k, x), (&mut v, -x * 0.5)] {
+            match layout.dtype {
+                ep_kv::KvDtype::F32 => buf.extend_from_slice(&y.to_le_bytes()),
+                _ => buf.extend_from_slice(&half::f16::from_f32(y).to_le_bytes()),
+            }
+        }
+    }
+    let mut out = [0.0; 3];
+    for (i, &codec) in ep_kv::codec::CODECS.iter().enumerate().take(3) {
+        let Ok(payload) = ep_kv::codec::encode(codec, layout, n, &k, &v) else {
+            continue;
+        };
+        let t0 = Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            let _ = ep_kv::codec::decode(codec, layout, n, &payload);
+        }
+        out[i] = t0.elapsed().as_secs_f64() / reps as f64 / n as f64 * layout.n_layer as f64;
+    }
+    out
 }
 
 fn frame_matches(f: &Frame, r: &ep_proto::FrameRef) -> bool {
@@ -993,6 +1537,16 @@ struct StreamJob {
     name: String,
     id: String,
     manifest: Manifest,
+    /// The frames this stream carries (those from `from` on), at their offsets in it.
+    frames: Vec<ep_proto::FrameRef>,
+    /// The stream's length.
+    total: u64,
+    codec: u8,
+    from: u32,
+    /// For a split: answers when the tokens before `from` are computed here; the import begins
+    /// then (frames arriving before wait in `pending`).
+    prefix: Option<oneshot::Receiver<Result<(), String>>>,
+    pending: Vec<Frame>,
     mjson: Vec<u8>,
     header_tx: Option<oneshot::Sender<HeaderResult>>,
     progress: watch::Sender<Progress>,
@@ -1039,29 +1593,30 @@ impl StreamJob {
         if i == 0 {
             self.manifest.header_bytes
         } else {
-            let f = &self.manifest.frames[i - 1];
+            let f = &self.frames[i - 1];
             f.offset + f.bytes
         }
     }
 
     async fn stream(&mut self) -> Result<(), FetchError> {
-        let m = &self.manifest;
-        let total = m.stream_bytes;
+        let total = self.total;
         let mut c = Cursor {
             pos: 0,
             item: 0,
             reader: StreamReader::new(),
-            header_bytes: Vec::with_capacity(m.header_bytes as usize),
+            header_bytes: Vec::with_capacity(self.manifest.header_bytes as usize),
             header: None,
             import: None,
+            // Only a whole stream goes to the disk cache.
             keep: self
                 .inner
                 .cache
                 .as_ref()
+                .filter(|_| self.from == 0)
                 .map(|_| Vec::with_capacity(total as usize)),
         };
         let mut failures = 0u32;
-        let path = format!("/v1/kv/{}/stream", self.id);
+        let path = self.query_path(format!("/v1/kv/{}/stream", self.id), true);
         while c.pos < total {
             let range = (c.pos > 0).then(|| {
                 (
@@ -1108,9 +1663,16 @@ impl StreamJob {
                 tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
             }
         }
+        // Every frame arrived: the import begins now if it waited for the prefix.
+        match self.begin_import(&mut c, true).await {
+            Ok(()) => {}
+            Err(Stop::Fatal(e)) => return Err(e),
+            Err(Stop::Interrupted(why)) => return Err(unavailable(&self.name, why)),
+        }
         // Every frame is written: store the checked stream.
         if let (Some(cache), Some(keep)) = (&self.inner.cache, c.keep.take()) {
-            match cache.put(&self.id, &self.mjson, &keep) {
+            let key = ep_kv::codec::variant_key(&self.id, self.codec);
+            match cache.put(&key, &self.mjson, &keep) {
                 Ok(true) => {}
                 Ok(false) => tracing::info!(
                     id = short(&self.id),
@@ -1123,11 +1685,101 @@ impl StreamJob {
         Ok(())
     }
 
+    /// `path` with this stream's query (`codec`, and `from` for the stream).
+    fn query_path(&self, path: String, stream: bool) -> String {
+        let mut q = Vec::new();
+        if self.codec != CODEC_RAW {
+            q.push(format!(
+                "codec={}",
+                ep_kv::codec::codec_name(self.codec).unwrap_or("raw")
+            ));
+        }
+        if stream && self.from > 0 {
+            q.push(format!("from={}", self.from));
+        }
+        if q.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", q.join("&"))
+        }
+    }
+
+    /// Begins the import once the header is in and (for a split) the prefix is computed; writes the
+    /// frames that waited. With `wait`, waits for the prefix.
+    async fn begin_import(&mut self, c: &mut Cursor, wait: bool) -> Result<(), Stop> {
+        if c.import.is_some() {
+            return Ok(());
+        }
+        let Some(h) = c.header.clone() else {
+            return Ok(());
+        };
+        if let Some(rx) = self.prefix.as_mut() {
+            let r = if wait {
+                rx.await
+            } else {
+                match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Ok(r) => Ok(r),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Ok(Err("the prefix computation stopped".into()))
+                    }
+                }
+            };
+            self.prefix = None;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Stop::Fatal(refused(&self.name, e))),
+                Err(_) => {
+                    return Err(Stop::Fatal(refused(
+                        &self.name,
+                        "the prefix computation stopped",
+                    )))
+                }
+            }
+        }
+        let import = self
+            .inner
+            .engine
+            .import_header_codec(&h, self.codec)
+            .await
+            .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
+        let import = Arc::new(import);
+        for f in std::mem::take(&mut self.pending) {
+            import
+                .write_frame(&f)
+                .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
+            self.progress.send_modify(|p| p.frames_written += 1);
+        }
+        c.import = Some(import.clone());
+        *self.slot.lock().expect("import slot") = Some(import);
+        if let Some(tx) = self.header_tx.take() {
+            let _ = tx.send(Ok(h));
+        }
+        Ok(())
+    }
+
     /// Feeds one response's body, cut at item boundaries.
     async fn consume(&mut self, resp: reqwest::Response, c: &mut Cursor) -> Result<(), Stop> {
         let mut body = resp.bytes_stream();
+        let mut arr = Arrivals::new(Instant::now());
+        let r = self.consume_body(&mut body, c, &mut arr).await;
+        if arr.total() >= 256 << 10 {
+            if let Some(rate) = arr.rate() {
+                self.inner.link.rate_sample(rate);
+            }
+        }
+        r
+    }
+
+    async fn consume_body(
+        &mut self,
+        body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+        c: &mut Cursor,
+        arr: &mut Arrivals,
+    ) -> Result<(), Stop> {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Stop::Interrupted(format!("reading the stream: {e}")))?;
+            arr.push(chunk.len());
             self.inner
                 .n
                 .down
@@ -1138,7 +1790,7 @@ impl StreamJob {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let mut rest: &[u8] = &chunk;
             while !rest.is_empty() {
-                if c.item > self.manifest.frames.len() {
+                if c.item > self.frames.len() {
                     return Err(Stop::Interrupted(
                         "the stream is longer than its manifest".into(),
                     ));
@@ -1155,8 +1807,11 @@ impl StreamJob {
                     self.item_done(c).await?;
                 }
             }
+            if self.prefix.is_some() {
+                self.begin_import(c, false).await?;
+            }
         }
-        if c.pos < self.manifest.stream_bytes {
+        if c.pos < self.total {
             return Err(Stop::Interrupted("the stream ended early".into()));
         }
         Ok(())
@@ -1178,26 +1833,14 @@ impl StreamJob {
             self.inner
                 .check_header(&self.name, &self.manifest, &h, &c.header_bytes)
                 .map_err(Stop::Fatal)?;
-            let import = self
-                .inner
-                .engine
-                .import_header(&h)
-                .await
-                .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
-            let import = Arc::new(import);
             if let Some(k) = c.keep.as_mut() {
                 k.extend_from_slice(&c.header_bytes);
             }
-            c.import = Some(import.clone());
-            c.header = Some(h.clone());
-            *self.slot.lock().expect("import slot") = Some(import);
-            if let Some(tx) = self.header_tx.take() {
-                let _ = tx.send(Ok(h));
-            }
+            c.header = Some(h);
             c.item = 1;
-            return Ok(());
+            return self.begin_import(c, false).await;
         }
-        let fr = self.manifest.frames[c.item - 1].clone();
+        let fr = self.frames[c.item - 1].clone();
         let good = match item {
             Ok(Some(Item::Frame(f))) if frame_matches(&f, &fr) => Some(f),
             other => {
@@ -1222,14 +1865,18 @@ impl StreamJob {
             Some(f) => f,
             None => self.refetch(&fr, c).await?,
         };
-        let import = c.import.as_ref().expect("the header came first");
-        import
-            .write_frame(&f)
-            .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
         if let Some(k) = c.keep.as_mut() {
             f.encode_into(k);
         }
-        self.progress.send_modify(|p| p.frames_written += 1);
+        match c.import.as_ref() {
+            Some(import) => {
+                import
+                    .write_frame(&f)
+                    .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
+                self.progress.send_modify(|p| p.frames_written += 1);
+            }
+            None => self.pending.push(f),
+        }
         c.item += 1;
         Ok(())
     }
@@ -1237,7 +1884,10 @@ impl StreamJob {
     /// One frame fetched alone, checked like the stream's.
     async fn refetch(&self, fr: &ep_proto::FrameRef, c: &Cursor) -> Result<Frame, Stop> {
         self.inner.n.refetched.fetch_add(1, Ordering::Relaxed);
-        let path = format!("/v1/kv/{}/frames/{}/{}", self.id, fr.layer, fr.start);
+        let path = self.query_path(
+            format!("/v1/kv/{}/frames/{}/{}", self.id, fr.layer, fr.start),
+            false,
+        );
         let header = c.header.as_ref().expect("the header came first");
         let mut last = String::new();
         for attempt in 0..=self.inner.cfg.retries {

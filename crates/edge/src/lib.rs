@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetch;
 pub mod metrics;
 pub mod openai;
+pub mod plan;
 pub mod prompt;
 pub mod server;
 pub mod tenant;

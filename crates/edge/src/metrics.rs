@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use ep_engine::EngineStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -33,6 +34,18 @@ pub struct Metrics {
     pub rejected_queue_full: Counter,
     pub cloud_down: Counter,
     pub cloud_up: Counter,
+    /// How cloud prompts' KV was obtained, per strategy (`fetch-f16`, `split`, `recompute`, …).
+    pub kv_decisions: Family<StrategyLabel, Counter>,
+    pub link_rtt: Gauge<f64, AtomicU64>,
+    pub link_rate: Gauge<f64, AtomicU64>,
+    /// 1 once the adaptive policy's start-up measurements are done.
+    pub planner_ready: Gauge,
+}
+
+/// The label of [`Metrics::kv_decisions`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct StrategyLabel {
+    pub strategy: String,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -68,6 +81,10 @@ impl Metrics {
             rejected_queue_full: Counter::default(),
             cloud_down: Counter::default(),
             cloud_up: Counter::default(),
+            kv_decisions: Family::default(),
+            link_rtt: Gauge::default(),
+            link_rate: Gauge::default(),
+            planner_ready: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics lock");
@@ -157,8 +174,48 @@ impl Metrics {
                 "Bytes sent to the cloud",
                 m.cloud_up.clone()
             );
+            reg!(
+                "kv_strategy_decisions",
+                "Cloud prompts whose KV was obtained with each strategy",
+                m.kv_decisions.clone()
+            );
+            reg!(
+                "link_rtt_seconds",
+                "Round trip to the cloud as this edge measured it",
+                m.link_rtt.clone()
+            );
+            reg!(
+                "link_throughput_bytes_per_second",
+                "Throughput from the cloud as this edge measured it",
+                m.link_rate.clone()
+            );
+            reg!(
+                "kv_planner_ready",
+                "1 once the link was probed and this edge's prefill speed measured",
+                m.planner_ready.clone()
+            );
         }
         m
+    }
+
+    /// Brings the KV-strategy counters and link gauges up to the fetcher's view.
+    pub fn set_kv_view(
+        &self,
+        link: Option<crate::plan::LinkEstimate>,
+        counts: &[(String, u64)],
+        ready: bool,
+    ) {
+        self.planner_ready.set(i64::from(ready));
+        if let Some(l) = link {
+            self.link_rtt.set(l.rtt_s);
+            self.link_rate.set(l.bytes_per_s);
+        }
+        for (strategy, n) in counts {
+            let c = self.kv_decisions.get_or_create(&StrategyLabel {
+                strategy: strategy.clone(),
+            });
+            c.inc_by(n.saturating_sub(c.get()));
+        }
     }
 
     /// Brings the gauges and cloud counters up to date and encodes everything.

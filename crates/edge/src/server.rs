@@ -923,6 +923,11 @@ async fn run(app: Shared, p: Prepared, kind: Kind) -> Response {
     let mut req = Request::new(p.built.tokens, p.params);
     req.public_prefix = p.built.public_prefix;
     req.salt = Some(p.salt);
+    // KV that came through a lossy codec lives under that codec's root.
+    req.kv_codec = p
+        ._cloud
+        .as_ref()
+        .map_or(ep_kv::identity::CODEC_RAW, |c| c.codec);
     let ignore_eos = req.params.ignore_eos;
     let stream = match app.engine.submit(req) {
         Ok(s) => s,
@@ -1400,6 +1405,10 @@ async fn health(State(app): State<Shared>) -> Json<ep_proto::Health> {
 
 async fn metrics(State(app): State<Shared>) -> Response {
     let traffic = app.fetcher.as_ref().map(|f| f.traffic());
+    if let Some(f) = &app.fetcher {
+        app.metrics
+            .set_kv_view(f.link(), &f.decisions().1, f.planner_ready());
+    }
     let body = app.metrics.render(&app.engine.stats(), traffic);
     (
         [(

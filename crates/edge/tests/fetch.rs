@@ -599,3 +599,171 @@ async fn tls_with_a_private_ca() {
     assert_eq!(got, want);
     c.shutdown().await.unwrap();
 }
+
+/// Greedy tokens of `prompt` over KV of `codec`'s cache root.
+async fn generate_codec(
+    e: &Engine,
+    prompt: Vec<u32>,
+    prefix: usize,
+    codec: u8,
+) -> (Vec<u32>, Finished) {
+    let mut req = ep_engine::Request::new(
+        prompt,
+        GenerateParams {
+            max_tokens: 8,
+            ignore_eos: true,
+            ..GenerateParams::default()
+        },
+    );
+    req.public_prefix = prefix;
+    req.kv_codec = codec;
+    let mut s = e.submit(req).unwrap();
+    let mut out = Vec::new();
+    while let Some(ev) = s.next().await {
+        match ev {
+            Event::Token { token, .. } => out.push(token),
+            Event::Done(f) => return (out, f),
+            Event::Error(f) => panic!("{f}"),
+            Event::Kv(_) => {}
+        }
+    }
+    panic!("the engine stopped")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_strategy_gives_the_exact_tokens_and_lossy_kv_stays_in_its_root() {
+    use ep_edge::plan::Policy;
+    use ep_kv::codec::{CODEC_INT4, CODEC_INT8, CODEC_RAW};
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let c = cloud(&t, dir.path()).await;
+    let info = register(&c.url(), "sys", &text(0, 200)).await;
+    // The cloud encoded the KV once per codec; the lossy ones are smaller.
+    let size = |name: &str| info.kv.iter().find(|v| v.codec == name).unwrap().bytes;
+    assert!(size("int8") < size("raw") && size("int4") < size("int8"), "{:?}", info.kv);
+    let n = info.tokens;
+    let probe = reqwest::get(format!("{}/v1/probe?bytes=300000", c.url()))
+        .await
+        .unwrap();
+    assert_eq!(probe.bytes().await.unwrap().len(), 300_000);
+    assert_eq!(
+        reqwest::get(format!("{}/v1/probe?bytes=0", c.url()))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v1/kv/{}/manifest?codec=int7", c.url(), info.id))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    let p0 = {
+        let f = Fetcher::new(
+            FetcherConfig {
+                cloud_key: Some(c.public_key().to_string()),
+                ..fetcher_cfg(&c.url(), None)
+            },
+            engine(&t),
+            [0; 32],
+        )
+        .unwrap();
+        f.resolve("sys").await.unwrap().tokens.clone()
+    };
+    assert_eq!(p0.len(), n);
+    let prompt = extend(&p0);
+    let (want, _) = generate(&engine(&t), prompt.clone(), n).await;
+
+    for (policy, codec) in [
+        (Policy::FetchRaw, CODEC_RAW),
+        (Policy::Split, CODEC_RAW),
+        (Policy::Recompute, CODEC_RAW),
+        (Policy::Split, CODEC_INT4),
+        (Policy::FetchInt8, CODEC_INT8),
+        (Policy::FetchInt4, CODEC_INT4),
+    ] {
+        let edge = engine(&t);
+        let cfg = FetcherConfig {
+            cloud_key: Some(c.public_key().to_string()),
+            policy: policy.clone(),
+            codecs: vec![codec],
+            ..fetcher_cfg(&c.url(), None)
+        };
+        let f = Fetcher::new(cfg, edge.clone(), [0; 32]).unwrap();
+        let p = f.resolve("sys").await.unwrap();
+        assert_eq!(p.codec, codec, "{policy:?}");
+        let (got, fin) = generate_codec(&edge, prompt.clone(), n, p.codec).await;
+        p.wait_complete().await.unwrap();
+        let (decisions, counts) = f.decisions();
+        assert_eq!(decisions.len(), 1, "{policy:?}");
+        assert_eq!(counts.len(), 1, "{policy:?}");
+        let d = &decisions[0];
+        match policy {
+            Policy::Recompute => {
+                assert_eq!(d.strategy, "recompute");
+                assert_eq!(fin.imported_tokens, 0);
+                assert_eq!(f.traffic().kv_bytes, 0, "recompute fetches no KV");
+            }
+            Policy::Split => {
+                assert_eq!(d.strategy, "split");
+                let from = d.split_from.expect("a split point") as usize;
+                assert!(from > 0 && from < n && from % 16 == 0, "{d:?}");
+                // The tokens before the split were computed here, the rest imported.
+                assert!(fin.imported_tokens > 0, "{fin:?}");
+                assert!(fin.imported_tokens <= n - from, "{fin:?} {d:?}");
+                assert!(fin.cached_tokens >= from, "{fin:?} {d:?}");
+                let stream = if codec == CODEC_RAW {
+                    size("raw")
+                } else {
+                    size("int4")
+                };
+                assert!(f.traffic().kv_bytes < stream, "a split fetches part of the stream");
+            }
+            _ => {
+                assert!(d.strategy.starts_with("fetch-"), "{d:?}");
+                assert!(fin.imported_tokens >= n / 16 * 16, "{fin:?}");
+            }
+        }
+        if codec == CODEC_RAW {
+            assert_eq!(got, want, "{policy:?}: exact KV gives the computed tokens");
+        } else {
+            // Lossy KV is only under its codec's root: an exact request finds none of it.
+            let (_, exact) = generate(&edge, prompt.clone(), n).await;
+            assert_eq!(exact.imported_tokens, 0, "{policy:?}");
+            assert!(exact.cached_tokens < 16, "{policy:?} {exact:?}");
+        }
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_edge_measures_its_link_and_fetches_on_loopback() {
+    use ep_edge::plan::Policy;
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let c = cloud(&t, dir.path()).await;
+    let info = register(&c.url(), "sys", &text(1, 300)).await;
+    let edge = engine(&t);
+    let cfg = FetcherConfig {
+        cloud_key: Some(c.public_key().to_string()),
+        policy: Policy::Adaptive,
+        codecs: vec![0, 1, 2],
+        ..fetcher_cfg(&c.url(), None)
+    };
+    let f = Fetcher::new(cfg, edge.clone(), [0; 32]).unwrap();
+    let p = f.resolve("sys").await.unwrap();
+    p.wait_complete().await.unwrap();
+    assert!(f.planner_ready());
+    let l = f.link().expect("the link was measured");
+    // Loopback: well under a millisecond's round trip and above 100 MB/s on any machine.
+    assert!(l.rtt_s < 0.05 && l.bytes_per_s > 1e8, "{l:?}");
+    let (d, _) = f.decisions();
+    assert_eq!(d[0].id, info.id);
+    // The tiny model computes a prefix fast too, but loopback's transfer is faster still.
+    assert!(d[0].strategy.starts_with("fetch-") || d[0].strategy == "split", "{d:?}");
+    assert!(!d[0].reason.is_empty());
+    c.shutdown().await.unwrap();
+}

@@ -52,6 +52,9 @@ struct CloudServeArgs {
     /// Tokens per KV frame.
     #[arg(long, default_value_t = 256)]
     frame_tokens: usize,
+    /// KV encodings to compute once per prompt and serve (`raw` is always served).
+    #[arg(long, value_delimiter = ',', default_value = "raw,int8,int4")]
+    kv_codecs: Vec<String>,
     /// How long a superseded version stays servable after edges last renewed its lease (seconds),
     /// when its registration gives none.
     #[arg(long, default_value_t = 600)]
@@ -116,6 +119,13 @@ fn serve_cloud(a: CloudServeArgs) -> Result<()> {
     if a.frame_tokens == 0 {
         bail!("--frame-tokens must be at least 1");
     }
+    let mut codecs = Vec::new();
+    for name in &a.kv_codecs {
+        match ep_kv::codec::parse(name.trim()) {
+            Some(c) => codecs.push(c),
+            None => bail!("--kv-codecs: unknown codec '{name}' (raw, int8, int4)"),
+        }
+    }
     let sv = serve(&a.common, &a.engine, thread_pool(a.common.threads)?)?;
     let model = ep_cloud::CloudModel {
         engine: Arc::new(sv.engine),
@@ -130,6 +140,7 @@ fn serve_cloud(a: CloudServeArgs) -> Result<()> {
             _ => None,
         },
         frame_tokens: a.frame_tokens,
+        codecs,
         default_lease_secs: a.lease_secs,
         ..ep_cloud::CloudConfig::default()
     };

@@ -43,6 +43,15 @@ pub struct EdgeArgs {
     /// Disk cache of fetched cloud prompts (signed manifest + KV stream per prompt; re-checked on load).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// How cloud prompts' KV is obtained: `adaptive` (measure the link and this edge's prefill, then
+    /// fetch, recompute or split per prompt for the lowest expected time to first token), or one of
+    /// `fetch-f16`, `fetch-int8`, `fetch-int4`, `recompute`, `split`.
+    #[arg(long, default_value = "adaptive")]
+    kv_strategy: String,
+    /// The quality floor of the adaptive choice: the KV codecs it may fetch (`raw` is exact;
+    /// `int8`, `int4` are lossy, see `edgeprompt bench codecs`).
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    kv_codecs: Vec<String>,
     /// Byte budget of the disk cache, in MiB.
     #[arg(long, default_value_t = 4096)]
     cache_mib: u64,
@@ -97,6 +106,15 @@ pub fn run(a: EdgeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let policy = ep_edge::plan::Policy::parse(&a.kv_strategy)
+        .map_err(|e| anyhow::anyhow!("--kv-strategy: {e}"))?;
+    let mut codecs = Vec::new();
+    for name in &a.kv_codecs {
+        match ep_kv::codec::parse(name.trim()) {
+            Some(c) => codecs.push(c),
+            None => bail!("--kv-codecs: unknown codec '{name}' (raw, int8, int4)"),
+        }
+    }
     let fetcher: Option<Arc<Fetcher>> = match &a.cloud_url {
         None => None,
         Some(url) => {
@@ -112,6 +130,8 @@ pub fn run(a: EdgeArgs) -> Result<()> {
                 allow_plain_http: a.allow_plain_http,
                 cache_dir: a.cache_dir.clone(),
                 cache_budget_bytes: a.cache_mib << 20,
+                policy,
+                codecs,
                 ..FetcherConfig::new(url.clone())
             };
             let _guard = rt.enter();

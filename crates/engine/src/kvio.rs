@@ -43,6 +43,28 @@ impl PromptKv {
         }
         (header, frames)
     }
+
+    /// [`to_frames`](Self::to_frames) with each payload encoded by wire codec `codec`
+    /// ([`ep_kv::codec::encode`]; raw is the stored rows as they are).
+    pub fn to_frames_codec(
+        &self,
+        identity: [u8; 32],
+        frame_tokens: usize,
+        codec: u8,
+    ) -> Result<(KvHeader, Vec<Frame>), codec::CodecError> {
+        let (header, mut frames) = self.to_frames(identity, frame_tokens);
+        if codec == CODEC_RAW {
+            return Ok((header, frames));
+        }
+        for f in &mut frames {
+            let n = (f.end - f.start) as usize;
+            let half = f.payload.len() / 2;
+            let (k, v) = f.payload.split_at(half);
+            let payload = codec::encode(codec, &header.layout, n, k, v)?;
+            *f = Frame::new(f.layer, f.start, f.end, f.dtype, codec, payload);
+        }
+        Ok((header, frames))
+    }
 }
 
 /// A whole stream: the encoded header followed by the encoded frames.
@@ -101,8 +123,18 @@ impl Engine {
 
     /// [`import_header_blocking`](Self::import_header_blocking) for async callers.
     pub async fn import_header(&self, h: &KvHeader) -> Result<KvImport, EngineError> {
+        self.import_header_codec(h, CODEC_RAW).await
+    }
+
+    /// [`import_header`](Self::import_header) of a stream whose frames are encoded with `codec`
+    /// (a lossy codec imports under that codec's cache root, see [`Engine::import_codec`]).
+    pub async fn import_header_codec(
+        &self,
+        h: &KvHeader,
+        codec: u8,
+    ) -> Result<KvImport, EngineError> {
         self.check_header(h)?;
-        let mut imp = self.import(h.tokens.clone()).await?;
+        let mut imp = self.import_codec(h.tokens.clone(), codec).await?;
         imp.header = Some(h.clone());
         Ok(imp)
     }

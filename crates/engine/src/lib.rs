@@ -374,6 +374,10 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
+    /// The model's shape.
+    pub fn model_config(&self) -> &ep_model::ModelConfig {
+        &self.model.cfg
+    }
     /// The KV layout of the pool.
     pub fn layout(&self) -> KvLayout {
         self.layout

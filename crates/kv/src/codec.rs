@@ -100,6 +100,15 @@ pub fn codec_name(codec: u8) -> Option<&'static str> {
     }
 }
 
+/// The key under which the KV of content id `id` encoded with `codec` is stored and cached: the id
+/// itself for raw, `{id}.{codec name}` otherwise.
+pub fn variant_key(id: &str, codec: u8) -> String {
+    match codec_name(codec) {
+        Some(name) if codec != CODEC_RAW => format!("{id}.{name}"),
+        _ => id.to_string(),
+    }
+}
+
 /// The codec id of a name of [`codec_name`].
 pub fn parse(name: &str) -> Option<u8> {
     CODECS

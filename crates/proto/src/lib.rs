@@ -122,6 +122,17 @@ pub struct CloudPromptInfo {
     pub lease_until: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The encodings of its KV the cloud serves (`?codec=` of the KV routes), with their stream sizes;
+    /// empty until the KV is computed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv: Vec<KvVariant>,
+}
+
+/// One encoding of a cloud prompt's KV: its codec (`raw`, `int8`, `int4`) and stream bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KvVariant {
+    pub codec: String,
+    pub bytes: u64,
 }
 
 /// `GET /v1/cloud-prompts`.
