@@ -20,6 +20,7 @@ use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod cloud_cmd;
+mod netlab_cmd;
 mod up_cmd;
 
 #[derive(Parser)]
@@ -57,6 +58,9 @@ enum Command {
     /// sends a chat request with private details through the edge, streams the answer and prints what
     /// crossed the network (then serves until Ctrl-C, or exits with --once).
     Up(up_cmd::UpArgs),
+    /// An emulated cloud–edge link for tests: two network namespaces joined by a link shaped to a
+    /// profile (rate, RTT, loss); `netlab up --profile 5g_urban`, `netlab down`, `netlab measure`.
+    Netlab(netlab_cmd::NetlabArgs),
 }
 
 #[derive(Subcommand)]
@@ -1019,6 +1023,7 @@ fn main() -> ExitCode {
         Command::Edge(a) => edge_cmd::run(a),
         Command::Cloud(a) => cloud_cmd::run(a),
         Command::Up(a) => up_cmd::run(a),
+        Command::Netlab(a) => netlab_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
