@@ -20,6 +20,17 @@ pub struct NameEntry {
     pub version: u32,
 }
 
+/// A cache key: a content id, or `{id}.{codec}` for a lossy encoding (`ep_kv::codec::variant_key`).
+fn valid_key(key: &str) -> bool {
+    match key.split_once('.') {
+        None => ep_proto::valid_id(key),
+        Some((id, codec)) => {
+            ep_proto::valid_id(id)
+                && ep_kv::codec::parse(codec).is_some_and(|c| c != ep_kv::identity::CODEC_RAW)
+        }
+    }
+}
+
 /// The disk cache (see the module docs).
 #[derive(Debug)]
 pub struct DiskCache {
@@ -61,14 +72,32 @@ impl DiskCache {
         self.dir.join("kv").join(format!("{id}.manifest.json"))
     }
 
+    /// Stores only the signed manifest of `id` (its token ids: what recomputing needs when the cloud
+    /// is down); a later [`put`](Self::put) adds the stream.
+    pub fn put_manifest(&self, id: &str, manifest: &[u8]) -> std::io::Result<()> {
+        if !valid_key(id) {
+            return Err(std::io::Error::other("not a content id"));
+        }
+        let _g = self.lock.lock().expect("cache lock");
+        write_atomic(&self.manifest_path(id), manifest)
+    }
+
+    /// The signed manifest (JSON) of `id`, with or without its stream.
+    pub fn read_manifest(&self, id: &str) -> Option<Vec<u8>> {
+        if !valid_key(id) {
+            return None;
+        }
+        std::fs::read(self.manifest_path(id)).ok()
+    }
+
     /// Whether `id` is cached.
     pub fn contains(&self, id: &str) -> bool {
-        ep_proto::valid_id(id) && self.manifest_path(id).is_file() && self.stream_path(id).is_file()
+        valid_key(id) && self.manifest_path(id).is_file() && self.stream_path(id).is_file()
     }
 
     /// The signed manifest (JSON) and the stream of `id`, marked as used now.
     pub fn read(&self, id: &str) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        if !ep_proto::valid_id(id) {
+        if !valid_key(id) {
             return Ok(None);
         }
         let _g = self.lock.lock().expect("cache lock");
@@ -92,7 +121,7 @@ impl DiskCache {
     /// Stores the KV of `id`, then evicts the least recently used others until the cache is within
     /// its budget. Returns `false` (storing nothing) when this entry alone exceeds the budget.
     pub fn put(&self, id: &str, manifest: &[u8], stream: &[u8]) -> std::io::Result<bool> {
-        if !ep_proto::valid_id(id) {
+        if !valid_key(id) {
             return Err(std::io::Error::other("not a content id"));
         }
         let size = (manifest.len() + stream.len()) as u64;
@@ -108,7 +137,7 @@ impl DiskCache {
 
     /// Removes the KV of `id` (a bad entry).
     pub fn remove(&self, id: &str) {
-        if !ep_proto::valid_id(id) {
+        if !valid_key(id) {
             return;
         }
         let _g = self.lock.lock().expect("cache lock");
@@ -125,7 +154,7 @@ impl DiskCache {
             let Some(id) = name.strip_suffix(".stream") else {
                 continue;
             };
-            if !ep_proto::valid_id(id) {
+            if !valid_key(id) {
                 continue;
             }
             let md = e.metadata()?;

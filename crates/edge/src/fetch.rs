@@ -264,6 +264,9 @@ pub struct FetcherConfig {
     pub policy: Policy,
     /// The codecs the quality floor allows (raw is exact; int8 and int4 are lossy).
     pub codecs: Vec<u8>,
+    /// A measurement switch: [`Fetcher::resolve`] returns only once the KV has fully arrived, so
+    /// requests do not run layers while the rest streams in.
+    pub serial: bool,
 }
 
 impl FetcherConfig {
@@ -284,6 +287,7 @@ impl FetcherConfig {
             lease_renew: Duration::from_secs(120),
             policy: Policy::FetchRaw,
             codecs: vec![CODEC_RAW],
+            serial: false,
         }
     }
 }
@@ -484,9 +488,20 @@ impl Fetcher {
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(renew_leases(Arc::downgrade(&inner)));
+            let i = inner.clone();
             if matches!(inner.cfg.policy, Policy::Adaptive | Policy::Split) {
-                let i = inner.clone();
                 rt.spawn(async move { i.warm_up().await });
+            } else {
+                // One round trip at start: the cloud's reachability is logged early and a
+                // connection is open when the first prompt is asked for.
+                rt.spawn(async move {
+                    match i.send(Method::GET, "/health", &[]).await {
+                        Ok(r) => {
+                            let _ = i.body(r).await;
+                        }
+                        Err(e) => tracing::warn!("the cloud is not reachable yet: {e}"),
+                    }
+                });
             }
         }
         Ok(Fetcher { inner })
@@ -531,8 +546,15 @@ impl Fetcher {
                     return Ok(p);
                 }
                 let entry = inner.cache.as_ref().and_then(|c| c.name(name));
+                let cached_kv = |id: &str| {
+                    inner.cache.as_ref().is_some_and(|c| {
+                        std::iter::once(CODEC_RAW)
+                            .chain(inner.cfg.codecs.iter().copied())
+                            .any(|k| c.contains(&ep_kv::codec::variant_key(id, k)))
+                    })
+                };
                 match entry {
-                    Some(e) if inner.cache.as_ref().is_some_and(|c| c.contains(&e.id)) => {
+                    Some(e) if cached_kv(&e.id) => {
                         tracing::info!(
                             name,
                             id = short(&e.id),
@@ -540,7 +562,12 @@ impl Fetcher {
                         );
                         (e.id, e.version)
                     }
-                    _ => return Err(unavailable(name, why)),
+                    Some(e) => match inner.recompute_cached(name, &e.id, e.version) {
+                        // Seen before, its KV not kept: recomputed here from its token ids.
+                        Some(p) => return Ok(p),
+                        None => return Err(unavailable(name, why)),
+                    },
+                    None => return Err(unavailable(name, why)),
                 }
             }
         };
@@ -556,6 +583,9 @@ impl Fetcher {
             .lock()
             .expect("served")
             .insert(name.to_string(), id.clone());
+        if inner.cfg.serial {
+            p.wait_complete().await?;
+        }
         if let Some(old) = prev.filter(|o| *o != id) {
             // The name moved on: requests in flight keep the old prompt alive through their Arc.
             inner.prompts.lock().expect("prompts").remove(&old);
@@ -934,6 +964,49 @@ impl Inner {
         Ok(())
     }
 
+    /// A prompt whose KV this edge does not hold but whose signed manifest it cached: served for
+    /// recomputing from its token ids (the manifest checked again).
+    fn recompute_cached(&self, name: &str, id: &str, version: u32) -> Option<Arc<ReadyPrompt>> {
+        let cache = self.cache.as_ref()?;
+        for codec in std::iter::once(CODEC_RAW).chain(self.cfg.codecs.iter().copied()) {
+            let Some(mjson) = cache.read_manifest(&ep_kv::codec::variant_key(id, codec)) else {
+                continue;
+            };
+            let Ok(s) = serde_json::from_slice::<SignedManifest>(&mjson) else {
+                continue;
+            };
+            if self.check_manifest(name, id, codec, &s).is_err() {
+                continue;
+            }
+            tracing::info!(
+                target: "ep_edge::decision",
+                name,
+                id = short(id),
+                "the cloud is down and this KV is not cached: recomputing it from the cached token ids"
+            );
+            *self
+                .decisions
+                .lock()
+                .expect("decisions")
+                .counts
+                .entry("recompute".into())
+                .or_default() += 1;
+            let m = s.manifest;
+            let p = Arc::new(ReadyPrompt {
+                strategy: "recompute".into(),
+                ..ReadyPrompt::without_kv(name.to_string(), id.to_string(), version, m.content, m.tokens)
+            });
+            let cell: Cell = Arc::default();
+            let _ = cell.set(p.clone());
+            self.prompts
+                .lock()
+                .expect("prompts")
+                .insert(id.to_string(), cell);
+            return Some(p);
+        }
+        None
+    }
+
     /// Loads `id` from the disk cache (checking it all again); `None` when absent or bad.
     async fn load_cached(
         self: &Arc<Self>,
@@ -1078,34 +1151,47 @@ impl Inner {
             .get_or_init(|| async {
                 let engine = self.engine.clone();
                 let cfg = engine.model_config().clone();
-                let n = 128.min(engine.config().max_seq_len.saturating_sub(2)).max(8);
-                let mut best = f64::INFINITY;
-                for round in 0..2u32 {
-                    let tokens: Vec<u32> = (0..n)
-                        .map(|i| ((i as u64 * 2_654_435_761 + round as u64) % cfg.n_vocab as u64) as u32)
-                        .collect();
-                    let params = ep_model::generate::GenerateParams {
-                        max_tokens: 1,
-                        ..Default::default()
-                    };
-                    let mut req = ep_engine::Request::new(tokens, params);
-                    let salt = format!("calibration-{round}-{}", std::process::id()).into_bytes();
-                    req.salt = Some(salt.clone());
-                    let t0 = Instant::now();
-                    if let Ok(mut st) = engine.submit(req) {
-                        while let Some(ev) = st.next().await {
-                            if matches!(ev, ep_engine::Event::Done(_) | ep_engine::Event::Error(_)) {
-                                break;
+                let cap = engine.config().max_seq_len.saturating_sub(2).max(16);
+                // Two sizes, each the faster of two runs: the per-token and per-pair costs.
+                let (n1, n2) = (64.min(cap / 2), 384.min(cap));
+                let mut t = [f64::INFINITY; 2];
+                for (slot, &n) in [n1, n2].iter().enumerate() {
+                    for round in 0..2u32 {
+                        let tokens: Vec<u32> = (0..n)
+                            .map(|i| {
+                                ((i as u64 * 2_654_435_761 + round as u64 * 7 + slot as u64)
+                                    % cfg.n_vocab as u64) as u32
+                            })
+                            .collect();
+                        let params = ep_model::generate::GenerateParams {
+                            max_tokens: 1,
+                            ..Default::default()
+                        };
+                        let mut req = ep_engine::Request::new(tokens, params);
+                        let salt =
+                            format!("calibration-{slot}-{round}-{}", std::process::id()).into_bytes();
+                        req.salt = Some(salt.clone());
+                        let t0 = Instant::now();
+                        if let Ok(mut st) = engine.submit(req) {
+                            while let Some(ev) = st.next().await {
+                                if matches!(
+                                    ev,
+                                    ep_engine::Event::Done(_) | ep_engine::Event::Error(_)
+                                ) {
+                                    break;
+                                }
                             }
+                            t[slot] = t[slot].min(t0.elapsed().as_secs_f64());
                         }
-                        best = best.min(t0.elapsed().as_secs_f64());
+                        let _ = engine.purge_salt(salt).await;
                     }
-                    let _ = engine.purge_salt(salt).await;
                 }
-                if !best.is_finite() {
-                    best = n as f64 / 200.0;
-                }
-                let prefill = PrefillModel::calibrated(n, best, PrefillModel::work_ratio(&cfg));
+                let ratio = PrefillModel::work_ratio(&cfg);
+                let prefill = match PrefillModel::fitted(n1, t[0], n2, t[1]) {
+                    Some(m) if m.s_pair >= 0.0 && m.s_tok > 0.0 => m,
+                    _ if t[1].is_finite() => PrefillModel::calibrated(n2, t[1], ratio),
+                    _ => PrefillModel::calibrated(n2, n2 as f64 / 200.0, ratio),
+                };
                 let layout = ep_kv::wire::WireLayout::from(engine.layout());
                 let decode_s_per_token =
                     tokio::task::spawn_blocking(move || decode_speeds(&layout))
@@ -1113,7 +1199,10 @@ impl Inner {
                         .unwrap_or([0.0; 3]);
                 tracing::info!(
                     target: "ep_edge::decision",
-                    prefill_tokens_per_s = 1.0 / prefill.s_tok,
+                    prefill_tokens_per_s_at_1k = 1024.0 / prefill.secs(1024),
+                    prefill_tokens_per_s_at_4k = 4096.0 / prefill.secs(4096),
+                    decode_int8_us_per_token = decode_s_per_token[1] * 1e6,
+                    decode_int4_us_per_token = decode_s_per_token[2] * 1e6,
                     "calibrated this edge's prefill and KV decoding"
                 );
                 Calibration {
@@ -1125,7 +1214,7 @@ impl Inner {
     }
 
     /// Measures the link: round trips of three small requests, then the steady rate of a bulk
-    /// probe (at most 8 MiB, stopped after about ten round trips or a second).
+    /// probe (at most 8 MiB, stopped after about 25 round trips, at most 4 s).
     async fn probe_link(&self) {
         for _ in 0..3 {
             let t0 = Instant::now();
@@ -1141,7 +1230,8 @@ impl Inner {
             }
         }
         let rtt = self.link.rtt().unwrap_or(0.05).max(0.002);
-        let deadline = Duration::from_secs_f64((12.0 * rtt).clamp(0.15, 1.0));
+        // Long enough to be well past slow start (and a shaper's first burst): ~25 round trips.
+        let deadline = Duration::from_secs_f64((25.0 * rtt).clamp(0.25, 4.0));
         let t0 = Instant::now();
         let Ok(r) = self.send(Method::GET, "/v1/probe?bytes=8388608", &[]).await else {
             return;
@@ -1282,6 +1372,12 @@ impl Inner {
         };
         let codec = plan.strategy.codec();
         let s = self.get_manifest(name, id, codec).await?;
+        if let Some(c) = &self.cache {
+            // The token ids, kept so the prompt can be recomputed if the cloud goes down.
+            if let Ok(j) = serde_json::to_vec(&s) {
+                let _ = c.put_manifest(&ep_kv::codec::variant_key(id, codec), &j);
+            }
+        }
         let m = &s.manifest;
         // Snap a split point to a frame start that is also a block start.
         let strategy = match plan.strategy {
@@ -1529,6 +1625,9 @@ fn frame_matches(f: &Frame, r: &ep_proto::FrameRef) -> bool {
 }
 
 type HeaderResult = Result<KvHeader, FetchError>;
+
+/// A frame decoded into raw rows: layer, token range, K rows, V rows.
+type Rows = (usize, usize, usize, Vec<u8>, Vec<u8>);
 type ImportSlot = Arc<Mutex<Option<Arc<KvImport>>>>;
 
 /// One stream being fetched.
@@ -1544,9 +1643,9 @@ struct StreamJob {
     codec: u8,
     from: u32,
     /// For a split: answers when the tokens before `from` are computed here; the import begins
-    /// then (frames arriving before wait in `pending`).
+    /// then (frames arriving before are decoded at once and wait in `pending` as rows).
     prefix: Option<oneshot::Receiver<Result<(), String>>>,
-    pending: Vec<Frame>,
+    pending: Vec<Rows>,
     mjson: Vec<u8>,
     header_tx: Option<oneshot::Sender<HeaderResult>>,
     progress: watch::Sender<Progress>,
@@ -1744,9 +1843,9 @@ impl StreamJob {
             .await
             .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
         let import = Arc::new(import);
-        for f in std::mem::take(&mut self.pending) {
+        for (layer, start, end, k, v) in std::mem::take(&mut self.pending) {
             import
-                .write_frame(&f)
+                .write_rows(layer, start, end, k, v)
                 .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
             self.progress.send_modify(|p| p.frames_written += 1);
         }
@@ -1875,7 +1974,20 @@ impl StreamJob {
                     .map_err(|e| Stop::Fatal(refused(&self.name, e.to_string())))?;
                 self.progress.send_modify(|p| p.frames_written += 1);
             }
-            None => self.pending.push(f),
+            None => {
+                // Decoded now, while the prefix is computed, so that only copying is left after.
+                let h = c.header.as_ref().expect("the header came first");
+                let bad = |e: String| Stop::Fatal(refused(&self.name, e));
+                ep_kv::wire::validate_frame(h, &f).map_err(|e| bad(e.to_string()))?;
+                if f.codec != self.codec {
+                    return Err(bad("a frame of another codec".into()));
+                }
+                let n = (f.end - f.start) as usize;
+                let (k, v) = ep_kv::codec::decode(f.codec, &h.layout, n, &f.payload)
+                    .map_err(|e| bad(e.to_string()))?;
+                self.pending
+                    .push((f.layer as usize, f.start as usize, f.end as usize, k, v));
+            }
         }
         c.item += 1;
         Ok(())

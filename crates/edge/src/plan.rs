@@ -119,6 +119,21 @@ impl PrefillModel {
         }
     }
 
+    /// The model through two timed prefills (`n1` tokens in `t1` s, `n2` in `t2`); `None` when the
+    /// two do not determine one.
+    pub fn fitted(n1: usize, t1: f64, n2: usize, t2: f64) -> Option<PrefillModel> {
+        let (a1, b1) = (n1 as f64, (n1 * (n1 + 1)) as f64 / 2.0);
+        let (a2, b2) = (n2 as f64, (n2 * (n2 + 1)) as f64 / 2.0);
+        let det = a1 * b2 - a2 * b1;
+        if !(t1.is_finite() && t2.is_finite()) || det.abs() < 1e-9 {
+            return None;
+        }
+        Some(PrefillModel {
+            s_tok: (t1 * b2 - t2 * b1) / det,
+            s_pair: (a1 * t2 - a2 * t1) / det,
+        })
+    }
+
     pub fn secs(&self, n: usize) -> f64 {
         let n = n as f64;
         self.s_tok * n + self.s_pair * n * (n + 1.0) / 2.0
@@ -361,14 +376,14 @@ impl Arrivals {
     }
 }
 
-/// The rate of the later half of a transfer (by time since its first byte), past TCP's slow start:
+/// The rate of the last third of a transfer (by time since its first byte), past TCP's slow start:
 /// `points` are (seconds, cumulative bytes). `None` when too little arrived to tell.
 pub fn steady_rate(points: &[(f64, u64)]) -> Option<f64> {
     let (&(t0, b0), &(t1, b1)) = (points.first()?, points.last()?);
     if points.len() < 4 || t1 - t0 <= 0.0 || b1 <= b0 {
         return None;
     }
-    let mid = t0 + (t1 - t0) / 2.0;
+    let mid = t0 + (t1 - t0) * 2.0 / 3.0;
     let &(tm, bm) = points.iter().find(|(t, _)| *t >= mid)?;
     if t1 - tm <= 1e-4 || b1 <= bm {
         return Some((b1 - b0) as f64 / (t1 - t0));
@@ -522,6 +537,17 @@ mod tests {
         assert_eq!(Strategy::Fetch { codec: 2 }.label("f16"), "fetch-int4");
         assert_eq!(Policy::parse("fetch-f16"), Ok(Policy::FetchRaw));
         assert!(Policy::parse("teleport").is_err());
+    }
+
+    #[test]
+    fn two_timed_prefills_fit_the_model() {
+        let truth = PrefillModel {
+            s_tok: 1e-3,
+            s_pair: 2e-7,
+        };
+        let m = PrefillModel::fitted(64, truth.secs(64), 384, truth.secs(384)).unwrap();
+        assert!((m.s_tok - truth.s_tok).abs() < 1e-9 && (m.s_pair - truth.s_pair).abs() < 1e-12);
+        assert!(PrefillModel::fitted(64, 0.1, 64, 0.1).is_none());
     }
 
     #[test]

@@ -294,7 +294,7 @@ async fn proxy(State(p): State<Proxy>, req: Request) -> Response {
         }
     }
     let mut body = r.bytes().await.unwrap().to_vec();
-    if path.ends_with("/stream") && status.is_success() {
+    if req.uri().path().ends_with("/stream") && status.is_success() {
         let at = p.corrupt_at.load(Ordering::Relaxed);
         if at >= start && at < start + body.len() as u64 {
             body[(at - start) as usize] ^= 0x5a;
@@ -496,7 +496,10 @@ async fn traffic_counts_are_the_bytes_on_the_wire() {
     }
     assert_eq!(tr.bytes_up, up.load(Ordering::SeqCst), "{tr:?}");
     assert_eq!(tr.bytes_down, down.load(Ordering::SeqCst), "{tr:?}");
-    assert_eq!(tr.requests, 4, "name, manifest, stream, unknown name");
+    assert_eq!(
+        tr.requests, 5,
+        "the start-up round trip (/health), name, manifest, stream, unknown name"
+    );
     c.shutdown().await.unwrap();
 }
 
@@ -766,4 +769,82 @@ async fn the_adaptive_edge_measures_its_link_and_fetches_on_loopback() {
     assert!(d[0].strategy.starts_with("fetch-") || d[0].strategy == "split", "{d:?}");
     assert!(!d[0].reason.is_empty());
     c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_fetch_refetches_a_corrupted_frame_and_resumes_a_cut_stream() {
+    use ep_edge::plan::Policy;
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let c = cloud(&t, dir.path()).await;
+    let info = register(&c.url(), "sys", &text(5, 200)).await;
+    let (url, px) = start_proxy(c.url()).await;
+    // A byte a little into the stream's first frame, whatever the split point; the first response
+    // is cut in half too.
+    let sm = manifest(&c.url(), &info.id).await;
+    px.corrupt_at.store(
+        sm.manifest.header_bytes + ep_kv::wire::FRAME_HEADER_BYTES as u64 + 5,
+        Ordering::Relaxed,
+    );
+    px.truncate.store(true, Ordering::Relaxed);
+    let edge = engine(&t);
+    let cfg = FetcherConfig {
+        cloud_key: Some(c.public_key().to_string()),
+        policy: Policy::Split,
+        ..fetcher_cfg(&url, None)
+    };
+    let f = Fetcher::new(cfg, edge.clone(), [0; 32]).unwrap();
+    let p = f.resolve("sys").await.unwrap();
+    let prompt = extend(&p.tokens);
+    let (got, fin) = generate(&edge, prompt.clone(), p.tokens.len()).await;
+    p.wait_complete().await.unwrap();
+    let (d, _) = f.decisions();
+    assert_eq!(d[0].strategy, "split", "{d:?}");
+    let tr = f.traffic();
+    assert_eq!(tr.frames_refetched, 1, "{tr:?}");
+    assert_eq!(tr.resumes, 1, "{tr:?}");
+    assert!(fin.imported_tokens > 0, "{fin:?}");
+    let (want, _) = generate(&engine(&t), prompt, p.tokens.len()).await;
+    assert_eq!(got, want, "exact tokens; the corrupted bytes were never used");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cloud_down_a_prompt_seen_before_is_recomputed_from_its_cached_token_ids() {
+    use ep_edge::plan::Policy;
+    let t = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let c = cloud(&t, dir.path()).await;
+    register(&c.url(), "sys", &text(6, 90)).await;
+    register(&c.url(), "never", &text(7, 40)).await;
+    let key = c.public_key().to_string();
+    let url = c.url();
+    let cfg = || FetcherConfig {
+        cloud_key: Some(key.clone()),
+        policy: Policy::Recompute,
+        ..fetcher_cfg(&url, Some(cache.path()))
+    };
+    let tokens = {
+        let f = Fetcher::new(cfg(), engine(&t), [0; 32]).unwrap();
+        let p = f.resolve("sys").await.unwrap();
+        assert_eq!(f.traffic().kv_bytes, 0);
+        p.tokens.clone()
+    };
+    c.shutdown().await.unwrap();
+    // A restarted edge, the cloud gone: the prompt it saw is recomputed, the other is unavailable.
+    let edge = engine(&t);
+    let f = Fetcher::new(cfg(), edge.clone(), [0; 32]).unwrap();
+    let p = f.resolve("sys").await.unwrap();
+    assert_eq!(p.tokens, tokens);
+    assert_eq!(p.strategy, "recompute");
+    let prompt = extend(&p.tokens);
+    let (got, fin) = generate(&edge, prompt.clone(), p.tokens.len()).await;
+    assert_eq!(fin.imported_tokens, 0);
+    let (want, _) = generate(&engine(&t), prompt, p.tokens.len()).await;
+    assert_eq!(got, want);
+    assert!(matches!(
+        f.resolve("never").await,
+        Err(FetchError::Unavailable { .. })
+    ));
 }

@@ -52,6 +52,10 @@ pub struct EdgeArgs {
     /// `int8`, `int4` are lossy, see `edgeprompt bench codecs`).
     #[arg(long, value_delimiter = ',', default_value = "raw")]
     kv_codecs: Vec<String>,
+    /// Measurement switch: requests over a cloud prompt wait until its KV has fully arrived, instead
+    /// of running each layer as soon as it is present.
+    #[arg(long)]
+    kv_serial: bool,
     /// Byte budget of the disk cache, in MiB.
     #[arg(long, default_value_t = 4096)]
     cache_mib: u64,
@@ -132,6 +136,7 @@ pub fn run(a: EdgeArgs) -> Result<()> {
                 cache_budget_bytes: a.cache_mib << 20,
                 policy,
                 codecs,
+                serial: a.kv_serial,
                 ..FetcherConfig::new(url.clone())
             };
             let _guard = rt.enter();

@@ -20,6 +20,7 @@ use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod cloud_cmd;
+mod netbench;
 mod netlab_cmd;
 mod up_cmd;
 
@@ -109,6 +110,10 @@ enum BenchCommand {
     /// each codec (encode, wire stream, decode); answer and top-1 agreement with the exact KV, KL
     /// divergence, bytes per token with headers and framing. One JSON record per codec.
     Codecs(CodecsArgs),
+    /// Time to first token of a fresh edge on emulated links (network namespaces, root), per way of
+    /// getting a cloud prompt's KV: fetch-f16/int8/int4, recompute, split, adaptive. JSON records and
+    /// a Markdown table of medians.
+    Network(netbench::NetworkArgs),
 }
 
 #[derive(Args)]
@@ -1018,6 +1023,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Micro(a)) => cmd_bench_micro(a),
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
         Command::Bench(BenchCommand::Codecs(a)) => cmd_bench_codecs(a),
+        Command::Bench(BenchCommand::Network(a)) => netbench::run(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),

@@ -36,19 +36,26 @@ pub(crate) struct NetworkArgs {
     /// Cloud prompt sizes in tokens.
     #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
     prompt_tokens: Vec<usize>,
-    /// Strategies compared.
+    /// Strategies compared (`fetch-f16-serial`: fetch-f16 with requests waiting for the whole KV,
+    /// to measure how much of the transfer the layer-by-layer start hides).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "fetch-f16,fetch-int8,fetch-int4,recompute,split,adaptive"
     )]
     strategies: Vec<String>,
+    /// Tokens of the user turn (text from the same document, after the prompts' part).
+    #[arg(long, default_value_t = 16)]
+    user_tokens: usize,
     /// Interleaved repetitions per cell (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Stop a strategy slower than this many times the best so far in its cell (censored).
     #[arg(long, default_value_t = 3.0)]
     censor: f64,
+    /// Longest wait for a first token, in seconds (longer: censored).
+    #[arg(long, default_value_t = 60.0)]
+    max_ttft_s: f64,
     /// Tokens per KV frame at the cloud (the granularity of splits).
     #[arg(long, default_value_t = 64)]
     frame_tokens: usize,
@@ -65,6 +72,10 @@ pub(crate) struct NetworkArgs {
     /// Write the records as JSON lines to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Keep the cloud's and every edge's log in this directory (default: a scratch directory,
+    /// removed).
+    #[arg(long)]
+    logs: Option<PathBuf>,
     /// Namespace and device name prefix.
     #[arg(long, default_value = "epb")]
     prefix: String,
@@ -84,6 +95,10 @@ struct Record {
     strategy: String,
     rep: usize,
     ttft_ms: Option<f64>,
+    /// A second request (another user turn of the same length) once the KV is resident: the edge's
+    /// own compute time.
+    warm_ttft_ms: Option<f64>,
+    user_tokens: usize,
     censored: bool,
     /// For `adaptive`: the strategy it chose.
     chosen: Option<String>,
@@ -160,7 +175,7 @@ fn free_port() -> u16 {
 }
 
 /// Text of the first `n` tokens of `doc` (less a margin for the chat template's own tokens).
-fn prompt_text(tok: &ep_model::Tokenizer, doc: &str, n: usize) -> Result<String> {
+fn prompt_text(tok: &ep_model::tokenizer::Tokenizer, doc: &str, n: usize) -> Result<String> {
     let ids = tok.encode(doc, false)?;
     let want = n.saturating_sub(24).max(1);
     if ids.len() < want {
@@ -308,6 +323,7 @@ async fn register(
 
 struct Outcome {
     ttft_ms: Option<f64>,
+    warm_ttft_ms: Option<f64>,
     censored: bool,
     chosen: Option<String>,
     kv_bytes: Option<u64>,
@@ -325,10 +341,15 @@ async fn one_edge(
     model_id: &str,
     limit: Option<Duration>,
     log: &Path,
+    users: (&str, &str),
 ) -> Result<Outcome> {
     let client = reqwest::Client::builder().no_proxy().build()?;
     let port = free_port();
     let mut cmd = hosts.command(false, exe);
+    let (strategy, serial) = match strategy.strip_suffix("-serial") {
+        Some(s) => (s, true),
+        None => (strategy, false),
+    };
     let codecs = if strategy == "adaptive" || strategy == "split" {
         a.adaptive_codecs.as_str()
     } else {
@@ -343,6 +364,9 @@ async fn one_edge(
         .args(["--allow-plain-http", "--kv-strategy", strategy])
         .args(["--kv-codecs", codecs])
         .args(["--model-id", model_id]);
+    if serial {
+        cmd.arg("--kv-serial");
+    }
     model_args(&mut cmd, &a.common);
     cmd.env("EDGEPROMPT_LOG", "warn,ep_edge::decision=info")
         .stdout(Stdio::null())
@@ -369,36 +393,40 @@ async fn one_edge(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let body = serde_json::json!({
-        "model": format!("{model_id}:{prompt}"),
-        "messages": [{"role": "user", "content": "Summarise the section in one sentence."}],
+    // The same warm-up for every edge: one short request without a cloud prompt (the weights
+    // paged in, the threads started).
+    let warm = serde_json::json!({
+        "model": model_id,
+        "messages": [{"role": "user", "content": "Hello"}],
         "max_tokens": 2,
         "temperature": 0,
-        "stream": true,
     });
-    let t0 = Instant::now();
-    let req = async {
-        let r = client
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth("bench-tenant")
-            .json(&body)
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("the edge answered {}: {}", r.status(), r.text().await?);
-        }
-        let mut s = r.bytes_stream();
-        let mut buf = Vec::new();
-        while let Some(chunk) = s.next().await {
-            buf.extend_from_slice(&chunk?);
-            let text = String::from_utf8_lossy(&buf);
-            // The first chunk with content (or the first token's chunk, whatever its text).
-            if text.contains("\"content\"") || text.contains("\"finish_reason\":\"") {
-                return Ok(t0.elapsed());
-            }
-        }
-        bail!("the stream ended before a token")
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("bench-warmup")
+        .json(&warm)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("the warm-up request got {}: {}", r.status(), r.text().await?);
+    }
+    let body = |user: &str| {
+        serde_json::json!({
+            "model": format!("{model_id}:{prompt}"),
+            "messages": [{"role": "user", "content": user}],
+            "max_tokens": 2,
+            "temperature": 0,
+            "stream": true,
+        })
     };
+    let timed = |body: serde_json::Value| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let t0 = Instant::now();
+            first_token(&client, &base, &body).await.map(|()| t0.elapsed())
+        }
+    };
+    let req = timed(body(users.0));
     let (ttft, censored, error) = match limit {
         Some(l) => match tokio::time::timeout(l, req).await {
             Ok(Ok(t)) => (Some(t), false, None),
@@ -410,17 +438,54 @@ async fn one_edge(
             Err(e) => (None, false, Some(e.to_string())),
         },
     };
+    let warm_ttft_ms = if ttft_ok(&error, censored) {
+        timed(body(users.1))
+            .await
+            .ok()
+            .map(|t| t.as_secs_f64() * 1000.0)
+    } else {
+        None
+    };
     let m = match client.get(format!("{base}/metrics")).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     };
     Ok(Outcome {
         ttft_ms: ttft.map(|t| t.as_secs_f64() * 1000.0),
+        warm_ttft_ms,
         censored,
         chosen: chosen_strategy(&m),
         kv_bytes: metric(&m, "edgeprompt:cloud_bytes_received_total").map(|b| b as u64),
         error,
     })
+}
+
+fn ttft_ok(error: &Option<String>, censored: bool) -> bool {
+    error.is_none() && !censored
+}
+
+/// Sends a streaming chat request and returns when its first token's chunk arrives.
+async fn first_token(client: &reqwest::Client, base: &str, body: &serde_json::Value) -> Result<()> {
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("bench-tenant")
+        .json(body)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("the edge answered {}: {}", r.status(), r.text().await?);
+    }
+    let mut s = r.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = s.next().await {
+        buf.extend_from_slice(&chunk?);
+        let text = String::from_utf8_lossy(&buf);
+        // The first chunk with content (or the first token's chunk, whatever its text).
+        if text.contains("\"content\"") || text.contains("\"finish_reason\":\"") {
+            return Ok(());
+        }
+    }
+    bail!("the stream ended before a token")
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -438,7 +503,8 @@ fn median(v: &mut [f64]) -> Option<f64> {
 
 pub(crate) fn run(a: NetworkArgs) -> Result<()> {
     for s in &a.strategies {
-        ep_edge::plan::Policy::parse(s).map_err(|e| anyhow::anyhow!("--strategies: {e}"))?;
+        ep_edge::plan::Policy::parse(s.strip_suffix("-serial").unwrap_or(s))
+            .map_err(|e| anyhow::anyhow!("--strategies: {e}"))?;
     }
     let mut profiles: Vec<ep_netlab::Profile> = Vec::new();
     if a.loopback {
@@ -484,10 +550,30 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
         .iter()
         .map(|&n| Ok((n, prompt_text(&l.tok, &doc, n)?)))
         .collect::<Result<_>>()?;
+    // Two user turns of the same length from further on in the document.
+    let users = {
+        let ids = l.tok.encode(&doc, false)?;
+        let start = a.prompt_tokens.iter().max().copied().unwrap_or(0) + 64;
+        let n = a.user_tokens.max(1);
+        if ids.len() < start + 2 * n {
+            bail!("the document is too short for two {n}-token user turns");
+        }
+        (
+            l.tok.decode(&ids[start..start + n]),
+            l.tok.decode(&ids[start + n..start + 2 * n]),
+        )
+    };
     drop(l);
     let exe = std::env::current_exe().context("locating this executable")?;
     let work = tempfile::tempdir().context("a scratch directory")?;
     let store = work.path().join("cloud-store");
+    let logs = match &a.logs {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => work.path().to_path_buf(),
+    };
     let mut out = match &a.json {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -514,7 +600,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
             );
             (Hosts::Netns(link), Some(ach))
         };
-        let cloud_log = work.path().join(format!("cloud-{}.log", prof.name));
+        let cloud_log = logs.join(format!("cloud-{}.log", prof.name));
         let cloud = start_cloud(&hosts, &exe, &store, &a, &cloud_log)?;
         let ctl = format!("http://{}", hosts.cloud_ctl(cloud.port));
         let client = reqwest::Client::builder().no_proxy().build()?;
@@ -539,9 +625,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                     let censored_before = cell
                         .iter()
                         .any(|r| r.strategy == *strategy && r.censored);
-                    let log = work
-                        .path()
-                        .join(format!("edge-{}-{asked}-{strategy}-{rep}.log", prof.name));
+                    let log = logs.join(format!("edge-{}-{asked}-{strategy}-{rep}.log", prof.name));
                     let rec_base = Record {
                         profile: prof.name.clone(),
                         link_mbit: prof.mbit,
@@ -555,6 +639,8 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                         strategy: strategy.clone(),
                         rep,
                         ttft_ms: None,
+                        warm_ttft_ms: None,
+                        user_tokens: a.user_tokens,
                         censored: true,
                         chosen: None,
                         kv_bytes: None,
@@ -565,13 +651,18 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                         cell.push(rec_base);
                         continue;
                     }
-                    let limit = best.map(|b| Duration::from_secs_f64(b * a.censor / 1000.0));
+                    let cap = a.max_ttft_s;
+                    let limit = Some(Duration::from_secs_f64(
+                        best.map_or(cap, |b| (b * a.censor / 1000.0).min(cap)),
+                    ));
                     let o = rt.block_on(one_edge(
                         &hosts, &exe, &a, &cloud, strategy, name, &model_id, limit, &log,
+                        (&users.0, &users.1),
                     ));
                     let rec = match o {
                         Ok(o) => Record {
                             ttft_ms: o.ttft_ms,
+                            warm_ttft_ms: o.warm_ttft_ms,
                             censored: o.censored,
                             chosen: o.chosen,
                             kv_bytes: o.kv_bytes,
@@ -658,5 +749,28 @@ fn print_table(all: &[Record], strategies: &[String]) {
             .collect();
         line.push_str(&format!(" {} |", chose.join(", ")));
         println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_metrics_and_the_chosen_strategy() {
+        let text = "# HELP x\nedgeprompt:kv_planner_ready 1\n\
+            edgeprompt:kv_strategy_decisions_total{strategy=\"fetch-f16\"} 0\n\
+            edgeprompt:kv_strategy_decisions_total{strategy=\"split\"} 1\n\
+            edgeprompt:cloud_bytes_received_total 12345\n";
+        assert_eq!(metric(text, "edgeprompt:kv_planner_ready"), Some(1.0));
+        assert_eq!(
+            metric(text, "edgeprompt:cloud_bytes_received_total"),
+            Some(12345.0)
+        );
+        assert_eq!(metric(text, "edgeprompt:absent"), None);
+        assert_eq!(chosen_strategy(text).as_deref(), Some("split"));
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
     }
 }

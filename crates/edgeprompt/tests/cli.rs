@@ -827,3 +827,65 @@ fn bench_codecs_writes_one_record_per_codec() {
         stderr(&o)
     );
 }
+
+#[test]
+fn bench_network_on_loopback_writes_a_record_per_strategy_and_rep() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("datasets").join("documents");
+    std::fs::create_dir_all(&docs).unwrap();
+    // Text the test writes: enough tokens for a 200-token prompt and two user turns.
+    let words = [
+        "packet", "stream", "frame", "window", "handshake", "endpoint", "retransmit", "offset",
+    ];
+    let text: String = (0..1500)
+        .map(|i| words[(i * 3 + i / 7) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(docs.join("rfc9000.txt"), text).unwrap();
+    let json = dir.path().join("net.jsonl");
+    let m = model();
+    let o = run(&[
+        "bench",
+        "network",
+        "--loopback",
+        "--model",
+        &m,
+        "--datasets",
+        dir.path().join("datasets").to_str().unwrap(),
+        "--prompt-tokens",
+        "200",
+        "--user-tokens",
+        "8",
+        "--reps",
+        "1",
+        "--strategies",
+        "fetch-f16,recompute,split,adaptive",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    for r in &recs {
+        assert_eq!(r["profile"], "loopback");
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 150, "{r}");
+        assert!(r["censored"].is_boolean(), "{r}");
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["ttft_ms"].is_number() || r["censored"] == true, "{r}");
+    }
+    let by = |s: &str| recs.iter().find(|r| r["strategy"] == s).unwrap();
+    assert!(by("fetch-f16")["ttft_ms"].as_f64().unwrap() > 0.0);
+    // Recompute fetches no KV (only names and the manifest); the adaptive edge says what it chose.
+    let bytes = |s: &str| by(s)["kv_bytes"].as_u64().unwrap();
+    assert!(
+        bytes("recompute") * 4 < bytes("fetch-f16"),
+        "{recs:?}"
+    );
+    assert!(by("adaptive")["chosen"].is_string(), "{}", by("adaptive"));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("| loopback |"), "{table}");
+}
