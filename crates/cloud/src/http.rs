@@ -504,9 +504,10 @@ async fn stream(
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
             .header(header::CONTENT_RANGE, format!("bytes */{len}"))
             .body(Body::empty()),
-        Ok(None) => b
-            .header(header::CONTENT_LENGTH, len)
-            .body(stream_body(c.clone(), key, segs, 0, len)),
+        Ok(None) => {
+            b.header(header::CONTENT_LENGTH, len)
+                .body(stream_body(c.clone(), key, segs, 0, len))
+        }
         Ok(Some((s, e))) => b
             .status(StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_RANGE, format!("bytes {s}-{}/{len}", e - 1))

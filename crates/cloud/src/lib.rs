@@ -620,9 +620,16 @@ impl Cloud {
             tracing::info!(id = short(&job.id), "KV already stored; not recomputed");
             return self.variants(&job.id).await.map_err(err);
         }
-        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.1, None, Vec::new())
-            .await
-            .map_err(err)?;
+        self.set_status(
+            &job.name,
+            &job.id,
+            PromptStatus::Computing,
+            0.1,
+            None,
+            Vec::new(),
+        )
+        .await
+        .map_err(err)?;
         tracing::info!(name = %job.name, id = short(&job.id), tokens = job.tokens.len(), "computing KV");
         let engine = self.model.engine.clone();
         let tokens = job.tokens.clone();
@@ -630,9 +637,16 @@ impl Cloud {
             .await
             .map_err(|e| format!("the compute task failed: {e}"))?
             .map_err(|e| format!("computing the KV: {e}"))?;
-        self.set_status(&job.name, &job.id, PromptStatus::Computing, 0.8, None, Vec::new())
-            .await
-            .map_err(err)?;
+        self.set_status(
+            &job.name,
+            &job.id,
+            PromptStatus::Computing,
+            0.8,
+            None,
+            Vec::new(),
+        )
+        .await
+        .map_err(err)?;
         let kv = Arc::new(kv);
         let mut codecs: Vec<u8> = self
             .cfg

@@ -36,7 +36,9 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{oneshot, watch, OnceCell};
 
 use crate::cache::{DiskCache, NameEntry};
-use crate::plan::{self, Arrivals, Costs, LinkEstimator, Offer, Plan, Policy, PrefillModel, Strategy};
+use crate::plan::{
+    self, Arrivals, Costs, LinkEstimator, Offer, Plan, Policy, PrefillModel, Strategy,
+};
 use ep_kv::identity::CODEC_RAW;
 
 /// A cloud prompt this edge can serve: its content, its token ids (the prefix a request extends; never
@@ -994,7 +996,13 @@ impl Inner {
             let m = s.manifest;
             let p = Arc::new(ReadyPrompt {
                 strategy: "recompute".into(),
-                ..ReadyPrompt::without_kv(name.to_string(), id.to_string(), version, m.content, m.tokens)
+                ..ReadyPrompt::without_kv(
+                    name.to_string(),
+                    id.to_string(),
+                    version,
+                    m.content,
+                    m.tokens,
+                )
             });
             let cell: Cell = Arc::default();
             let _ = cell.set(p.clone());
@@ -1168,8 +1176,8 @@ impl Inner {
                             ..Default::default()
                         };
                         let mut req = ep_engine::Request::new(tokens, params);
-                        let salt =
-                            format!("calibration-{slot}-{round}-{}", std::process::id()).into_bytes();
+                        let salt = format!("calibration-{slot}-{round}-{}", std::process::id())
+                            .into_bytes();
                         req.salt = Some(salt.clone());
                         let t0 = Instant::now();
                         if let Ok(mut st) = engine.submit(req) {
@@ -1243,7 +1251,9 @@ impl Inner {
         let mut arr = Arrivals::new(Instant::now());
         let mut body = r.bytes_stream();
         while let Ok(Some(Ok(chunk))) = tokio::time::timeout(
-            deadline.saturating_sub(t0.elapsed()).max(Duration::from_millis(1)),
+            deadline
+                .saturating_sub(t0.elapsed())
+                .max(Duration::from_millis(1)),
             body.next(),
         )
         .await
@@ -1329,7 +1339,8 @@ impl Inner {
                 },
                 None,
             ),
-            _ if n_tokens < bt * 2 => (
+            // Too short to split or to weigh: fetched.
+            Policy::Adaptive | Policy::Split if n_tokens < bt * 2 => (
                 Plan {
                     strategy: Strategy::Fetch { codec: CODEC_RAW },
                     expected_s: 0.0,
@@ -1385,7 +1396,9 @@ impl Inner {
                 let starts = m
                     .frames
                     .iter()
-                    .filter(|f| f.layer == 0 && f.start > 0 && f.start as usize % bt == 0)
+                    .filter(|f| {
+                        f.layer == 0 && f.start > 0 && (f.start as usize).is_multiple_of(bt)
+                    })
                     .map(|f| f.start);
                 match starts.min_by_key(|&st| st.abs_diff(from)) {
                     Some(from) => Strategy::Split { codec, from },

@@ -442,13 +442,10 @@ mod tests {
             panic!("{p:?}");
         };
         assert_eq!(codec, CODEC_INT4);
-        let best_fixed = [
-            Strategy::Recompute,
-            Strategy::Fetch { codec: CODEC_INT4 },
-        ]
-        .iter()
-        .map(|&s| c.expected(s, &o).unwrap())
-        .fold(f64::INFINITY, f64::min);
+        let best_fixed = [Strategy::Recompute, Strategy::Fetch { codec: CODEC_INT4 }]
+            .iter()
+            .map(|&s| c.expected(s, &o).unwrap())
+            .fold(f64::INFINITY, f64::min);
         assert!(p.expected_s < best_fixed, "{p:?} vs {best_fixed}");
         // Both halves end close together at the chosen point.
         let compute = c.prefill.secs(from as usize);
@@ -463,7 +460,12 @@ mod tests {
             p.options.iter().all(|(s, _)| s.codec() == CODEC_RAW),
             "{p:?}"
         );
-        let p = choose(&Policy::Adaptive, &[CODEC_RAW, CODEC_INT4], &costs(100.0, 20.0), &o);
+        let p = choose(
+            &Policy::Adaptive,
+            &[CODEC_RAW, CODEC_INT4],
+            &costs(100.0, 20.0),
+            &o,
+        );
         assert_eq!(p.strategy.codec(), CODEC_INT4, "{p:?}");
     }
 
@@ -524,7 +526,10 @@ mod tests {
         );
         assert!(matches!(
             choose(&Policy::Split, ALL, &c, &o).strategy,
-            Strategy::Split { codec: CODEC_INT4, .. }
+            Strategy::Split {
+                codec: CODEC_INT4,
+                ..
+            }
         ));
         // A codec the cloud does not serve: recompute.
         let mut o2 = o.clone();

@@ -643,7 +643,11 @@ async fn every_strategy_gives_the_exact_tokens_and_lossy_kv_stays_in_its_root() 
     let info = register(&c.url(), "sys", &text(0, 200)).await;
     // The cloud encoded the KV once per codec; the lossy ones are smaller.
     let size = |name: &str| info.kv.iter().find(|v| v.codec == name).unwrap().bytes;
-    assert!(size("int8") < size("raw") && size("int4") < size("int8"), "{:?}", info.kv);
+    assert!(
+        size("int8") < size("raw") && size("int4") < size("int8"),
+        "{:?}",
+        info.kv
+    );
     let n = info.tokens;
     let probe = reqwest::get(format!("{}/v1/probe?bytes=300000", c.url()))
         .await
@@ -713,7 +717,7 @@ async fn every_strategy_gives_the_exact_tokens_and_lossy_kv_stays_in_its_root() 
             Policy::Split => {
                 assert_eq!(d.strategy, "split");
                 let from = d.split_from.expect("a split point") as usize;
-                assert!(from > 0 && from < n && from % 16 == 0, "{d:?}");
+                assert!(from > 0 && from < n && from.is_multiple_of(16), "{d:?}");
                 // The tokens before the split were computed here, the rest imported.
                 assert!(fin.imported_tokens > 0, "{fin:?}");
                 assert!(fin.imported_tokens <= n - from, "{fin:?} {d:?}");
@@ -723,7 +727,10 @@ async fn every_strategy_gives_the_exact_tokens_and_lossy_kv_stays_in_its_root() 
                 } else {
                     size("int4")
                 };
-                assert!(f.traffic().kv_bytes < stream, "a split fetches part of the stream");
+                assert!(
+                    f.traffic().kv_bytes < stream,
+                    "a split fetches part of the stream"
+                );
             }
             _ => {
                 assert!(d.strategy.starts_with("fetch-"), "{d:?}");
@@ -766,7 +773,10 @@ async fn the_adaptive_edge_measures_its_link_and_fetches_on_loopback() {
     let (d, _) = f.decisions();
     assert_eq!(d[0].id, info.id);
     // The tiny model computes a prefix fast too, but loopback's transfer is faster still.
-    assert!(d[0].strategy.starts_with("fetch-") || d[0].strategy == "split", "{d:?}");
+    assert!(
+        d[0].strategy.starts_with("fetch-") || d[0].strategy == "split",
+        "{d:?}"
+    );
     assert!(!d[0].reason.is_empty());
     c.shutdown().await.unwrap();
 }
@@ -805,7 +815,10 @@ async fn a_split_fetch_refetches_a_corrupted_frame_and_resumes_a_cut_stream() {
     assert_eq!(tr.resumes, 1, "{tr:?}");
     assert!(fin.imported_tokens > 0, "{fin:?}");
     let (want, _) = generate(&engine(&t), prompt, p.tokens.len()).await;
-    assert_eq!(got, want, "exact tokens; the corrupted bytes were never used");
+    assert_eq!(
+        got, want,
+        "exact tokens; the corrupted bytes were never used"
+    );
     c.shutdown().await.unwrap();
 }
 

@@ -1013,7 +1013,9 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEPROMPT_LOG")
                 // Warnings, and how each cloud prompt's KV is obtained (the edge's decisions).
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ep_edge::decision=info")),
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,ep_edge::decision=info")
+                }),
         )
         .init();
     let cli = Cli::parse();

@@ -28,7 +28,11 @@ pub(crate) struct NetworkArgs {
     #[command(flatten)]
     common: Common,
     /// Link profiles: fiber, ideal_6g, 5g_urban, cell_edge, congested.
-    #[arg(long, value_delimiter = ',', default_value = "fiber,5g_urban,cell_edge")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fiber,5g_urban,cell_edge"
+    )]
     profiles: Vec<String>,
     /// Custom links MBIT,RTT_MS,LOSS_PCT (repeatable), measured besides the profiles.
     #[arg(long)]
@@ -110,7 +114,7 @@ struct Record {
 /// Where the two hosts run.
 enum Hosts {
     Loopback,
-    Netns(ep_netlab::Link),
+    Netns(Box<ep_netlab::Link>),
 }
 
 impl Hosts {
@@ -281,12 +285,7 @@ fn model_args(cmd: &mut Command, c: &Common) {
 }
 
 /// Registers `text` as cloud prompt `name` and waits until its KV is ready; returns its tokens.
-async fn register(
-    client: &reqwest::Client,
-    base: &str,
-    name: &str,
-    text: &str,
-) -> Result<usize> {
+async fn register(client: &reqwest::Client, base: &str, name: &str, text: &str) -> Result<usize> {
     let body = serde_json::json!({
         "name": name,
         "messages": [{"role": "system", "content": text}],
@@ -408,7 +407,11 @@ async fn one_edge(
         .send()
         .await?;
     if !r.status().is_success() {
-        bail!("the warm-up request got {}: {}", r.status(), r.text().await?);
+        bail!(
+            "the warm-up request got {}: {}",
+            r.status(),
+            r.text().await?
+        );
     }
     let body = |user: &str| {
         serde_json::json!({
@@ -423,7 +426,9 @@ async fn one_edge(
         let (client, base) = (client.clone(), base.clone());
         async move {
             let t0 = Instant::now();
-            first_token(&client, &base, &body).await.map(|()| t0.elapsed())
+            first_token(&client, &base, &body)
+                .await
+                .map(|()| t0.elapsed())
         }
     };
     let req = timed(body(users.0));
@@ -523,8 +528,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
         }
         for l in &a.link {
             profiles.push(
-                ep_netlab::Profile::parse_custom(l)
-                    .map_err(|e| anyhow::anyhow!("--link: {e}"))?,
+                ep_netlab::Profile::parse_custom(l).map_err(|e| anyhow::anyhow!("--link: {e}"))?,
             );
         }
     }
@@ -598,7 +602,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                 "bench network: {} achieved RTT {:.1} ms, {:.1} Mbit/s down, {:.1} Mbit/s up",
                 prof.name, ach.rtt_ms, ach.down_mbit, ach.up_mbit
             );
-            (Hosts::Netns(link), Some(ach))
+            (Hosts::Netns(Box::new(link)), Some(ach))
         };
         let cloud_log = logs.join(format!("cloud-{}.log", prof.name));
         let cloud = start_cloud(&hosts, &exe, &store, &a, &cloud_log)?;
@@ -622,9 +626,8 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                 for i in 0..k {
                     // Rotated per rep, so no strategy always runs first.
                     let strategy = &a.strategies[(i + rep) % k];
-                    let censored_before = cell
-                        .iter()
-                        .any(|r| r.strategy == *strategy && r.censored);
+                    let censored_before =
+                        cell.iter().any(|r| r.strategy == *strategy && r.censored);
                     let log = logs.join(format!("edge-{}-{asked}-{strategy}-{rep}.log", prof.name));
                     let rec_base = Record {
                         profile: prof.name.clone(),
@@ -656,7 +659,15 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                         best.map_or(cap, |b| (b * a.censor / 1000.0).min(cap)),
                     ));
                     let o = rt.block_on(one_edge(
-                        &hosts, &exe, &a, &cloud, strategy, name, &model_id, limit, &log,
+                        &hosts,
+                        &exe,
+                        &a,
+                        &cloud,
+                        strategy,
+                        name,
+                        &model_id,
+                        limit,
+                        &log,
                         (&users.0, &users.1),
                     ));
                     let rec = match o {

@@ -835,7 +835,14 @@ fn bench_network_on_loopback_writes_a_record_per_strategy_and_rep() {
     std::fs::create_dir_all(&docs).unwrap();
     // Text the test writes: enough tokens for a 200-token prompt and two user turns.
     let words = [
-        "packet", "stream", "frame", "window", "handshake", "endpoint", "retransmit", "offset",
+        "packet",
+        "stream",
+        "frame",
+        "window",
+        "handshake",
+        "endpoint",
+        "retransmit",
+        "offset",
     ];
     let text: String = (0..1500)
         .map(|i| words[(i * 3 + i / 7) % words.len()])
@@ -881,10 +888,7 @@ fn bench_network_on_loopback_writes_a_record_per_strategy_and_rep() {
     assert!(by("fetch-f16")["ttft_ms"].as_f64().unwrap() > 0.0);
     // Recompute fetches no KV (only names and the manifest); the adaptive edge says what it chose.
     let bytes = |s: &str| by(s)["kv_bytes"].as_u64().unwrap();
-    assert!(
-        bytes("recompute") * 4 < bytes("fetch-f16"),
-        "{recs:?}"
-    );
+    assert!(bytes("recompute") * 4 < bytes("fetch-f16"), "{recs:?}");
     assert!(by("adaptive")["chosen"].is_string(), "{}", by("adaptive"));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("| loopback |"), "{table}");
