@@ -334,6 +334,8 @@ struct Inner {
 pub struct Calibration {
     pub prefill: PrefillModel,
     pub decode_s_per_token: [f64; 3],
+    /// The fixed cost of one more prefill request (a split's).
+    pub request_s: f64,
 }
 
 /// One decision on how to get a prompt's KV.
@@ -1161,9 +1163,9 @@ impl Inner {
                 let cfg = engine.model_config().clone();
                 let cap = engine.config().max_seq_len.saturating_sub(2).max(16);
                 // Two sizes, each the faster of two runs: the per-token and per-pair costs.
-                let (n1, n2) = (64.min(cap / 2), 384.min(cap));
-                let mut t = [f64::INFINITY; 2];
-                for (slot, &n) in [n1, n2].iter().enumerate() {
+                let (n1, n2, n0) = (64.min(cap / 2), 384.min(cap), 8);
+                let mut t = [f64::INFINITY; 3];
+                for (slot, &n) in [n1, n2, n0].iter().enumerate() {
                     for round in 0..2u32 {
                         let tokens: Vec<u32> = (0..n)
                             .map(|i| {
@@ -1200,6 +1202,12 @@ impl Inner {
                     _ if t[1].is_finite() => PrefillModel::calibrated(n2, t[1], ratio),
                     _ => PrefillModel::calibrated(n2, n2 as f64 / 200.0, ratio),
                 };
+                // A tiny request: what one request costs beyond its tokens.
+                let request_s = if t[2].is_finite() {
+                    (t[2] - prefill.secs(n0)).max(0.01)
+                } else {
+                    0.05
+                };
                 let layout = ep_kv::wire::WireLayout::from(engine.layout());
                 let decode_s_per_token =
                     tokio::task::spawn_blocking(move || decode_speeds(&layout))
@@ -1211,11 +1219,13 @@ impl Inner {
                     prefill_tokens_per_s_at_4k = 4096.0 / prefill.secs(4096),
                     decode_int8_us_per_token = decode_s_per_token[1] * 1e6,
                     decode_int4_us_per_token = decode_s_per_token[2] * 1e6,
+                    request_ms = request_s * 1000.0,
                     "calibrated this edge's prefill and KV decoding"
                 );
                 Calibration {
                     prefill,
                     decode_s_per_token,
+                    request_s,
                 }
             })
             .await
@@ -1303,6 +1313,8 @@ impl Inner {
             bytes_per_s: e.map_or(1e6, |e| e.bytes_per_s),
             prefill: c.prefill,
             decode_s_per_token: c.decode_s_per_token,
+            split_overhead_s: c.request_s,
+            turn_tokens: 32,
         }
     }
 
@@ -1364,6 +1376,8 @@ impl Inner {
                             |c| c.prefill,
                         ),
                         decode_s_per_token: [0.0; 3],
+                        split_overhead_s: 0.0,
+                        turn_tokens: 0,
                     }
                 };
                 let offer = Offer {
@@ -1378,7 +1392,11 @@ impl Inner {
                 } else {
                     ep_kv::codec::CODECS.to_vec()
                 };
-                (plan::choose(&policy, &allowed, &costs, &offer), Some(costs))
+                let weighed = matches!(policy, Policy::Adaptive | Policy::Split);
+                (
+                    plan::choose(&policy, &allowed, &costs, &offer),
+                    weighed.then_some(costs),
+                )
             }
         };
         let codec = plan.strategy.codec();
@@ -1437,7 +1455,11 @@ impl Inner {
                 Strategy::Split { from, .. } => Some(from),
                 _ => None,
             },
-            expected_ms: plan.expected_s * 1000.0,
+            expected_ms: if costs.is_some() {
+                plan.expected_s * 1000.0
+            } else {
+                0.0
+            },
             reason,
             rtt_ms: est.map(|e| e.rtt_s * 1000.0),
             mbit_per_s: est.map(|e| e.bytes_per_s * 8e-6),

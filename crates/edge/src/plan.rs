@@ -7,10 +7,12 @@
 //! The cost model (seconds; `n` prompt tokens, `B` bytes per second, `rtt`):
 //! - fetch with codec `c`: `rtt + max(bytes_c / B, decode_c · n)` (frames are decoded as they
 //!   arrive, so decoding overlaps the transfer);
-//! - recompute: `prefill(n)`;
-//! - split at `r` (a frame boundary and a block boundary): `max(prefill(r), rtt + max(bytes_c ·
-//!   (n − r)/n / B, decode_c · (n − r)))` — both run at once, and the best `r` makes them finish
-//!   together;
+//! - recompute: `prefill(n) + turn` (the user turn's own prefill, which a fetch hides under its
+//!   transfer but the others run after the prefix);
+//! - split at `r` (a frame boundary and a block boundary): `max(prefill(r) + overhead, rtt +
+//!   max(bytes_c · (n − r)/n / B, decode_c · (n − r)))` — both run at once, and the best `r` makes
+//!   them finish together; chosen only when expected [`SPLIT_MARGIN`] × faster than the best
+//!   single-source strategy; plus `turn`;
 //!
 //! where `prefill(n) = s_tok · n + s_pair · n(n+1)/2` (weight products per token plus attention
 //! per query–key pair; `s_pair / s_tok` comes from the model's shape, `s_tok` from a prefill the
@@ -148,7 +150,17 @@ pub struct Costs {
     pub prefill: PrefillModel,
     /// Seconds to decode one token's KV (all layers), per codec id (raw, int8, int4).
     pub decode_s_per_token: [f64; 3],
+    /// What a split adds besides its halves: its own prefill request's fixed cost (scheduling, the
+    /// first step) before the import can begin.
+    pub split_overhead_s: f64,
+    /// A typical user turn's tokens: a fetch runs them layer by layer while frames arrive, so it
+    /// hides them; after a recompute or a split they are computed once the prefix is in.
+    pub turn_tokens: usize,
 }
+
+/// A split is chosen only when the model expects it this much faster than the best of fetching and
+/// recomputing: it has more moving parts, so more ways for the model to be wrong.
+pub const SPLIT_MARGIN: f64 = 0.95;
 
 /// What the cloud offers for one prompt.
 #[derive(Clone, Debug, PartialEq)]
@@ -185,8 +197,11 @@ impl Costs {
     pub fn expected(&self, s: Strategy, offer: &Offer) -> Option<f64> {
         let n = offer.n_tokens;
         let size = |c: u8| offer.sizes.iter().find(|(k, _)| *k == c).map(|(_, b)| *b);
+        // The user turn after the prefix: hidden under a fetch, in series after the others.
+        let t = self.turn_tokens as f64;
+        let turn = self.prefill.s_tok * t + self.prefill.s_pair * t * n as f64;
         Some(match s {
-            Strategy::Recompute => self.prefill.secs(n),
+            Strategy::Recompute => self.prefill.secs(n) + turn,
             Strategy::Fetch { codec } => {
                 let b = size(codec)? as f64;
                 self.rtt_s + self.transfer(b).max(self.decode(codec, n))
@@ -198,7 +213,7 @@ impl Costs {
                 }
                 let b = size(codec)? as f64 * (n - r) as f64 / n as f64;
                 let fetch = self.rtt_s + self.transfer(b).max(self.decode(codec, n - r));
-                self.prefill.secs(r).max(fetch)
+                (self.prefill.secs(r) + self.split_overhead_s).max(fetch) + turn
             }
         })
     }
@@ -248,13 +263,21 @@ pub fn choose(policy: &Policy, allowed: &[u8], costs: &Costs, offer: &Offer) -> 
         .into_iter()
         .filter_map(|s| costs.expected(s, offer).map(|t| (s, t)))
         .collect();
-    let best = options
-        .iter()
-        .copied()
-        .fold(None::<(Strategy, f64)>, |acc, o| match acc {
-            Some(a) if a.1 <= o.1 => Some(a),
-            _ => Some(o),
-        });
+    let min_of = |split: bool| {
+        options
+            .iter()
+            .copied()
+            .filter(|(s, _)| matches!(s, Strategy::Split { .. }) == split)
+            .fold(None::<(Strategy, f64)>, |acc, o| match acc {
+                Some(a) if a.1 <= o.1 => Some(a),
+                _ => Some(o),
+            })
+    };
+    let best = match (min_of(false), min_of(true)) {
+        (Some(simple), Some(split)) if split.1 < SPLIT_MARGIN * simple.1 => Some(split),
+        (Some(simple), _) => Some(simple),
+        (None, split) => split,
+    };
     match best {
         Some((strategy, expected_s)) => Plan {
             strategy,
@@ -405,6 +428,8 @@ mod tests {
                 s_pair: 1.0 / 262.0 / 20_000.0,
             },
             decode_s_per_token: [0.0, 2e-5, 2e-5],
+            split_overhead_s: 0.0,
+            turn_tokens: 0,
         }
     }
 
