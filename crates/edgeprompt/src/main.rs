@@ -20,6 +20,7 @@ use ep_model::{load_model_dir_or_gguf, paths, Model, ModelBundle};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod cloud_cmd;
+mod model_cmd;
 mod netbench;
 mod netlab_cmd;
 mod up_cmd;
@@ -62,6 +63,8 @@ enum Command {
     /// An emulated cloud–edge link for tests: two network namespaces joined by a link shaped to a
     /// profile (rate, RTT, loss); `netlab up --profile 5g_urban`, `netlab down`, `netlab measure`.
     Netlab(netlab_cmd::NetlabArgs),
+    /// Model files: `model random` writes a random-weight GGUF of a Llama shape (for timing only).
+    Model(model_cmd::ModelArgs),
 }
 
 #[derive(Subcommand)]
@@ -1032,6 +1035,7 @@ fn main() -> ExitCode {
         Command::Cloud(a) => cloud_cmd::run(a),
         Command::Up(a) => up_cmd::run(a),
         Command::Netlab(a) => netlab_cmd::run(a),
+        Command::Model(a) => model_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -893,3 +893,95 @@ fn bench_network_on_loopback_writes_a_record_per_strategy_and_rep() {
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("| loopback |"), "{table}");
 }
+
+#[test]
+fn model_random_writes_a_loadable_model_of_the_asked_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rand.gguf");
+    let out_s = out.to_str().unwrap();
+    let like = model();
+    let args = [
+        "model",
+        "random",
+        "--like",
+        &like,
+        "--layers",
+        "2",
+        "--embd",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--ff",
+        "256",
+        "--seed",
+        "5",
+        "--out",
+        out_s,
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(report.contains("parameters: "), "{report}");
+    assert!(report.contains("file size: "), "{report}");
+    let first = std::fs::read(&out).unwrap();
+
+    // The same seed writes the same file.
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+
+    let o = run(&["identity", "--model", out_s, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["arch"], "llama");
+    assert_eq!(j["n_layer"], 2);
+    assert_eq!(j["n_embd"], 128);
+    assert_eq!(j["n_ff"], 256);
+    assert_eq!(j["n_head"], 4);
+    assert_eq!(j["n_head_kv"], 2);
+    assert_eq!(j["head_dim"], 32);
+    assert_eq!(j["rope_dims"], 32);
+    // The tokenizer is the --like model's.
+    let o = run(&["identity", "--model", &like, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let src = last_json(&o);
+    assert_eq!(j["n_vocab"], src["n_vocab"]);
+    assert_eq!(j["tokenizer"], src["tokenizer"]);
+
+    let o = run(&[
+        "generate",
+        "--model",
+        out_s,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = last_json(&o);
+    assert_eq!(g["tokens"].as_array().unwrap().len(), 4, "{g}");
+    assert_eq!(g["finish_reason"], "length");
+
+    assert_clean_failure(
+        &[
+            "model", "random", "--like", &like, "--embd", "100", "--heads", "3", "--out", out_s,
+        ],
+        "not a multiple of --heads",
+    );
+    assert_clean_failure(
+        &[
+            "model",
+            "random",
+            "--like",
+            "/nonexistent.gguf",
+            "--out",
+            out_s,
+        ],
+        "/nonexistent.gguf",
+    );
+}
