@@ -1231,8 +1231,8 @@ impl Inner {
             .await
     }
 
-    /// Measures the link: round trips of three small requests, then the steady rate of a bulk
-    /// probe (at most 8 MiB, stopped after about 25 round trips, at most 4 s).
+    /// Measures the link: round trips of three small requests, then the steady rate of bulk probes
+    /// growing from 64 KiB to at most 8 MiB within about 25 round trips (at most 4 s).
     async fn probe_link(&self) {
         for _ in 0..3 {
             let t0 = Instant::now();
@@ -1249,44 +1249,46 @@ impl Inner {
         }
         let rtt = self.link.rtt().unwrap_or(0.05).max(0.002);
         // Long enough to be well past slow start (and a shaper's first burst): ~25 round trips.
-        let deadline = Duration::from_secs_f64((25.0 * rtt).clamp(0.25, 4.0));
+        // Transfers that each complete (none cut short, so no stale bytes queue in front of the
+        // next request), growing to fill what is left of the budget at the rate seen so far.
+        let budget = (25.0 * rtt).clamp(0.25, 4.0);
         let t0 = Instant::now();
-        let Ok(r) = self.send(Method::GET, "/v1/probe?bytes=8388608", &[]).await else {
-            return;
+        let mut size: u64 = 64 << 10;
+        let r = loop {
+            let path = format!("/v1/probe?bytes={size}");
+            let Ok(r) = self.send(Method::GET, &path, &[]).await else {
+                return;
+            };
+            if !r.status().is_success() {
+                let _ = self.body(r).await;
+                return;
+            }
+            let mut arr = Arrivals::new(Instant::now());
+            let mut body = r.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let Ok(chunk) = chunk else {
+                    return;
+                };
+                self.n.down.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                arr.push(chunk.len());
+            }
+            let whole = arr.total() as f64 / arr.elapsed().max(1e-6);
+            let this = arr.rate().unwrap_or(whole).max(whole);
+            let left = budget - t0.elapsed().as_secs_f64();
+            if size >= 8 << 20 || left < 3.0 * rtt {
+                break this;
+            }
+            size = ((this * left * 0.7) as u64).clamp(size * 2, 8 << 20);
         };
-        if !r.status().is_success() {
-            let _ = self.body(r).await;
-            return;
-        }
-        let mut arr = Arrivals::new(Instant::now());
-        let mut body = r.bytes_stream();
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(
-            deadline
-                .saturating_sub(t0.elapsed())
-                .max(Duration::from_millis(1)),
-            body.next(),
-        )
-        .await
-        {
-            self.n.down.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            arr.push(chunk.len());
-            if t0.elapsed() >= deadline {
-                break;
-            }
-        }
-        match arr.rate() {
-            Some(r) => {
-                self.link.rate_sample(r);
-                tracing::info!(
-                    target: "ep_edge::decision",
-                    rtt_ms = rtt * 1000.0,
-                    mbit_per_s = r * 8e-6,
-                    probe_bytes = arr.total(),
-                    "measured the link to the cloud"
-                );
-            }
-            None => tracing::debug!("link probe: too little arrived to measure"),
-        }
+        self.link.rate_sample(r);
+        tracing::info!(
+            target: "ep_edge::decision",
+            rtt_ms = rtt * 1000.0,
+            mbit_per_s = r * 8e-6,
+            last_probe_bytes = size,
+            probe_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "measured the link to the cloud"
+        );
     }
 
     /// Probes the link and measures this edge's speeds, once (started with the fetcher).

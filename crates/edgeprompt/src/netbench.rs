@@ -80,12 +80,20 @@ pub(crate) struct NetworkArgs {
     /// removed).
     #[arg(long)]
     logs: Option<PathBuf>,
+    /// Also draw the medians as an SVG bar chart (TTFT per strategy, log scale; censored runs faded
+    /// at the limit that stopped them).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Run nothing: read the records of an earlier `--json` file and print the table (and
+    /// `--plot`).
+    #[arg(long)]
+    replot: Option<PathBuf>,
     /// Namespace and device name prefix.
     #[arg(long, default_value = "epb")]
     prefix: String,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, serde::Deserialize, Clone, Debug)]
 struct Record {
     profile: String,
     link_mbit: f64,
@@ -108,6 +116,9 @@ struct Record {
     chosen: Option<String>,
     /// KV bytes the edge received from the cloud.
     kv_bytes: Option<u64>,
+    /// The limit a censored run was stopped at (ms).
+    #[serde(default)]
+    limit_ms: Option<f64>,
     error: Option<String>,
 }
 
@@ -507,6 +518,32 @@ fn median(v: &mut [f64]) -> Option<f64> {
 }
 
 pub(crate) fn run(a: NetworkArgs) -> Result<()> {
+    if let Some(f) = &a.replot {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut all = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let r: Record = serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not a bench network record", f.display(), i + 1)
+            })?;
+            all.push(r);
+        }
+        let mut strategies: Vec<String> = Vec::new();
+        for r in &all {
+            if !strategies.contains(&r.strategy) {
+                strategies.push(r.strategy.clone());
+            }
+        }
+        print_table(&all, &strategies);
+        if let Some(p) = &a.plot {
+            plot_svg(&all, &strategies, p)?;
+        }
+        return Ok(());
+    }
     for s in &a.strategies {
         ep_edge::plan::Policy::parse(s.strip_suffix("-serial").unwrap_or(s))
             .map_err(|e| anyhow::anyhow!("--strategies: {e}"))?;
@@ -647,6 +684,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                         censored: true,
                         chosen: None,
                         kv_bytes: None,
+                        limit_ms: None,
                         error: None,
                     };
                     if censored_before {
@@ -658,6 +696,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                     let limit = Some(Duration::from_secs_f64(
                         best.map_or(cap, |b| (b * a.censor / 1000.0).min(cap)),
                     ));
+                    let limit_ms = limit.map(|l| l.as_secs_f64() * 1000.0);
                     let o = rt.block_on(one_edge(
                         &hosts,
                         &exe,
@@ -672,6 +711,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
                     ));
                     let rec = match o {
                         Ok(o) => Record {
+                            limit_ms: o.censored.then_some(limit_ms).flatten(),
                             ttft_ms: o.ttft_ms,
                             warm_ttft_ms: o.warm_ttft_ms,
                             censored: o.censored,
@@ -718,17 +758,122 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
         }
     }
     print_table(&all, &a.strategies);
+    if let Some(p) = &a.plot {
+        plot_svg(&all, &a.strategies, p)?;
+    }
     Ok(())
 }
 
-/// Medians per (profile, prompt tokens) and strategy, as a Markdown table.
-fn print_table(all: &[Record], strategies: &[String]) {
+/// The cells (profile, tokens) in order of appearance.
+fn cells_of(all: &[Record]) -> Vec<(String, usize)> {
     let mut cells: Vec<(String, usize)> = Vec::new();
     for r in all {
         if !cells.contains(&(r.profile.clone(), r.prompt_tokens)) {
             cells.push((r.profile.clone(), r.prompt_tokens));
         }
     }
+    cells
+}
+
+/// Median TTFT of a cell's strategy, and whether it is a censoring limit instead (every run
+/// censored).
+fn cell_value(all: &[Record], cell: &(String, usize), s: &str) -> Option<(f64, bool)> {
+    let rs: Vec<&Record> = all
+        .iter()
+        .filter(|r| r.profile == cell.0 && r.prompt_tokens == cell.1 && r.strategy == s)
+        .collect();
+    let mut t: Vec<f64> = rs.iter().filter_map(|r| r.ttft_ms).collect();
+    if let Some(m) = median(&mut t) {
+        return Some((m, false));
+    }
+    let mut l: Vec<f64> = rs.iter().filter_map(|r| r.limit_ms).collect();
+    median(&mut l).map(|m| (m, true))
+}
+
+/// Grouped bars: one group per cell, one bar per strategy, TTFT on a log axis.
+fn plot_svg(all: &[Record], strategies: &[String], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let cells = cells_of(all);
+    if cells.is_empty() {
+        bail!("no records to plot");
+    }
+    let vals: Vec<f64> = cells
+        .iter()
+        .flat_map(|c| strategies.iter().filter_map(|s| cell_value(all, c, s)))
+        .map(|(v, _)| v)
+        .collect();
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).max(1.0) / 2.0;
+    // Room above the bars for the legend.
+    let hi = vals.iter().copied().fold(0.0, f64::max) * 12.0;
+    let width = (160 * cells.len() as u32).max(640) + 160;
+    let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Time to first token of a fresh edge, per way of getting the cloud prompt's KV",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..cells.len() as f64, (lo..hi).log_scale())
+        .map_err(|e| err(&e))?;
+    let names: Vec<String> = cells.iter().map(|c| format!("{} {}", c.0, c.1)).collect();
+    let label = |x: &f64| -> String {
+        let i = x.floor();
+        if (x - i - 0.5).abs() < 1e-6 && (i as usize) < names.len() {
+            names[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(2 * cells.len() + 1)
+        .x_label_formatter(&label)
+        .y_desc("TTFT, ms (log)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let k = strategies.len().max(1) as f64;
+    let w = 0.8 / k;
+    for (si, s) in strategies.iter().enumerate() {
+        let color = Palette99::pick(si).to_rgba();
+        let bars: Vec<Rectangle<(f64, f64)>> = cells
+            .iter()
+            .enumerate()
+            .filter_map(|(ci, c)| {
+                let (v, censored) = cell_value(all, c, s)?;
+                let x0 = ci as f64 + 0.1 + si as f64 * w;
+                let style = if censored {
+                    color.mix(0.25).filled()
+                } else {
+                    color.filled()
+                };
+                Some(Rectangle::new([(x0, lo), (x0 + w * 0.9, v)], style))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|e| err(&e))?
+            .label(s.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Medians per (profile, prompt tokens) and strategy, as a Markdown table.
+fn print_table(all: &[Record], strategies: &[String]) {
+    let cells = cells_of(all);
     let mut head = "| profile | tokens |".to_string();
     for s in strategies {
         head.push_str(&format!(" {s} |"));
