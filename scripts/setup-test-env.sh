@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests talk to, idempotently:
 #   - redis-server (Debian's package) when missing; tests start their own on a free loopback port;
+#   - nftables (Debian's package) when missing and running as root;
 #   - a Python venv with the official `openai` client at $EDGEPROMPT_HOME/venv-e2e (reused across runs).
 # Prints the venv's python on stdout.
 set -euo pipefail
@@ -13,6 +14,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     sudo apt-get update -qq >&2 && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
   fi
+fi
+# nftables: the emulated links' random drops and the link-cut test (as root only; the tests that
+# need namespaces skip without root, and the link emulator drops packets itself without nft).
+if [ "$(id -u)" -eq 0 ] && ! command -v nft >/dev/null 2>&1; then
+  echo "installing nftables (Debian package)..." >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >&2 || echo "nftables not installed" >&2
 fi
 venv="$home/venv-e2e"
 if ! "$venv/bin/python" -c "import openai, sys; sys.exit(0 if openai.__version__ == '$OPENAI_VERSION' else 1)" >/dev/null 2>&1; then

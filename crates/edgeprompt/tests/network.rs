@@ -1,7 +1,7 @@
 //! The cloud and an edge as real processes in two network namespaces joined by an emulated 40 Mbit/s
-//! link (`ep-netlab`): the cloud is SIGKILLed in the middle of the edge's KV transfer and restarted;
-//! the request that was waiting completes with the tokens a fresh edge gets afterwards, the stream
-//! resumed where it stopped. Needs root and `ip netns`; elsewhere it says why it skips.
+//! link (`ep-netlab`): the cloud is SIGKILLed in the middle of the edge's KV transfer and restarted,
+//! then the link drops every packet for 1.5 s; the request that was waiting completes with the tokens
+//! a fresh edge gets afterwards, the stream resumed where it stopped. Needs root and `ip netns`; elsewhere it says why it skips.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -146,8 +146,28 @@ fn chat_body() -> Value {
     })
 }
 
+/// Drops every packet arriving in either namespace (`cut`), or removes that rule; `false` when `nft`
+/// cannot run.
+fn nft_cut(link: &Link, cut: bool) -> bool {
+    for ns in [link.cloud_ns(), link.edge_ns()] {
+        let script = if cut {
+            "add table inet epcut; add chain inet epcut input { type filter hook input priority -10; policy drop; }"
+        } else {
+            "delete table inet epcut"
+        };
+        let ok = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", script])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
 #[test]
-fn a_fetch_survives_the_cloud_killed_mid_transfer() {
+fn a_fetch_survives_the_cloud_killed_mid_transfer_and_a_dead_link() {
     if let Some(why) = skip_reason() {
         eprintln!("skipping the cloud-kill test: {why}");
         return;
@@ -223,6 +243,20 @@ fn a_fetch_survives_the_cloud_killed_mid_transfer() {
         cloud_cmd(&link, &store, cport),
         dir.path().join("cloud2.log"),
     );
+    // Then the link goes dead both ways for 1.5 s (every packet dropped) while the resumed
+    // stream runs, and comes back.
+    std::thread::sleep(Duration::from_millis(1500));
+    let flapped = nft_cut(&link, true);
+    assert!(
+        !waiting.is_finished(),
+        "the request finished before the link was cut: the test no longer covers a dead link"
+    );
+    if flapped {
+        std::thread::sleep(Duration::from_millis(1500));
+        nft_cut(&link, false);
+    } else {
+        eprintln!("nft is not available: the link is not cut, only the cloud killed");
+    }
     let (code, got) = waiting.join().unwrap();
     assert_eq!(code, 200, "{got}\n{}", edge.log());
     let log = edge.log();
