@@ -120,26 +120,7 @@ fn fetcher_cfg(url: &str, cache: Option<&std::path::Path>) -> FetcherConfig {
 
 /// Greedy tokens of `prompt` whose first `prefix` tokens are public.
 async fn generate(e: &Engine, prompt: Vec<u32>, prefix: usize) -> (Vec<u32>, Finished) {
-    let mut req = ep_engine::Request::new(
-        prompt,
-        GenerateParams {
-            max_tokens: 8,
-            ignore_eos: true,
-            ..GenerateParams::default()
-        },
-    );
-    req.public_prefix = prefix;
-    let mut s = e.submit(req).unwrap();
-    let mut out = Vec::new();
-    while let Some(ev) = s.next().await {
-        match ev {
-            Event::Token { token, .. } => out.push(token),
-            Event::Done(f) => return (out, f),
-            Event::Error(f) => panic!("{f}"),
-            Event::Kv(_) => {}
-        }
-    }
-    panic!("the engine stopped")
+    generate_codec(e, prompt, prefix, ep_kv::codec::CODEC_RAW).await
 }
 
 fn extend(tokens: &[u32]) -> Vec<u32> {

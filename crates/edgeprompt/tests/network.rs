@@ -24,29 +24,7 @@ fn model() -> String {
 
 /// Why this machine cannot run the test, if it cannot.
 fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
-    if uid != "0" {
-        return Some(format!("not root (uid {uid})"));
-    }
-    let ns = format!("{PREFIX}-chk");
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    match Command::new("ip").args(["netns", "add", &ns]).output() {
-        Ok(o) if o.status.success() => {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
-        Ok(o) => {
-            return Some(format!(
-                "`ip netns add` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-        Err(e) => return Some(format!("`ip` not runnable: {e}")),
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun".into());
-    }
-    None
+    ep_netlab::unavailable_reason()
 }
 
 /// A child process killed on drop, its stderr kept in a file.

@@ -38,6 +38,34 @@ pub use forward::{run_forwarder, ForwarderConfig};
 pub use probe::{ProbeMode, ProbeResult};
 pub use profile::Profile;
 
+/// Why this machine cannot build links (not root, `ip netns` refused, no TUN device), if it cannot:
+/// tests that need a link skip with this reason.
+pub fn unavailable_reason() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+    if uid != "0" {
+        return Some(format!("not root (uid {uid})"));
+    }
+    let ns = "epnetlab-chk";
+    let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    match Command::new("ip").args(["netns", "add", ns]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        Ok(o) => {
+            return Some(format!(
+                "`ip netns add` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Some(format!("`ip` not runnable: {e}")),
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    None
+}
+
 /// Errors of the tool; those of external commands name the command line and its stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum NetlabError {

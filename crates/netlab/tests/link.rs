@@ -1,7 +1,6 @@
 //! The emulated link end to end: needs root and working `ip netns`; elsewhere it says why it skips.
 
 use std::path::Path;
-use std::process::Command;
 
 use ep_netlab::{Helper, Link, Profile};
 
@@ -9,29 +8,7 @@ const PREFIX: &str = "eptest";
 
 /// Why this machine cannot run the test, if it cannot.
 fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
-    if uid != "0" {
-        return Some(format!("not root (uid {uid})"));
-    }
-    let ns = format!("{PREFIX}-chk");
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    match Command::new("ip").args(["netns", "add", &ns]).output() {
-        Ok(o) if o.status.success() => {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
-        Ok(o) => {
-            return Some(format!(
-                "`ip netns add` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-        Err(e) => return Some(format!("`ip` not runnable: {e}")),
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun".into());
-    }
-    None
+    ep_netlab::unavailable_reason()
 }
 
 fn helper() -> Helper {
