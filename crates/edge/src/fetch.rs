@@ -1410,17 +1410,36 @@ impl Inner {
             }
         }
         let m = &s.manifest;
-        // Snap a split point to a frame start that is also a block start.
+        // A split happens at a frame start that is also a block start: the best of those by the
+        // same costs (without them, the nearest to the plan's point).
         let strategy = match plan.strategy {
             Strategy::Split { codec, from } => {
-                let starts = m
+                let starts: Vec<u32> = m
                     .frames
                     .iter()
                     .filter(|f| {
                         f.layer == 0 && f.start > 0 && (f.start as usize).is_multiple_of(bt)
                     })
-                    .map(|f| f.start);
-                match starts.min_by_key(|&st| st.abs_diff(from)) {
+                    .map(|f| f.start)
+                    .collect();
+                let offer = Offer {
+                    n_tokens: m.tokens.len(),
+                    sizes: sizes.clone(),
+                    split_points: starts.clone(),
+                };
+                let at = match &costs {
+                    Some(c) => starts
+                        .iter()
+                        .copied()
+                        .filter_map(|st| {
+                            c.expected(Strategy::Split { codec, from: st }, &offer)
+                                .map(|t| (st, t))
+                        })
+                        .min_by(|a, b| a.1.total_cmp(&b.1))
+                        .map(|(st, _)| st),
+                    None => starts.iter().copied().min_by_key(|&st| st.abs_diff(from)),
+                };
+                match at {
                     Some(from) => Strategy::Split { codec, from },
                     None => Strategy::Fetch { codec },
                 }

@@ -404,7 +404,8 @@ async fn one_edge(
         }
     }
     // The same warm-up for every edge: one short request without a cloud prompt (the weights
-    // paged in, the threads started).
+    // paged in, the threads started), after the adaptive edge's own measurements so as not to
+    // disturb them.
     let warm = serde_json::json!({
         "model": model_id,
         "messages": [{"role": "user", "content": "Hello"}],
