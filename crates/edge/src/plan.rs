@@ -64,7 +64,7 @@ pub enum Policy {
     FetchInt8,
     FetchInt4,
     Recompute,
-    /// Split with the best `r` for the first allowed codec... the cheapest allowed one.
+    /// Split, in the smallest allowed encoding, at the point the cost model balances.
     Split,
 }
 
