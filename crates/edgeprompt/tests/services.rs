@@ -3,6 +3,8 @@
 //! proxy between edge and cloud — no byte derived from the user's data goes upstream while the cloud
 //! prompt's KV really comes down.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -10,11 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{bin, Proc};
 use serde_json::{json, Value};
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_edgeprompt"))
-}
 
 fn model() -> String {
     ep_testutil::require_test_model()
@@ -28,36 +27,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A child process killed on drop, its stderr kept in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(args: &[&str], log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(args)
-            .env("EDGEPROMPT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("binary starts");
-        Proc { child, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `curl` with a JSON body (or none); returns (status, body).
@@ -538,11 +507,15 @@ fn cloud_and_edge_keep_user_data_on_the_edge() {
     assert!(v["choices"][0]["message"]["content"].is_string());
     // Lease renewals come with time, and the link probes' sizes with the link's speed.
     let user_independent = |l: &String| !l.contains("/lease") && !l.contains("/v1/probe");
-    let lines_a: Vec<String> = first_a.into_iter().filter(user_independent).collect();
-    let lines_b: Vec<String> = request_lines(&rec_b.up_bytes())
+    // The recorder logs each connection's bytes as they pass, so requests on the probe's connection
+    // and the pool's interleave by timing: the same requests, compared in sorted order.
+    let mut lines_a: Vec<String> = first_a.into_iter().filter(user_independent).collect();
+    let mut lines_b: Vec<String> = request_lines(&rec_b.up_bytes())
         .into_iter()
         .filter(user_independent)
         .collect();
+    lines_a.sort();
+    lines_b.sort();
     assert_eq!(lines_a, lines_b, "upstream requests depend on the user");
     // The edge's log (at info, with the audit lines) holds no canary.
     let log = edge.log();
