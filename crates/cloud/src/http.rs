@@ -285,11 +285,12 @@ impl KvQuery {
     }
 }
 
-fn kv_query(q: Result<Query<KvQuery>, QueryRejection>) -> ApiResult<KvQuery> {
+/// A route's query, or a 400 naming what is wrong with it (and `param`, when there is one).
+fn query<T>(q: Result<Query<T>, QueryRejection>, param: Option<&str>) -> ApiResult<T> {
     q.map(|Query(q)| q).map_err(|e| {
         ApiError::bad(
             format!("bad query: {}", e.body_text()),
-            None,
+            param,
             "invalid_query",
         )
     })
@@ -366,7 +367,7 @@ async fn manifest(
     q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let q = kv_query(q)?;
+    let q = query(q, None)?;
     let codec = q.codec(&c)?;
     let m = stored(&c, &id, codec).await?;
     let etag = kv_etag(&id, codec, 0);
@@ -478,7 +479,7 @@ async fn stream(
     q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let q = kv_query(q)?;
+    let q = query(q, None)?;
     let codec = q.codec(&c)?;
     let m = stored(&c, &id, codec).await?;
     let from = q.from.unwrap_or(0);
@@ -531,7 +532,7 @@ async fn frame(
     q: Result<Query<KvQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let q = kv_query(q)?;
+    let q = query(q, None)?;
     let codec = q.codec(&c)?;
     let m = stored(&c, &id, codec).await?;
     let none = || {
@@ -642,13 +643,7 @@ fn probe_block() -> Bytes {
     )
 )]
 async fn probe(q: Result<Query<ProbeQuery>, QueryRejection>) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::bad(
-            format!("bad query: {}", e.body_text()),
-            Some("bytes"),
-            "invalid_query",
-        )
-    })?;
+    let q = query(q, Some("bytes"))?;
     if q.bytes == 0 || q.bytes > PROBE_MAX_BYTES {
         return Err(ApiError::bad(
             format!("'bytes' must be between 1 and {PROBE_MAX_BYTES}"),

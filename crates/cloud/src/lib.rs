@@ -357,10 +357,14 @@ pub fn build_manifest(
     Ok((stream, manifest))
 }
 
-/// The store key of the KV of `id` encoded with `codec`: the id itself for raw, `{id}.{codec}`
-/// otherwise.
-pub fn kv_key(id: &str, codec: u8) -> String {
-    ep_kv::codec::variant_key(id, codec)
+pub use ep_kv::codec::variant_key as kv_key;
+
+/// The listing entry of an encoding of `bytes` stream bytes.
+fn kv_variant(codec: u8, bytes: u64) -> ep_proto::KvVariant {
+    ep_proto::KvVariant {
+        codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
+        bytes,
+    }
 }
 
 impl Cloud {
@@ -602,10 +606,7 @@ impl Cloud {
         let mut out = Vec::new();
         for &codec in &self.cfg.codecs {
             if let Some(m) = self.manifest_codec(id, codec).await? {
-                out.push(ep_proto::KvVariant {
-                    codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
-                    bytes: m.signed.manifest.stream_bytes,
-                });
+                out.push(kv_variant(codec, m.signed.manifest.stream_bytes));
             }
         }
         Ok(out)
@@ -692,10 +693,7 @@ impl Cloud {
                 .put_kv(&kv_key(&job.id, codec), Bytes::from(stream), &signed_json)
                 .await
                 .map_err(|e| e.to_string())?;
-            out.push(ep_proto::KvVariant {
-                codec: ep_kv::codec::codec_name(codec).unwrap_or("?").to_string(),
-                bytes: n,
-            });
+            out.push(kv_variant(codec, n));
         }
         self.metrics.computed.inc();
         out.reverse();

@@ -360,6 +360,19 @@ struct Decisions {
     counts: std::collections::BTreeMap<String, u64>,
 }
 
+impl Decisions {
+    /// Counts a decision for `label`, keeping the last 32 that come with their details.
+    fn record(&mut self, label: &str, d: Option<Decision>) {
+        *self.counts.entry(label.to_string()).or_default() += 1;
+        if let Some(d) = d {
+            self.recent.push_back(d);
+            while self.recent.len() > 32 {
+                self.recent.pop_front();
+            }
+        }
+    }
+}
+
 /// Resolves, fetches and holds cloud prompts for one edge.
 pub struct Fetcher {
     inner: Arc<Inner>,
@@ -552,8 +565,9 @@ impl Fetcher {
                 let entry = inner.cache.as_ref().and_then(|c| c.name(name));
                 let cached_kv = |id: &str| {
                     inner.cache.as_ref().is_some_and(|c| {
-                        std::iter::once(CODEC_RAW)
-                            .chain(inner.cfg.codecs.iter().copied())
+                        inner
+                            .cache_codecs()
+                            .into_iter()
                             .any(|k| c.contains(&ep_kv::codec::variant_key(id, k)))
                     })
                 };
@@ -968,11 +982,19 @@ impl Inner {
         Ok(())
     }
 
+    /// The encodings a cached copy of a prompt may be in: the exact KV first, then the lossy ones
+    /// the quality floor allows.
+    fn cache_codecs(&self) -> Vec<u8> {
+        let mut v = vec![CODEC_RAW];
+        v.extend(self.cfg.codecs.iter().copied().filter(|&c| c != CODEC_RAW));
+        v
+    }
+
     /// A prompt whose KV this edge does not hold but whose signed manifest it cached: served for
     /// recomputing from its token ids (the manifest checked again).
     fn recompute_cached(&self, name: &str, id: &str, version: u32) -> Option<Arc<ReadyPrompt>> {
         let cache = self.cache.as_ref()?;
-        for codec in std::iter::once(CODEC_RAW).chain(self.cfg.codecs.iter().copied()) {
+        for codec in self.cache_codecs() {
             let Some(mjson) = cache.read_manifest(&ep_kv::codec::variant_key(id, codec)) else {
                 continue;
             };
@@ -988,13 +1010,10 @@ impl Inner {
                 id = short(id),
                 "the cloud is down and this KV is not cached: recomputing it from the cached token ids"
             );
-            *self
-                .decisions
+            self.decisions
                 .lock()
                 .expect("decisions")
-                .counts
-                .entry("recompute".into())
-                .or_default() += 1;
+                .record("recompute", None);
             let m = s.manifest;
             let p = Arc::new(ReadyPrompt {
                 strategy: "recompute".into(),
@@ -1025,11 +1044,8 @@ impl Inner {
         version: u32,
     ) -> Option<Arc<ReadyPrompt>> {
         let cache = self.cache.as_ref()?;
-        // The exact KV first, then the lossy encodings the quality floor allows.
-        let mut codecs = vec![CODEC_RAW];
-        codecs.extend(self.cfg.codecs.iter().copied().filter(|&c| c != CODEC_RAW));
         let mut found = None;
-        for codec in codecs {
+        for codec in self.cache_codecs() {
             let key = ep_kv::codec::variant_key(id, codec);
             match cache.read(&key) {
                 Ok(Some(x)) => {
@@ -1498,14 +1514,10 @@ impl Inner {
             options = %d.reason,
             "KV strategy chosen"
         );
-        {
-            let mut ds = self.decisions.lock().expect("decisions");
-            *ds.counts.entry(label.clone()).or_default() += 1;
-            ds.recent.push_back(d);
-            while ds.recent.len() > 32 {
-                ds.recent.pop_front();
-            }
-        }
+        self.decisions
+            .lock()
+            .expect("decisions")
+            .record(&label, Some(d));
         match strategy {
             Strategy::Recompute => Ok(Arc::new(ReadyPrompt {
                 strategy: label,

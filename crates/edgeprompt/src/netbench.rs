@@ -129,7 +129,8 @@ enum Hosts {
 }
 
 impl Hosts {
-    fn cloud_listen(&self, port: u16) -> SocketAddr {
+    /// Where a server listens in its host: loopback, or every address of its namespace.
+    fn listen(&self, port: u16) -> SocketAddr {
         match self {
             Hosts::Loopback => SocketAddr::from(([127, 0, 0, 1], port)),
             Hosts::Netns(_) => SocketAddr::from(([0, 0, 0, 0], port)),
@@ -147,12 +148,6 @@ impl Hosts {
         match self {
             Hosts::Loopback => SocketAddr::from(([127, 0, 0, 1], port)),
             Hosts::Netns(l) => SocketAddr::new(IpAddr::V4(l.cloud_ctl_ip()), port),
-        }
-    }
-    fn edge_listen(&self, port: u16) -> SocketAddr {
-        match self {
-            Hosts::Loopback => SocketAddr::from(([127, 0, 0, 1], port)),
-            Hosts::Netns(_) => SocketAddr::from(([0, 0, 0, 0], port)),
         }
     }
     fn edge_ctl(&self, port: u16) -> SocketAddr {
@@ -267,7 +262,7 @@ fn start_cloud(
     let mut cmd = hosts.command(true, exe);
     cmd.arg("cloud")
         .arg("--listen")
-        .arg(hosts.cloud_listen(port).to_string())
+        .arg(hosts.listen(port).to_string())
         .arg("--store")
         .arg(store)
         .args(["--token", TOKEN, "--frame-tokens"])
@@ -367,7 +362,7 @@ async fn one_edge(
     };
     cmd.arg("edge")
         .arg("--listen")
-        .arg(hosts.edge_listen(port).to_string())
+        .arg(hosts.listen(port).to_string())
         .arg("--cloud-url")
         .arg(format!("http://{}", hosts.cloud_for_edge(cloud.port)))
         .args(["--cloud-token", TOKEN, "--cloud-key", &cloud.key])

@@ -3,18 +3,17 @@
 //! then the link drops every packet for 1.5 s; the request that was waiting completes with the tokens
 //! a fresh edge gets afterwards, the stream resumed where it stopped. Needs root and `ip netns`; elsewhere it says why it skips.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{bin, Proc};
 use ep_netlab::{Helper, Link, Profile};
 use serde_json::{json, Value};
 
 const PREFIX: &str = "epkill";
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_edgeprompt"))
-}
 
 fn model() -> String {
     ep_testutil::require_test_model()
@@ -25,35 +24,6 @@ fn model() -> String {
 /// Why this machine cannot run the test, if it cannot.
 fn skip_reason() -> Option<String> {
     ep_netlab::unavailable_reason()
-}
-
-/// A child process killed on drop, its stderr kept in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(mut cmd: Command, log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .env("EDGEPROMPT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("binary starts");
-        Proc { child, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn curl(method: &str, url: &str, token: &str, body: Option<&Value>, max_s: u32) -> (u16, String) {
@@ -160,7 +130,7 @@ fn a_fetch_survives_the_cloud_killed_mid_transfer_and_a_dead_link() {
     let store = dir.path().join("store");
     let (cport, eport) = (18_401, 18_402);
     let cloud_url = format!("http://{}:{cport}", link.cloud_ctl_ip());
-    let cloud = Proc::start(
+    let cloud = Proc::spawn(
         cloud_cmd(&link, &store, cport),
         dir.path().join("cloud1.log"),
     );
@@ -202,7 +172,7 @@ fn a_fetch_survives_the_cloud_killed_mid_transfer_and_a_dead_link() {
         .unwrap();
     let key = String::from_utf8_lossy(&key.stdout).trim().to_string();
 
-    let edge = Proc::start(
+    let edge = Proc::spawn(
         edge_cmd(&link, eport, cport, &key),
         dir.path().join("edge1.log"),
     );
@@ -217,7 +187,7 @@ fn a_fetch_survives_the_cloud_killed_mid_transfer_and_a_dead_link() {
     std::thread::sleep(Duration::from_millis(1500));
     drop(cloud);
     std::thread::sleep(Duration::from_millis(300));
-    let cloud = Proc::start(
+    let cloud = Proc::spawn(
         cloud_cmd(&link, &store, cport),
         dir.path().join("cloud2.log"),
     );
@@ -247,7 +217,7 @@ fn a_fetch_survives_the_cloud_killed_mid_transfer_and_a_dead_link() {
     // A fresh edge after the restart: the same answer.
     wait_health(&format!("{cloud_url}/health"), &cloud);
     drop(edge);
-    let edge2 = Proc::start(
+    let edge2 = Proc::spawn(
         edge_cmd(&link, eport, cport, &key),
         dir.path().join("edge2.log"),
     );
