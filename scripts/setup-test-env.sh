@@ -2,11 +2,15 @@
 # Installs what the end-to-end tests talk to, idempotently:
 #   - redis-server (Debian's package) when missing; tests start their own on a free loopback port;
 #   - nftables (Debian's package) when missing and running as root;
-#   - a Python venv with the official `openai` client at $EDGEPROMPT_HOME/venv-e2e (reused across runs).
+#   - Debian's chromium and chromium-driver when missing and running as root (the operator page's
+#     browser test; it skips without them);
+#   - a Python venv with the official `openai` client and Selenium at $EDGEPROMPT_HOME/venv-e2e
+#     (reused across runs).
 # Prints the venv's python on stdout.
 set -euo pipefail
 home="${EDGEPROMPT_HOME:-$HOME/.cache/edgeprompt}"
 OPENAI_VERSION="3.51.0"
+SELENIUM_VERSION="4.27.1"
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (Debian package)..." >&2
   if [ "$(id -u)" -eq 0 ]; then
@@ -21,11 +25,19 @@ if [ "$(id -u)" -eq 0 ] && ! command -v nft >/dev/null 2>&1; then
   echo "installing nftables (Debian package)..." >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >&2 || echo "nftables not installed" >&2
 fi
+if [ "$(id -u)" -eq 0 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+  echo "installing chromium and chromium-driver (Debian packages)..." >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2 \
+    || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2; } \
+    || echo "chromium not installed: the browser test will skip" >&2
+fi
 venv="$home/venv-e2e"
-if ! "$venv/bin/python" -c "import openai, sys; sys.exit(0 if openai.__version__ == '$OPENAI_VERSION' else 1)" >/dev/null 2>&1; then
-  echo "creating $venv with openai==$OPENAI_VERSION..." >&2
+want="import openai, selenium, sys; sys.exit(0 if (openai.__version__, selenium.__version__) == ('$OPENAI_VERSION', '$SELENIUM_VERSION') else 1)"
+if ! "$venv/bin/python" -c "$want" >/dev/null 2>&1; then
+  echo "setting up $venv with openai==$OPENAI_VERSION selenium==$SELENIUM_VERSION..." >&2
   mkdir -p "$home"
-  python3 -m venv "$venv" >&2
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION" >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "openai==$OPENAI_VERSION" "selenium==$SELENIUM_VERSION" >&2
 fi
 echo "$venv/bin/python"

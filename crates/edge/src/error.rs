@@ -60,6 +60,14 @@ impl ApiError {
     pub fn kind(&self) -> &str {
         &self.body.error.kind
     }
+    /// The error `code`, else its `type` (what the audit shows as the outcome).
+    pub fn code_str(&self) -> String {
+        self.body
+            .error
+            .code
+            .clone()
+            .unwrap_or_else(|| self.body.error.kind.clone())
+    }
 }
 
 impl IntoResponse for ApiError {

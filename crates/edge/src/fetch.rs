@@ -55,6 +55,9 @@ pub struct ReadyPrompt {
     pub codec: u8,
     /// How the KV was obtained: `cache`, or a strategy label (`fetch-f16`, `split`, …).
     pub strategy: String,
+    /// Bytes of KV stream this prompt came with (fetched, or read from the disk cache; 0 when
+    /// recomputed).
+    pub kv_bytes: u64,
     /// The import (pinned while held); emptied when the fetch fails, so requests over it recompute.
     import: ImportSlot,
     progress: watch::Receiver<Progress>,
@@ -106,6 +109,7 @@ impl ReadyPrompt {
             from_cache: false,
             codec: CODEC_RAW,
             strategy: "none".into(),
+            kv_bytes: 0,
             import: Arc::default(),
             progress,
             n_layer: 0,
@@ -119,6 +123,12 @@ impl ReadyPrompt {
             .expect("import slot")
             .as_ref()
             .map_or(0, |i| i.ready_layers())
+    }
+
+    /// Whether this prompt's KV is imported and pinned in the engine (not when recomputed, or
+    /// once a failed fetch abandoned it).
+    pub fn pinned(&self) -> bool {
+        self.import.lock().expect("import slot").is_some()
     }
 
     /// Frames written so far, and whether the fetch ended (and how).
@@ -233,6 +243,99 @@ struct Counters {
     requests: AtomicU64,
 }
 
+/// One HTTP request this edge sent to the cloud: its request line (method and target — never a
+/// body: the edge sends none), the bytes it took up and the bytes of its answer read so far.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct UpstreamRequest {
+    /// Unix time in milliseconds when it was sent.
+    pub at_ms: u64,
+    /// `GET /v1/cloud-prompts/law` (the request line without the HTTP version).
+    pub line: String,
+    /// Request line, headers and body, as counted in [`TrafficStats::bytes_up`].
+    pub bytes_up: u64,
+    /// Bytes of request bodies (always 0: the edge's requests carry none).
+    pub body_bytes_up: u64,
+    /// Status line, headers and the body bytes read within the request that caused it (a KV stream
+    /// read in the background counts in [`TrafficStats`] and the prompt's `kv_bytes`).
+    pub bytes_down: u64,
+    pub status: u16,
+    /// Which request this is, to add body bytes to it as they arrive.
+    #[serde(skip)]
+    #[schema(ignore)]
+    seq: u64,
+}
+
+#[cfg(test)]
+impl UpstreamRequest {
+    pub(crate) fn for_test(line: &str) -> Self {
+        Self {
+            at_ms: 0,
+            line: line.to_string(),
+            bytes_up: line.len() as u64,
+            body_bytes_up: 0,
+            bytes_down: 0,
+            status: 200,
+            seq: 0,
+        }
+    }
+}
+
+/// The sequence number of an upstream request, carried in its response's extensions.
+#[derive(Clone, Copy)]
+struct Seq(u64);
+
+/// What went to the cloud on behalf of one request, gathered by [`record_upstream`].
+pub type UpstreamLog = Arc<Mutex<Vec<UpstreamRequest>>>;
+
+tokio::task_local! {
+    static UPSTREAM: UpstreamLog;
+}
+
+/// Runs `f`, collecting every request the fetcher sends to the cloud while it runs in this task
+/// (work spawned onto other tasks, such as a KV stream read in the background, is not included).
+pub async fn record_upstream<F: std::future::Future>(f: F) -> (F::Output, Vec<UpstreamRequest>) {
+    let log = UpstreamLog::default();
+    let out = UPSTREAM.scope(log.clone(), f).await;
+    let lines = std::mem::take(&mut *log.lock().expect("upstream log"));
+    (out, lines)
+}
+
+/// The requests gathered so far by the enclosing [`record_upstream`] (empty outside one).
+pub fn upstream_so_far() -> Vec<UpstreamRequest> {
+    UPSTREAM
+        .try_with(|l| l.lock().expect("upstream log").clone())
+        .unwrap_or_default()
+}
+
+/// The last requests sent to the cloud by this edge, for whatever cause (bounded).
+const UPSTREAM_RECENT: usize = 64;
+
+/// Unix time in milliseconds.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A cloud prompt this edge holds, as the operator page lists it.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct HeldPrompt {
+    pub name: String,
+    pub id: String,
+    pub version: u32,
+    pub tokens: usize,
+    /// `raw` for the exact stream (in the stored dtype), `int8`, `int4`.
+    pub codec: String,
+    /// `cache`, `recompute`, `fetch-f16`, `split`, …
+    pub strategy: String,
+    pub kv_bytes: u64,
+    pub frames_written: usize,
+    pub frames: usize,
+    pub done: bool,
+    pub error: Option<String>,
+    pub pinned: bool,
+}
+
 /// Settings of a [`Fetcher`].
 #[derive(Clone, Debug)]
 pub struct FetcherConfig {
@@ -327,6 +430,8 @@ struct Inner {
     warm: OnceCell<()>,
     /// The decisions taken, newest last (bounded), and their count per strategy.
     decisions: Mutex<Decisions>,
+    /// The last requests sent to the cloud, newest last.
+    upstream: Mutex<std::collections::VecDeque<UpstreamRequest>>,
 }
 
 /// This edge's own speeds, measured at start.
@@ -339,7 +444,7 @@ pub struct Calibration {
 }
 
 /// One decision on how to get a prompt's KV.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Decision {
     pub name: String,
     pub id: String,
@@ -497,6 +602,7 @@ impl Fetcher {
             prompts: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             n: Counters::default(),
+            upstream: Mutex::default(),
             link: LinkEstimator::default(),
             calib: OnceCell::new(),
             warm: OnceCell::new(),
@@ -690,6 +796,53 @@ impl Fetcher {
         )
     }
 
+    /// The last requests this edge sent to the cloud, for whatever cause (newest last, bounded).
+    pub fn upstream_recent(&self) -> Vec<UpstreamRequest> {
+        self.inner
+            .upstream
+            .lock()
+            .expect("upstream")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The cloud prompts held now (fetched, being fetched, loaded from the disk cache or
+    /// recomputed), by name.
+    pub fn held(&self) -> Vec<HeldPrompt> {
+        let cells: Vec<Cell> = self
+            .inner
+            .prompts
+            .lock()
+            .expect("prompts")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<HeldPrompt> = cells
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|p| {
+                let pr = p.progress();
+                HeldPrompt {
+                    name: p.name.clone(),
+                    id: p.id.clone(),
+                    version: p.version,
+                    tokens: p.tokens.len(),
+                    codec: ep_kv::codec::codec_name(p.codec).unwrap_or("?").to_string(),
+                    strategy: p.strategy.clone(),
+                    kv_bytes: p.kv_bytes,
+                    frames_written: pr.frames_written,
+                    frames: pr.frames,
+                    done: pr.done,
+                    error: pr.error,
+                    pinned: p.pinned(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
+        out
+    }
+
     /// Measures the link now (a few small requests, then a bulk probe), as the adaptive policy does
     /// at start.
     pub async fn probe_link(&self) {
@@ -762,30 +915,77 @@ impl Inner {
         self.n
             .up
             .fetch_add(line.len() as u64 + header_lines_len(&h), Ordering::Relaxed);
-        self.n.requests.fetch_add(1, Ordering::Relaxed);
+        let h_sent = h.clone();
+        let seq = self.n.requests.fetch_add(1, Ordering::Relaxed);
         let r = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method.clone(), format!("{}{path}", self.base))
             .headers(h)
             .send()
             .await?;
+        let mut r = r;
         let s = r.status();
         let status_line = format!(
             "HTTP/1.1 {} {}\r\n",
             s.as_u16(),
             s.canonical_reason().unwrap_or("")
         );
-        self.n.down.fetch_add(
-            status_line.len() as u64 + header_lines_len(r.headers()),
-            Ordering::Relaxed,
-        );
+        let head_down = status_line.len() as u64 + header_lines_len(r.headers());
+        self.n.down.fetch_add(head_down, Ordering::Relaxed);
+        let entry = UpstreamRequest {
+            at_ms: unix_ms(),
+            line: format!("{method} {}{path}", self.base_path),
+            bytes_up: line.len() as u64 + header_lines_len(&h_sent),
+            body_bytes_up: 0,
+            bytes_down: head_down,
+            status: s.as_u16(),
+            seq,
+        };
+        let _ = UPSTREAM.try_with(|l| l.lock().expect("upstream log").push(entry.clone()));
+        {
+            let mut recent = self.upstream.lock().expect("upstream");
+            recent.push_back(entry);
+            while recent.len() > UPSTREAM_RECENT {
+                recent.pop_front();
+            }
+        }
+        r.extensions_mut().insert(Seq(seq));
         Ok(r)
+    }
+
+    /// Counts `n` bytes of the body of the upstream request `seq` (its entries in the task's log and
+    /// in the recent list).
+    fn count_down(&self, seq: Option<Seq>, n: u64) {
+        self.n.down.fetch_add(n, Ordering::Relaxed);
+        let Some(Seq(seq)) = seq else { return };
+        let _ = UPSTREAM.try_with(|l| {
+            if let Some(e) = l
+                .lock()
+                .expect("upstream log")
+                .iter_mut()
+                .rev()
+                .find(|e| e.seq == seq)
+            {
+                e.bytes_down += n;
+            }
+        });
+        if let Some(e) = self
+            .upstream
+            .lock()
+            .expect("upstream")
+            .iter_mut()
+            .rev()
+            .find(|e| e.seq == seq)
+        {
+            e.bytes_down += n;
+        }
     }
 
     /// A response's whole body, counted.
     async fn body(&self, r: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
+        let seq = r.extensions().get::<Seq>().copied();
         let b = r.bytes().await?;
-        self.n.down.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.count_down(seq, b.len() as u64);
         Ok(b)
     }
 
@@ -1139,6 +1339,7 @@ impl Inner {
             from_cache: true,
             codec,
             strategy: "cache".into(),
+            kv_bytes: stream.len() as u64,
             import: Arc::new(Mutex::new(Some(Arc::new(import)))),
             progress: prx,
             n_layer: header.layout.n_layer as usize,
@@ -1280,12 +1481,13 @@ impl Inner {
                 return;
             }
             let mut arr = Arrivals::new(Instant::now());
+            let seq = r.extensions().get::<Seq>().copied();
             let mut body = r.bytes_stream();
             while let Some(chunk) = body.next().await {
                 let Ok(chunk) = chunk else {
                     return;
                 };
-                self.n.down.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                self.count_down(seq, chunk.len() as u64);
                 arr.push(chunk.len());
             }
             let whole = arr.total() as f64 / arr.elapsed().max(1e-6);
@@ -1647,6 +1849,7 @@ impl Inner {
             from_cache: false,
             codec,
             strategy,
+            kv_bytes: off,
             import: slot,
             progress: prx,
             n_layer: header.layout.n_layer as usize,
@@ -1927,9 +2130,10 @@ impl StreamJob {
 
     /// Feeds one response's body, cut at item boundaries.
     async fn consume(&mut self, resp: reqwest::Response, c: &mut Cursor) -> Result<(), Stop> {
+        let seq = resp.extensions().get::<Seq>().copied();
         let mut body = resp.bytes_stream();
         let mut arr = Arrivals::new(Instant::now());
-        let r = self.consume_body(&mut body, c, &mut arr).await;
+        let r = self.consume_body(&mut body, c, &mut arr, seq).await;
         if arr.total() >= 256 << 10 {
             if let Some(rate) = arr.rate() {
                 self.inner.link.rate_sample(rate);
@@ -1943,14 +2147,12 @@ impl StreamJob {
         body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
         c: &mut Cursor,
         arr: &mut Arrivals,
+        seq: Option<Seq>,
     ) -> Result<(), Stop> {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Stop::Interrupted(format!("reading the stream: {e}")))?;
             arr.push(chunk.len());
-            self.inner
-                .n
-                .down
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.inner.count_down(seq, chunk.len() as u64);
             self.inner
                 .n
                 .kv_bytes

@@ -4,9 +4,13 @@
 //!
 //! **Routes** ([`server`]): `POST /v1/chat/completions`, `POST /v1/completions` (both streaming with
 //! SSE or not), `GET /v1/models`, `POST|GET /v1/edge-prompts`, `DELETE /v1/edge-prompts/{name}`,
-//! `DELETE /v1/tenants/self/cache` (these need the tenant's bearer token when keys are configured);
-//! `GET /health`, `GET /metrics`, `GET /openapi.json` (no authentication).
+//! `DELETE /v1/tenants/self/cache`, `GET /v1/audit` (the caller's requests with what each sent to
+//! the cloud, and the edge's KV state: [`audit`]) (these need the tenant's bearer token when keys
+//! are configured); `GET /health`,
+//! `GET /metrics`, `GET /openapi.json`, and the operator page `GET /` with its files under `/ui/`
+//! ([`ui`]) (no authentication).
 
+pub mod audit;
 pub mod cache;
 pub mod error;
 pub mod fetch;
@@ -16,6 +20,7 @@ pub mod plan;
 pub mod prompt;
 pub mod server;
 pub mod tenant;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -26,8 +26,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::OpenApi;
 
+use crate::audit::{self, AuditLog, AuditRow};
 use crate::error::ApiError;
-use crate::fetch::{Fetcher, ReadyPrompt};
+use crate::fetch::{
+    record_upstream, unix_ms, upstream_so_far, Fetcher, ReadyPrompt, UpstreamRequest,
+};
 use crate::metrics::Metrics;
 use crate::openai::*;
 use crate::prompt::{check_role, special_texts, Built, CompletionPrompt, Renderer};
@@ -43,6 +46,7 @@ pub struct App {
     pub fetcher: Option<Arc<Fetcher>>,
     pub tenants: Tenants,
     pub metrics: Metrics,
+    pub audit: AuditLog,
     specials: Vec<String>,
     in_flight: AtomicUsize,
     next_id: AtomicU64,
@@ -75,6 +79,7 @@ impl App {
             fetcher,
             tenants: Tenants::default(),
             metrics: Metrics::new(),
+            audit: AuditLog::default(),
             specials,
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -150,6 +155,7 @@ impl Drop for Slot {
         list_edge_prompts,
         delete_edge_prompt,
         purge_cache,
+        get_audit,
         health
     ),
     components(schemas(ep_proto::ErrorBody, ep_proto::Health))
@@ -169,9 +175,11 @@ pub fn router(app: Shared) -> Router {
         )
         .route("/v1/edge-prompts/{name}", delete(delete_edge_prompt))
         .route("/v1/tenants/self/cache", delete(purge_cache))
+        .route("/v1/audit", get(get_audit))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .merge(api)
+        .merge(crate::ui::router())
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -465,6 +473,102 @@ fn params(
     })
 }
 
+/// What the audit row of a request says beyond its counts.
+#[derive(Default)]
+struct Meta {
+    cloud_prompt: Option<String>,
+    edge_prompt: Option<String>,
+    /// The requests sent to the cloud while this one was prepared.
+    upstream: Vec<UpstreamRequest>,
+    /// Bytes of the request's own text found in them ([`audit::text_bytes_in`]).
+    text_bytes_up: u64,
+    body_bytes: usize,
+    arrived_ms: u64,
+    started: Option<Instant>,
+}
+
+impl Meta {
+    fn new() -> Self {
+        Self {
+            arrived_ms: unix_ms(),
+            started: Some(Instant::now()),
+            ..Self::default()
+        }
+    }
+
+    /// Notes the cloud prompt and edge prompt named, and searches the request's texts in what went
+    /// up so far.
+    fn note(&mut self, cloud: Option<&str>, edge: Option<&EdgePrompt>, texts: &[&str]) {
+        self.cloud_prompt = cloud.map(str::to_string);
+        self.edge_prompt = edge.map(|e| e.name.clone());
+        let mut all: Vec<&str> = texts.to_vec();
+        if let Some(e) = edge {
+            match &e.content {
+                EdgePromptContent::Text(t) => all.push(t),
+                EdgePromptContent::Messages(m) => all.extend(m.iter().map(|m| m.content.as_str())),
+            }
+        }
+        self.text_bytes_up = audit::text_bytes_in(&upstream_so_far(), &all);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        id: String,
+        kind: Kind,
+        kv: Option<String>,
+        status: u16,
+        outcome: String,
+        f: Option<&Finished>,
+        completion_tokens: usize,
+        client_bytes_out: usize,
+    ) -> AuditRow {
+        let (prompt, cached, imported, generated) = f.map_or((0, 0, 0, completion_tokens), |f| {
+            (
+                f.prompt_tokens,
+                f.cached_tokens,
+                f.imported_tokens,
+                f.generated,
+            )
+        });
+        AuditRow {
+            id,
+            at_ms: self.arrived_ms,
+            endpoint: match kind {
+                Kind::Chat => "chat",
+                Kind::Completion => "completion",
+            }
+            .into(),
+            cloud_prompt: self.cloud_prompt.clone(),
+            edge_prompt: self.edge_prompt.clone(),
+            kv,
+            status,
+            outcome,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            imported_tokens: imported,
+            computed_tokens: prompt - cached.min(prompt),
+            completion_tokens: generated,
+            ttft_ms: f
+                .filter(|f| f.generated > 0)
+                .map(|f| f.first_token.as_secs_f64() * 1e3),
+            total_ms: f.map_or_else(
+                || {
+                    self.started
+                        .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3)
+                },
+                |f| f.total.as_secs_f64() * 1e3,
+            ),
+            client_bytes_in: self.body_bytes,
+            client_bytes_out,
+            upstream_bytes_up: self.upstream.iter().map(|u| u.bytes_up).sum(),
+            upstream_bytes_down: self.upstream.iter().map(|u| u.bytes_down).sum(),
+            upstream: self.upstream.clone(),
+            text_bytes_up: self.text_bytes_up,
+        }
+    }
+}
+
 /// A request ready for the engine.
 struct Prepared {
     tenant: String,
@@ -476,7 +580,6 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     model: String,
-    body_bytes: usize,
 }
 
 /// Checks the prompt against the context and fixes max tokens.
@@ -591,9 +694,11 @@ async fn chat_completions(
     axum::Extension(Tenant(tenant)): axum::Extension<Tenant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
+    let mut meta = Meta::new();
+    let prep = async {
         let (req, body_bytes): (ChatCompletionRequest, usize) =
             parse(body, app.cfg.max_body_bytes)?;
+        meta.body_bytes = body_bytes;
         if req
             .tools
             .as_ref()
@@ -633,7 +738,10 @@ async fn chat_completions(
         let max = req.max_completion_tokens.or(req.sampling.max_tokens);
         let params = params(&app, &req.sampling, max, logprobs)?;
         let edge = edge_prompt(&app, &tenant, req.sampling.edge_prompt.as_deref())?;
-        let cloud = resolve_cloud(&app, cloud_name).await?;
+        let cloud = resolve_cloud(&app, cloud_name).await;
+        let texts: Vec<&str> = msgs.iter().map(|m| m.content.as_str()).collect();
+        meta.note(cloud_name, edge.as_ref(), &texts);
+        let cloud = cloud?;
         let built = app
             .renderer()
             .build_chat_prompt(cloud.as_deref(), edge.as_ref(), &msgs)?;
@@ -647,13 +755,13 @@ async fn chat_completions(
             stream: req.sampling.stream(),
             include_usage: req.sampling.include_usage(),
             model: req.model.clone(),
-            body_bytes,
         };
         fit_context(&app, &mut p, max.is_some(), "messages")?;
         Ok(p)
-    }
-    .await;
-    respond(app, r, Kind::Chat).await
+    };
+    let (r, upstream) = record_upstream(prep).await;
+    meta.upstream = upstream;
+    respond(app, r, Kind::Chat, tenant, meta).await
 }
 
 #[utoipa::path(
@@ -673,8 +781,10 @@ async fn completions(
     axum::Extension(Tenant(tenant)): axum::Extension<Tenant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
+    let mut meta = Meta::new();
+    let prep = async {
         let (req, body_bytes): (CompletionRequest, usize) = parse(body, app.cfg.max_body_bytes)?;
+        meta.body_bytes = body_bytes;
         if req.echo.unwrap_or(false) {
             return Err(ApiError::invalid("echo", "echo is not supported"));
         }
@@ -726,7 +836,13 @@ async fn completions(
             logprobs,
         )?;
         let edge = edge_prompt(&app, &tenant, req.sampling.edge_prompt.as_deref())?;
-        let cloud = resolve_cloud(&app, cloud_name).await?;
+        let cloud = resolve_cloud(&app, cloud_name).await;
+        let texts: Vec<&str> = match &prompt {
+            CompletionPrompt::Text(t) => vec![t.as_str()],
+            CompletionPrompt::Tokens(_) => Vec::new(),
+        };
+        meta.note(cloud_name, edge.as_ref(), &texts);
+        let cloud = cloud?;
         let built =
             app.renderer()
                 .build_completion_prompt(cloud.as_deref(), edge.as_ref(), prompt)?;
@@ -740,21 +856,38 @@ async fn completions(
             stream: req.sampling.stream(),
             include_usage: req.sampling.include_usage(),
             model: req.model.clone(),
-            body_bytes,
         };
         fit_context(&app, &mut p, req.sampling.max_tokens.is_some(), "prompt")?;
         Ok(p)
-    }
-    .await;
-    respond(app, r, Kind::Completion).await
+    };
+    let (r, upstream) = record_upstream(prep).await;
+    meta.upstream = upstream;
+    respond(app, r, Kind::Completion, tenant, meta).await
 }
 
-/// Runs a prepared request, or answers its error (counted).
-async fn respond(app: Shared, r: Result<Prepared, ApiError>, kind: Kind) -> Response {
+/// Runs a prepared request, or answers its error (counted, and in the tenant's audit).
+async fn respond(
+    app: Shared,
+    r: Result<Prepared, ApiError>,
+    kind: Kind,
+    tenant: String,
+    meta: Meta,
+) -> Response {
     match r {
-        Ok(p) => run(app, p, kind).await,
+        Ok(p) => run(app, p, kind, meta).await,
         Err(e) => {
             app.metrics.errors.inc();
+            let row = meta.row(
+                app.request_id("rejected"),
+                kind,
+                None,
+                e.status.as_u16(),
+                e.code_str(),
+                None,
+                0,
+                0,
+            );
+            app.audit.push(&tenant, row);
             e.into_response()
         }
     }
@@ -779,10 +912,33 @@ struct Tracker {
     completion_tokens: usize,
     last_token: Option<Duration>,
     ignore_eos: bool,
-    body_bytes: usize,
     sent_bytes: usize,
     started: Instant,
+    meta: Meta,
+    /// How the cloud prompt's KV was obtained.
+    kv: Option<String>,
+    /// Whether the audit row was written (else it is written as cancelled when this is dropped).
+    audited: std::cell::Cell<bool>,
     _slot: Slot,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.audited.get() {
+            // The client went away (a closed connection cancels the request).
+            let row = self.meta.row(
+                self.id.clone(),
+                self.kind,
+                self.kv.clone(),
+                200,
+                "cancelled".into(),
+                None,
+                self.completion_tokens,
+                self.sent_bytes,
+            );
+            self.app.audit.push(&self.tenant, row);
+        }
+    }
 }
 
 impl Tracker {
@@ -834,13 +990,25 @@ impl Tracker {
             imported_tokens = f.imported_tokens,
             computed_tokens = f.prompt_tokens - f.cached_tokens,
             completion_tokens = f.generated,
-            bytes_up = self.body_bytes,
+            bytes_up = self.meta.body_bytes,
             bytes_down = self.sent_bytes,
             ttft_ms = f.first_token.as_millis() as u64,
             total_ms = f.total.as_millis() as u64,
             finish = f.reason.as_str(),
             "request finished"
         );
+        let row = self.meta.row(
+            self.id.clone(),
+            self.kind,
+            self.kv.clone(),
+            200,
+            f.reason.as_str().to_string(),
+            Some(f),
+            f.generated,
+            self.sent_bytes,
+        );
+        self.app.audit.push(&self.tenant, row);
+        self.audited.set(true);
     }
 
     fn failed(&self, e: &ApiError) {
@@ -851,11 +1019,23 @@ impl Tracker {
             request = %self.id,
             status = e.status.as_u16(),
             completion_tokens = self.completion_tokens,
-            bytes_up = self.body_bytes,
+            bytes_up = self.meta.body_bytes,
             bytes_down = self.sent_bytes,
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "request failed"
         );
+        let row = self.meta.row(
+            self.id.clone(),
+            self.kind,
+            self.kv.clone(),
+            e.status.as_u16(),
+            e.code_str(),
+            None,
+            self.completion_tokens,
+            self.sent_bytes,
+        );
+        self.app.audit.push(&self.tenant, row);
+        self.audited.set(true);
     }
 
     fn token_text(&self, id: u32) -> (String, Vec<u8>) {
@@ -915,7 +1095,7 @@ impl Tracker {
     }
 }
 
-async fn run(app: Shared, p: Prepared, kind: Kind) -> Response {
+async fn run(app: Shared, p: Prepared, kind: Kind, meta: Meta) -> Response {
     let slot = match Slot::take(&app) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
@@ -951,9 +1131,11 @@ async fn run(app: Shared, p: Prepared, kind: Kind) -> Response {
         completion_tokens: 0,
         last_token: None,
         ignore_eos,
-        body_bytes: p.body_bytes,
         sent_bytes: 0,
         started: Instant::now(),
+        kv: p._cloud.as_ref().map(|c| c.strategy.clone()),
+        meta,
+        audited: std::cell::Cell::new(false),
         _slot: slot,
         app: app.clone(),
     };
@@ -1388,10 +1570,63 @@ async fn purge_cache(
     axum::Extension(Tenant(tenant)): axum::Extension<Tenant>,
 ) -> Result<Json<Purged>, ApiError> {
     let purged_blocks = purge_tenant(&app, &tenant).await?;
+    app.audit.forget(&tenant);
     Ok(Json(Purged {
         deleted: None,
         purged_blocks,
     }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    responses(
+        (status = 200, description = "The caller's requests with what each sent to the cloud, and the edge's KV state", body = audit::Audit),
+        (status = 401, body = ep_proto::ErrorBody),
+    )
+)]
+async fn get_audit(
+    State(app): State<Shared>,
+    axum::Extension(Tenant(tenant)): axum::Extension<Tenant>,
+) -> Json<audit::Audit> {
+    let st = app.engine.stats();
+    let f = app.fetcher.as_ref();
+    let (decisions, counts) = f.map(|f| f.decisions()).unwrap_or_default();
+    Json(audit::Audit {
+        tenant: tenant_hash(&tenant),
+        requests: app.audit.rows(&tenant),
+        cloud: f.is_some(),
+        cloud_prompts: f.map(|f| f.held()).unwrap_or_default(),
+        kv_memory: audit::KvMemory {
+            budget_bytes: st.kv_budget_bytes,
+            used_bytes: st.kv_used_bytes,
+            cached_blocks: st.cached_blocks,
+            running: st.running,
+            waiting: st.waiting,
+        },
+        link: f.and_then(|f| f.link()).map(|l| audit::Link {
+            rtt_ms: l.rtt_s * 1e3,
+            mbit_per_s: l.bytes_per_s * 8e-6,
+            rtt_samples: l.rtt_samples,
+            rate_samples: l.rate_samples,
+        }),
+        planner_ready: f.is_some_and(|f| f.planner_ready()),
+        decisions,
+        decision_counts: counts
+            .into_iter()
+            .map(|(strategy, count)| audit::DecisionCount { strategy, count })
+            .collect(),
+        upstream: f.map(|f| {
+            let t = f.traffic();
+            audit::Upstream {
+                bytes_up: t.bytes_up,
+                bytes_down: t.bytes_down,
+                requests: t.requests,
+                kv_bytes: t.kv_bytes,
+                recent: f.upstream_recent(),
+            }
+        }),
+    })
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, body = ep_proto::Health)))]

@@ -694,6 +694,7 @@ async fn api_keys_health_models_and_openapi() {
         "/v1/edge-prompts",
         "/v1/edge-prompts/{name}",
         "/v1/tenants/self/cache",
+        "/v1/audit",
         "/health",
     ] {
         assert!(
@@ -704,6 +705,160 @@ async fn api_keys_health_models_and_openapi() {
     assert!(doc["components"]["schemas"]
         .get("ChatCompletionRequest")
         .is_some());
+    e.shutdown().await;
+}
+
+async fn audit(e: &Edge, key: Option<&str>) -> (u16, Value) {
+    let mut r = client().get(e.url("/v1/audit"));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// The audit rows: one per completion request of the caller's tenant (refused ones included), with
+/// the engine's token counts, no text and no upstream traffic on an edge without a cloud; the page
+/// and its files served with a strict content security policy, and its config without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_and_the_operator_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "sk-alice alice\nsk-bob bob\n").unwrap();
+    let cfg = EdgeConfig {
+        api_keys: Some(ApiKeys::load(&keys).unwrap()),
+        ..edge_cfg()
+    };
+    let e = tiny(cfg, engine_cfg()).await;
+    let text = prompt_text();
+    let (s, v) = post(
+        &e,
+        "/v1/completions",
+        Some("sk-alice"),
+        json!({"model": "m", "prompt": text, "max_tokens": 5, "temperature": 0, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, bad) = post(
+        &e,
+        "/v1/completions",
+        Some("sk-alice"),
+        json!({"model": "m", "prompt": text, "temperature": 7}),
+    )
+    .await;
+    assert_eq!(s, 400, "{bad}");
+    let (s, a) = audit(&e, Some("sk-alice")).await;
+    assert_eq!(s, 200, "{a}");
+    let rows = a["requests"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{a}");
+    // Newest first: the refused one, then the completion.
+    assert_eq!(rows[0]["status"], 400);
+    assert_eq!(rows[0]["outcome"], "invalid_value");
+    assert!(rows[0]["id"].as_str().unwrap().starts_with("rejected-"));
+    let r = &rows[1];
+    assert_eq!(r["id"], v["id"]);
+    assert_eq!(r["endpoint"], "completion");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["outcome"], "length");
+    assert_eq!(r["prompt_tokens"], v["usage"]["prompt_tokens"]);
+    assert_eq!(
+        r["cached_tokens"],
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+    );
+    assert_eq!(
+        r["computed_tokens"].as_u64().unwrap() + r["cached_tokens"].as_u64().unwrap(),
+        r["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(r["completion_tokens"], 5);
+    assert!(r["ttft_ms"].as_f64().unwrap() > 0.0);
+    assert!(r["total_ms"].as_f64().unwrap() >= r["ttft_ms"].as_f64().unwrap());
+    assert!(r["client_bytes_in"].as_u64().unwrap() > text.len() as u64);
+    assert!(r["client_bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(r["upstream"], json!([]));
+    assert_eq!(r["text_bytes_up"], 0);
+    assert_eq!(a["cloud"], false);
+    assert!(a["upstream"].is_null());
+    assert!(a["kv_memory"]["used_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(a["kv_memory"]["budget_bytes"], 64 << 20);
+    // No text of the request anywhere in it.
+    let body = a.to_string();
+    assert!(!body.contains("quick brown fox"), "{body}");
+    // Bob sees none of Alice's rows; without a key, nothing.
+    let (s, b) = audit(&e, Some("sk-bob")).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["requests"], json!([]));
+    assert_ne!(b["tenant"], a["tenant"]);
+    assert_eq!(audit(&e, None).await.0, 401);
+    // A client that goes away mid-stream: its row says cancelled.
+    let mut resp = client()
+        .post(e.url("/v1/completions"))
+        .bearer_auth("sk-alice")
+        .json(&json!({"model": "m", "prompt": text, "max_tokens": 500, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, a) = audit(&e, Some("sk-alice")).await;
+        if a["requests"][0]["outcome"] == "cancelled" {
+            assert!(
+                a["requests"][0]["completion_tokens"].as_u64().unwrap() < 500,
+                "{a}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no cancelled row: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Purging the tenant's cache forgets its audit too.
+    let r = client()
+        .delete(e.url("/v1/tenants/self/cache"))
+        .bearer_auth("sk-alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(audit(&e, Some("sk-alice")).await.1["requests"], json!([]));
+    // The page, its files and its config, without a key.
+    for (path, ty) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let r = client().get(e.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let h = r.headers();
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(ty),
+            "{path}"
+        );
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"));
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let body = r.text().await.unwrap();
+        assert!(
+            !body.contains("http://") && !body.contains("https://"),
+            "{path} loads from elsewhere"
+        );
+    }
+    let c: Value = client()
+        .get(e.url("/ui/config.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        c,
+        json!({"model_id": "m", "auth_required": true, "cloud": false})
+    );
     e.shutdown().await;
 }
 

@@ -155,8 +155,9 @@ pub fn run(a: EdgeArgs) -> Result<()> {
         ..EdgeConfig::default()
     };
     eprintln!(
-        "edge: serving '{}' on http://{} (Ctrl-C or SIGTERM stops it after the running requests)",
-        cfg.model_id, cfg.listen
+        "edge: serving '{}' on http://{} (Ctrl-C or SIGTERM stops it after the running requests); \
+         operator page: http://{}/",
+        cfg.model_id, cfg.listen, cfg.listen
     );
     rt.block_on(ep_edge::serve(
         cfg,

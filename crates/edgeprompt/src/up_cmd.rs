@@ -374,7 +374,8 @@ pub fn run(a: UpArgs) -> Result<()> {
             bail!("private data went up to the cloud: {leaked:?}");
         }
         if !a.once {
-            println!("\nserving until Ctrl-C: try\n  curl {edge_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"edgeprompt:{PROMPT_NAME}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Which plan has 25 GB?\"}}]}}'");
+            println!("\noperator page (chat and the privacy audit): {edge_url}/");
+            println!("serving until Ctrl-C: try\n  curl {edge_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"edgeprompt:{PROMPT_NAME}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Which plan has 25 GB?\"}}]}}'");
             let _ = tokio::signal::ctrl_c().await;
         }
         let _ = stop_tx.send(());

@@ -263,13 +263,15 @@ fn start_cloud() -> Stack {
     }
 }
 
-/// `edgeprompt edge` on a free port, fetching from `cloud_port` (with a disk cache when given), up.
+/// `edgeprompt edge` on a free port, fetching from `cloud_port` (with a disk cache when given, and
+/// `extra` arguments), up.
 fn spawn_edge(
     dir: &Path,
     log: &str,
     cloud_port: u16,
     token: &str,
     cache: Option<&Path>,
+    extra: &[&str],
 ) -> (Proc, u16) {
     let port = free_port();
     let m = model();
@@ -294,6 +296,7 @@ fn spawn_edge(
     if let Some(c) = &cache {
         args.extend(["--cache-dir", c.as_str()]);
     }
+    args.extend(extra);
     let edge = Proc::start(&args, dir.join(log));
     wait_for(
         &format!("http://127.0.0.1:{port}/health"),
@@ -305,6 +308,10 @@ fn spawn_edge(
 
 /// An edge reaching the cloud through a fresh recording proxy, with its own cache directory.
 fn start_edge(s: &Stack, name: &str) -> (Proc, u16, Recorder) {
+    start_edge_with(s, name, &[])
+}
+
+fn start_edge_with(s: &Stack, name: &str, extra: &[&str]) -> (Proc, u16, Recorder) {
     let rec = Recorder::start(s.cloud_port);
     let cache = s.dir.path().join(format!("cache-{name}"));
     let (edge, port) = spawn_edge(
@@ -313,6 +320,7 @@ fn start_edge(s: &Stack, name: &str) -> (Proc, u16, Recorder) {
         rec.port,
         &s.token,
         Some(&cache),
+        extra,
     );
     (edge, port, rec)
 }
@@ -684,6 +692,7 @@ fn two_cloud_replicas_on_one_redis_serve_either_edge() {
             *cloud_port,
             token,
             None,
+            &[],
         );
         let v = chat(
             port,
@@ -733,4 +742,185 @@ fn local_chat(msgs: &[(&str, &str)], max_tokens: usize) -> String {
         .collect_blocking()
         .unwrap()
         .text
+}
+
+/// The Python of the end-to-end venv (`scripts/setup-test-env.sh` makes it).
+fn e2e_python() -> String {
+    let py = std::env::var("EDGEPROMPT_E2E_PYTHON").unwrap_or_else(|_| {
+        ep_model::paths::edgeprompt_home()
+            .join("venv-e2e/bin/python")
+            .to_string_lossy()
+            .into_owned()
+    });
+    assert!(
+        Path::new(&py).exists(),
+        "no end-to-end Python at {py}: run scripts/test.sh (it sets one up)"
+    );
+    py
+}
+
+/// The operator page in headless Chromium, by keyboard only: the key, the cloud prompt, sampling
+/// settings and a message carrying a canary; the streamed answer equals `generate`'s; the audit row
+/// of that response says 0 bytes of the user's text went up — and the recording proxy agrees; the
+/// audit (JSON) holds no text, shows only the caller's tenant and needs a key; readable at 360 px, no
+/// console errors; screenshots saved.
+#[test]
+fn operator_page_in_a_browser() {
+    let chromium = std::env::var("EDGEPROMPT_CHROMIUM").unwrap_or("/usr/bin/chromium".into());
+    let driver = std::env::var("EDGEPROMPT_CHROMEDRIVER").unwrap_or("/usr/bin/chromedriver".into());
+    if !Path::new(&chromium).exists() || !Path::new(&driver).exists() {
+        eprintln!(
+            "SKIPPED operator_page_in_a_browser: no {chromium} / {driver} (scripts/setup-test-env.sh \
+             installs Debian's chromium and chromium-driver as root)"
+        );
+        return;
+    }
+    let s = start_cloud();
+    let keys = s.dir.path().join("keys.txt");
+    std::fs::write(&keys, "page-key tenant-page\nother-key tenant-other\n").unwrap();
+    let keys_arg = dir_str(&keys);
+    let (edge, port, rec) = start_edge_with(&s, "page", &["--api-keys", &keys_arg]);
+    let canary = "CANARY-Q7R2-5513";
+    let message =
+        format!("Hi, I am Lene Thorsrud, member {canary}. When are you open on Saturday?");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("operator-page");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/e2e/operator_page.py");
+    let o = Command::new(e2e_python())
+        .arg(&script)
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "page-key",
+            "bakery",
+            &message,
+            "24",
+            &dir_str(&out),
+        ])
+        .env("EDGEPROMPT_CHROMIUM", &chromium)
+        .env("EDGEPROMPT_CHROMEDRIVER", &driver)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "operator_page.py failed:\n{}\n{}\nedge log: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        edge.log()
+    );
+    let v: Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    // Every control is reached by Tab.
+    let order: Vec<&str> = v["tab_order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for id in [
+        "apikey",
+        "usekey",
+        "cloud",
+        "edge",
+        "sampling-summary",
+        "message",
+        "sendbtn",
+        "clear",
+        "recent-summary",
+    ] {
+        assert!(order.contains(&id), "#{id} not in the Tab order {order:?}");
+    }
+    assert_eq!(v["cloud_selected"], "bakery", "{v}");
+    // The streamed answer, as the page shows it, equals the CLI's greedy answer.
+    assert_eq!(v["answer_class"], "assistant", "{v}");
+    assert_eq!(
+        v["answer"].as_str().unwrap().trim_end(),
+        generate(CLOUD_SYSTEM, &message, 24).trim_end(),
+        "page vs generate"
+    );
+    let cloud_tokens = tokens_of_prompt(CLOUD_SYSTEM) as u64;
+    assert!(
+        v["cached_tokens"].as_str().unwrap().parse::<u64>().unwrap() >= cloud_tokens,
+        "{v}"
+    );
+    // The audit row in the page: 0 bytes of the message went up.
+    assert_eq!(v["audit_text_up"], "0 B", "{v}");
+    let cells = v["audit_cells"].to_string();
+    assert!(cells.contains("GET /v1/cloud-prompts/bakery"), "{cells}");
+    assert!(!cells.contains(canary), "{cells}");
+    // ... and the proxy between edge and cloud saw no byte of it either.
+    assert!(!contains(&rec.up_bytes(), canary.as_bytes()));
+    assert!(!contains(&rec.up_bytes(), b"Thorsrud"));
+    // The same audit as JSON: the row, no text anywhere, the upstream lines the proxy recorded.
+    let audit = |key: Option<&str>| {
+        curl(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v1/audit"),
+            key,
+            None,
+        )
+    };
+    let (code, body) = audit(Some("page-key"));
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !body.contains(canary) && !body.contains("Thorsrud"),
+        "{body}"
+    );
+    let a: Value = serde_json::from_str(&body).unwrap();
+    let id = v["response_id"].as_str().unwrap();
+    let row = a["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no audit row {id}: {body}"));
+    assert_eq!(row["text_bytes_up"], 0, "{row}");
+    assert_eq!(row["status"], 200, "{row}");
+    assert!(
+        row["cached_tokens"].as_u64().unwrap() >= cloud_tokens,
+        "{row}"
+    );
+    assert!(row["ttft_ms"].as_f64().unwrap() > 0.0, "{row}");
+    let mut seen: Vec<String> = a["upstream"]["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| format!("{} HTTP/1.1", u["line"].as_str().unwrap()))
+        .collect();
+    let mut recorded = request_lines(&rec.up_bytes());
+    seen.sort();
+    recorded.sort();
+    assert_eq!(seen, recorded, "the audit's upstream lines vs the proxy's");
+    assert_eq!(
+        a["upstream"]["bytes_up"].as_u64().unwrap() as usize,
+        rec.up_bytes().len(),
+        "bytes up: audit vs proxy"
+    );
+    let held = &a["cloud_prompts"][0];
+    assert_eq!(held["name"], "bakery", "{a}");
+    assert_eq!(held["tokens"].as_u64().unwrap(), cloud_tokens, "{held}");
+    // Another tenant does not see the row; no key, no audit.
+    let (code, other) = audit(Some("other-key"));
+    assert_eq!(code, 200, "{other}");
+    assert!(!other.contains(id), "{other}");
+    assert_eq!(audit(None).0, 401);
+    assert_eq!(audit(Some("wrong")).0, 401);
+    // Readable at 360 px: nothing wider than the viewport.
+    assert_eq!(v["narrow"]["inner"], 360, "{v}");
+    assert!(
+        v["narrow"]["scroll"].as_u64().unwrap() <= 360,
+        "horizontal overflow at 360 px: {v}"
+    );
+    // No console errors (nor warnings).
+    let bad: Vec<&Value> = v["console"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["level"] == "SEVERE" || e["level"] == "WARNING")
+        .collect();
+    assert!(bad.is_empty(), "console: {bad:?}");
+    for f in ["operator-page.png", "operator-page-360.png"] {
+        let png = std::fs::read(out.join(f)).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{f} is not a PNG");
+        eprintln!("screenshot: {}", out.join(f).display());
+    }
 }
