@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench and llama-batched-bench (CPU only) from the
+# Build llama.cpp's llama-bench, llama-batched-bench, llama-server and llama-quantize (CPU only) from the
 # llama.cpp vendored inside the llama-cpp-python==0.3.36 sdist, for peer
 # benchmarking (see scripts/peer/README.md).
 #
@@ -15,7 +15,7 @@
 #                         private venv with `pip install cmake ninja`)
 #   FORCE=1               rebuild even if the binaries exist
 #
-# Outputs: $EDGEPROMPT_HOME/peer/bin/{llama-bench,llama-batched-bench} (statically
+# Outputs: $EDGEPROMPT_HOME/peer/bin/{llama-bench,llama-batched-bench,llama-server,llama-quantize} (statically
 # linked against libllama/libggml, so they can be moved around).
 # Takes ~15-20 min on 2 cores.
 set -euo pipefail
@@ -28,12 +28,14 @@ VERSION=0.3.36
 NAME="llama_cpp_python-$VERSION"
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 JOBS="${JOBS:-$(nproc)}"
-TARGETS=(llama-bench llama-batched-bench)
+TARGETS=(llama-bench llama-batched-bench llama-server llama-quantize)
 
 log() { echo "[build-llama-cpp] $*" >&2; }
 
-if [ -z "${FORCE:-}" ] && [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-batched-bench" ]; then
-    log "already built: $BIN/llama-bench $BIN/llama-batched-bench (FORCE=1 to rebuild)"
+missing=0
+for t in "${TARGETS[@]}"; do [ -x "$BIN/$t" ] || missing=1; done
+if [ -z "${FORCE:-}" ] && [ "$missing" = 0 ]; then
+    log "already built: ${TARGETS[*]} in $BIN (FORCE=1 to rebuild)"
     exit 0
 fi
 mkdir -p "$PEER" "$BIN"
@@ -82,7 +84,7 @@ fi
 LLAMA_SRC="$SRC_ROOT/vendor/llama.cpp"
 [ -f "$LLAMA_SRC/CMakeLists.txt" ] || { log "no vendored llama.cpp at $LLAMA_SRC"; exit 1; }
 # The tools live under tools/ in recent llama.cpp (examples/ in old ones).
-for t in llama-bench batched-bench; do
+for t in llama-bench batched-bench server quantize; do
     if [ ! -d "$LLAMA_SRC/tools/$t" ] && [ ! -d "$LLAMA_SRC/examples/$t" ]; then
         log "cannot find $t under $LLAMA_SRC/{tools,examples}"; exit 1
     fi
@@ -130,7 +132,7 @@ START=$(date +%s)
     -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF \
     -DCMAKE_C_FLAGS="$NOAMX" \

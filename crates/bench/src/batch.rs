@@ -81,6 +81,8 @@ pub struct Workload {
     pub cloud_texts: Vec<String>,
     /// Per group: questions.
     pub questions: Vec<Vec<String>>,
+    /// Per group: each question's answer letter (MMLU only; empty for generated text).
+    pub answers: Vec<Vec<String>>,
 }
 
 fn read_csv(path: &Path) -> Result<Vec<Vec<String>>, BatchError> {
@@ -148,6 +150,7 @@ impl Workload {
         }
         let mut cloud_texts = Vec::new();
         let mut questions = Vec::new();
+        let mut answers = Vec::new();
         for s in &subjects[..groups] {
             let rows = read_csv(&dev.join(format!("{s}_dev.csv")))?;
             let mut text = format!(
@@ -159,17 +162,15 @@ impl Workload {
             }
             cloud_texts.push(text);
             let test = dir.join("mmlu").join("test").join(format!("{s}_test.csv"));
-            questions.push(
-                read_csv(&test)?
-                    .iter()
-                    .map(|r| mmlu_item(r, false))
-                    .collect(),
-            );
+            let rows = read_csv(&test)?;
+            questions.push(rows.iter().map(|r| mmlu_item(r, false)).collect());
+            answers.push(rows.iter().map(|r| r[5].trim().to_string()).collect());
         }
         Ok(Self {
             source: "mmlu",
             cloud_texts,
             questions,
+            answers,
         })
     }
 
@@ -209,6 +210,7 @@ impl Workload {
             source: "generated",
             cloud_texts,
             questions,
+            answers: Vec::new(),
         }
     }
 

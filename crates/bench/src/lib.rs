@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod codecs;
 pub mod micro;
+pub mod serve;
 
 /// Median of a non-empty list (the lower middle for even lengths).
 pub fn median(mut v: Vec<f64>) -> f64 {

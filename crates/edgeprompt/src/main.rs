@@ -23,6 +23,7 @@ mod cloud_cmd;
 mod model_cmd;
 mod netbench;
 mod netlab_cmd;
+mod servebench;
 mod up_cmd;
 
 #[derive(Parser)]
@@ -117,6 +118,13 @@ enum BenchCommand {
     /// getting a cloud prompt's KV: fetch-f16/int8/int4, recompute, split, adaptive. JSON records and
     /// a Markdown table of medians.
     Network(netbench::NetworkArgs),
+    /// The paper's interactive scenario over HTTP against real servers: a cloud and an edge per
+    /// attention mode (paged, relay, splice) and llama.cpp's llama-server, driven by a load generator
+    /// at a grid of request rates (Poisson, or Azure trace arrivals); throughput, normalized latency,
+    /// TTFT and TPOT percentiles, the highest rate meeting p90 TTFT ≤ 2 s and p90 TPOT ≤ 150 ms; then
+    /// the batch scenario (bench batch and llama-batched-bench). JSON records, a Markdown report and
+    /// plots.
+    Serve(servebench::ServeArgs),
 }
 
 #[derive(Args)]
@@ -1029,6 +1037,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Batch(a)) => cmd_bench_batch(a),
         Command::Bench(BenchCommand::Codecs(a)) => cmd_bench_codecs(a),
         Command::Bench(BenchCommand::Network(a)) => netbench::run(a),
+        Command::Bench(BenchCommand::Serve(a)) => servebench::run(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),

@@ -168,7 +168,7 @@ impl Hosts {
 }
 
 /// A child process killed when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -177,7 +177,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -197,7 +197,7 @@ fn prompt_text(tok: &ep_model::tokenizer::Tokenizer, doc: &str, n: usize) -> Res
     Ok(tok.decode(&ids[..want]))
 }
 
-async fn wait_http(client: &reqwest::Client, url: &str, limit: Duration) -> Result<()> {
+pub(crate) async fn wait_http(client: &reqwest::Client, url: &str, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
     loop {
         if let Ok(r) = client.get(url).send().await {

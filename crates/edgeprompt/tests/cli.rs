@@ -985,3 +985,172 @@ fn model_random_writes_a_loadable_model_of_the_asked_shape() {
         "/nonexistent.gguf",
     );
 }
+
+/// A datasets directory in the public layout, small: two MMLU subjects (dev and test) and a few
+/// ShareGPT conversations.
+fn tiny_datasets(dir: &Path) {
+    for s in ["astronomy", "geology"] {
+        let dev = dir.join("mmlu/dev");
+        let test = dir.join("mmlu/test");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::create_dir_all(&test).unwrap();
+        let rows: String = (0..5)
+            .map(|i| format!("\"What is {s} fact {i}?\",one,two,three,four,B\n"))
+            .collect();
+        std::fs::write(dev.join(format!("{s}_dev.csv")), &rows).unwrap();
+        std::fs::write(test.join(format!("{s}_test.csv")), &rows).unwrap();
+    }
+    let sg = dir.join("sharegpt");
+    std::fs::create_dir_all(&sg).unwrap();
+    let lines: String = (0..6)
+        .map(|i| {
+            serde_json::json!({"id": i.to_string(), "conversations": [
+                {"from": "human", "value": format!("Tell me about rock number {i}.")},
+                {"from": "gpt", "value": "It is a rock."}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(sg.join("ShareGPT_V3_filtered_500.jsonl"), lines).unwrap();
+}
+
+/// `bench serve` end to end on the tiny model: a cloud and an edge per mode started by the command,
+/// both cases at two rates, records with the acceptance fields, every request completed, a report
+/// and plots; bad flags are clear errors.
+#[test]
+fn bench_serve_runs_the_interactive_scenario_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    std::fs::write(&model, testutil::tiny_model_bytes(3, "llama")).unwrap();
+    let data = dir.path().join("datasets");
+    tiny_datasets(&data);
+    let json = dir.path().join("out/serve.jsonl");
+    std::fs::create_dir_all(json.parent().unwrap()).unwrap();
+    let m = model.to_string_lossy().into_owned();
+    let d = data.to_string_lossy().into_owned();
+    let j = json.to_string_lossy().into_owned();
+    let o = run(&[
+        "bench",
+        "serve",
+        "--model",
+        &m,
+        "--threads",
+        "1",
+        "--ctx-size",
+        "1024",
+        "--datasets",
+        &d,
+        "--systems",
+        "splice,paged",
+        "--cases",
+        "single,multi",
+        "--groups",
+        "2",
+        "--shared-tokens",
+        "96",
+        "--max-user-tokens",
+        "64",
+        "--rates",
+        "20,40",
+        "--requests",
+        "4",
+        "--output-tokens",
+        "4",
+        "--no-batch",
+        "--json",
+        &j,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs: Vec<Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (recs, quality): (Vec<Value>, Vec<Value>) = recs
+        .into_iter()
+        .partition(|r| r["scenario"] == "interactive");
+    assert_eq!(recs.len(), 2 * 2 * 2, "{recs:?}");
+    // Answer quality: the KV fetched from the cloud and the KV recomputed here answer alike (exact).
+    assert_eq!(quality.len(), 2, "{quality:?}");
+    for q in &quality {
+        assert_eq!(q["scenario"], "quality");
+        assert_eq!(q["questions"], 10, "{q}");
+        assert_eq!(q["agree_with_fetched"], 1.0, "{q}");
+    }
+    assert_eq!(quality[1]["system"], "edge recompute");
+    for r in &recs {
+        for f in [
+            "system",
+            "shared_tokens",
+            "rate",
+            "throughput_tok_s",
+            "normalized_latency_s_per_token",
+            "ttft_p50_ms",
+            "ttft_p90_ms",
+            "ttft_p99_ms",
+            "tpot_p90_ms",
+            "slo_met",
+        ] {
+            assert!(r.get(f).is_some(), "{f} missing: {r}");
+        }
+        assert_eq!(r["completed"], 4, "{r}");
+        assert!(r["throughput_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let single: Vec<&Value> = recs.iter().filter(|r| r["case"] == "single").collect();
+    assert!(
+        single.iter().all(|r| r["shared_tokens"] == 96),
+        "{single:?}"
+    );
+    let multi: Vec<&Value> = recs.iter().filter(|r| r["case"] == "multi").collect();
+    assert!(multi.iter().all(|r| r["groups"] == 2), "{multi:?}");
+    let md = std::fs::read_to_string(dir.path().join("out/serve.md")).unwrap();
+    assert!(md.contains("| single | 96 | splice |"), "{md}");
+    for f in ["serve-single-96.svg", "serve-single-96.png"] {
+        assert!(dir.path().join("out").join(f).exists(), "{f}");
+    }
+    // Bad input: named, not a panic.
+    let o = run(&[
+        "bench",
+        "serve",
+        "--model",
+        &m,
+        "--datasets",
+        &d,
+        "--systems",
+        "vllm",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown system 'vllm'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "bench",
+        "serve",
+        "--model",
+        &m,
+        "--datasets",
+        &d,
+        "--rates",
+        "0",
+    ]);
+    assert!(stderr(&o).contains("positive"), "{}", stderr(&o));
+    let o = run(&[
+        "bench",
+        "serve",
+        "--model",
+        &m,
+        "--datasets",
+        &d,
+        "--systems",
+        "llama.cpp",
+        "--llama-server",
+        "/nonexistent/llama-server",
+    ]);
+    assert!(
+        stderr(&o).contains("/nonexistent/llama-server does not exist"),
+        "{}",
+        stderr(&o)
+    );
+}
