@@ -205,7 +205,7 @@ struct Plan {
 fn plan(a: &ServeArgs) -> Result<Plan> {
     let mut p = match a.size.as_str() {
         "quick" => Plan {
-            rates: vec![0.5, 1.0, 2.0, 3.0, 4.0, 6.0],
+            rates: vec![0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
             requests: 40,
             bisect: false,
             azure: false,
@@ -417,6 +417,13 @@ struct Cloud {
     url: String,
 }
 
+fn http_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()?)
+}
+
 /// What starting and driving a server needs.
 struct Env<'a> {
     a: &'a ServeArgs,
@@ -549,12 +556,17 @@ async fn start_cloud(
 /// A server under test, running.
 struct Server {
     _p: Proc,
+    /// A client of this server alone (no pooled connection outlives the server it went to; idle
+    /// ones are closed before servers that time keep-alive out at 5 s do).
+    client: reqwest::Client,
     target: Target,
     config: String,
+    log: PathBuf,
 }
 
 async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) -> Result<Server> {
-    let (client, a, model, work, ctx) = (&env.client, env.a, env.model, env.work, env.ctx);
+    let (a, model, work, ctx) = (env.a, env.model, env.work, env.ctx);
+    let client = http_client()?;
     let port = free_port();
     let log = work.join(format!("edge-{mode}-{strategy}.log"));
     let threads = a.common.threads.unwrap_or(2);
@@ -586,11 +598,12 @@ async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) ->
         .env("RUST_LOG", "warn");
     let p = spawn(cmd, &log)?;
     let base = format!("http://127.0.0.1:{port}");
-    wait_http(client, &format!("{base}/health"), Duration::from_secs(120))
+    wait_http(&client, &format!("{base}/health"), Duration::from_secs(120))
         .await
         .with_context(|| format!("the {mode} edge did not start:\n{}", tail(&log)))?;
     Ok(Server {
         _p: p,
+        client,
         target: Target {
             base_url: base,
             api_key: Some("bench".into()),
@@ -598,18 +611,14 @@ async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) ->
         config: format!(
             "edgeprompt edge --attn-mode {mode} --kv-strategy {strategy} --threads {threads}"
         ),
+        log,
     })
 }
 
 async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server> {
-    let (client, bin, model, threads, ctx_per_slot, work) = (
-        &env.client,
-        env.llama_server,
-        env.model,
-        env.threads,
-        env.ctx,
-        env.work,
-    );
+    let client = http_client()?;
+    let (bin, model, threads, ctx_per_slot, work) =
+        (env.llama_server, env.model, env.threads, env.ctx, env.work);
     let port = free_port();
     let log = work.join(format!("llama-server{}.log", flags.replace([' ', '-'], "")));
     let ctx = ctx_per_slot * slots;
@@ -631,6 +640,10 @@ async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server>
             "--port",
             &port.to_string(),
             "--jinja",
+            // Enough HTTP threads for every client held open (its default is n_parallel + 2, and
+            // streams beyond it wait in a backlog of 5 and are refused under load).
+            "--threads-http",
+            "128",
             "--no-webui",
             "-ngl",
             "0",
@@ -638,29 +651,27 @@ async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server>
         .args(flags.split_whitespace());
     let p = spawn(cmd, &log)?;
     let base = format!("http://127.0.0.1:{port}");
-    wait_http(client, &format!("{base}/health"), Duration::from_secs(120))
+    wait_http(&client, &format!("{base}/health"), Duration::from_secs(120))
         .await
         .with_context(|| format!("llama-server did not start:\n{}", tail(&log)))?;
     Ok(Server {
         _p: p,
+        client,
         target: Target {
             base_url: base,
             api_key: None,
         },
-        config: format!("llama-server -t {threads} -c {ctx} -np {slots} --cont-batching {flags}")
+        config: format!(
+            "llama-server -t {threads} -c {ctx} -np {slots} --cont-batching --threads-http 128 {flags}"
+        )
             .trim()
             .to_string(),
+        log,
     })
 }
 
 /// One request per shared prompt, one at a time (both kinds of server get the same).
-async fn warm_up(
-    client: &reqwest::Client,
-    s: &Server,
-    case: &Case,
-    system: &str,
-    turns: &[String],
-) -> Result<()> {
+async fn warm_up(s: &Server, case: &Case, system: &str, turns: &[String]) -> Result<()> {
     for i in 0..case.prompts.len() {
         let mut j = jobs(
             &Case {
@@ -679,7 +690,7 @@ async fn warm_up(
             1,
         );
         let (_, st) = serve::run_point(
-            client,
+            &s.client,
             &s.target,
             &j.split_off(0),
             &[0.0],
@@ -690,9 +701,11 @@ async fn warm_up(
         .await;
         if st.completed != 1 {
             bail!(
-                "the warm-up request to {} failed: {:?}",
+                "the warm-up request to {} ({}) failed: {:?}\n{}",
                 s.target.base_url,
-                st.failure
+                s.config,
+                st.failure,
+                tail(&s.log)
             );
         }
     }
@@ -779,8 +792,8 @@ const LLAMA_SWEEP: &[(usize, &str)] = &[
     (4, "-kvu --cache-reuse 256"),
 ];
 
-/// Runs each of [`LLAMA_SWEEP`] at the grid's middle rate with half the requests and picks the
-/// best: every request completed, then the lowest p90 TTFT + 64 × p90 TPOT (a request's latency).
+/// Runs each of [`LLAMA_SWEEP`] at the grid's third rate with half the requests and picks the
+/// best: every request completed, then the objective met, then the lowest p90 end-to-end latency.
 async fn sweep_llama(
     env: &Env<'_>,
     case: &Case,
@@ -788,12 +801,12 @@ async fn sweep_llama(
     p: &Plan,
     sink: &mut Sink,
 ) -> Result<(usize, String)> {
-    let (client, outputs) = (&env.client, env.a.output_tokens);
-    let rate = p.rates[p.rates.len() / 2].min(4.0);
+    let outputs = env.a.output_tokens;
+    let rate = p.rates[p.rates.len().min(3) - 1].min(4.0);
     let mut best: Option<((usize, String), f64)> = None;
     for &(np, flags) in LLAMA_SWEEP {
         let s = start_llama(env, flags, np).await?;
-        warm_up(client, &s, case, "llama.cpp", turns).await?;
+        warm_up(&s, case, "llama.cpp", turns).await?;
         let q = Plan {
             requests: (p.requests / 2).max(8),
             rates: p.rates.clone(),
@@ -807,7 +820,7 @@ async fn sweep_llama(
         };
         let (jobs, arr) = point_jobs(case, "llama.cpp", &inp, &q, rate, 99);
         let (_, st) = serve::run_point(
-            client,
+            &s.client,
             &s.target,
             &jobs,
             &arr,
@@ -816,8 +829,9 @@ async fn sweep_llama(
             Slo::default(),
         )
         .await;
-        let score = match (st.failed, st.ttft_p90_ms, st.tpot_p90_ms) {
-            (0, Some(t), Some(o)) => t + 64.0 * o,
+        let score = match (st.failed, st.e2e_p90_ms) {
+            (0, Some(e)) if st.slo_met => e,
+            (0, Some(e)) => 1e9 + e,
             _ => f64::INFINITY,
         };
         eprintln!(
@@ -1177,7 +1191,7 @@ async fn interactive(
             } else {
                 start_edge(env, system, "fetch-f16", &cloud).await?
             };
-            warm_up(client, &server, case, system, turns).await?;
+            warm_up(&server, case, system, turns).await?;
             let mut k = 0usize;
             let mut bis = p
                 .bisect
@@ -1192,7 +1206,7 @@ async fn interactive(
                 let (jobs, arr) = point_jobs(case, system, inp, p, rate, k);
                 k += 1;
                 let (_, s) = serve::run_point(
-                    client,
+                    &server.client,
                     &server.target,
                     &jobs,
                     &arr,
@@ -1212,7 +1226,12 @@ async fn interactive(
                     if s.slo_met { "  SLO met" } else { "" },
                     s.failure.as_ref().map_or(String::new(), |f| format!("  failed: {f}"))
                 );
-                let (met, nothing) = (s.slo_met, s.completed == 0);
+                // Far past saturation on a grid (nothing completed, or p90 TTFT 4× the objective):
+                // higher rates only queue longer, so the grid stops there.
+                let saturated = s.completed == 0
+                    || s.ttft_p90_ms
+                        .is_some_and(|t| t > 4.0 * slo.ttft_p90_s * 1e3);
+                let met = s.slo_met;
                 if let Some(b) = &mut bis {
                     b.record(rate, met);
                 }
@@ -1233,8 +1252,11 @@ async fn interactive(
                     stats: s.into(),
                 };
                 sink.point(r)?;
-                // Past saturation on a grid: higher rates complete nothing either.
-                if nothing && bis.is_none() {
+                if saturated && bis.is_none() {
+                    eprintln!(
+                        "  {system:>9} {:>6}: saturated; higher rates skipped",
+                        case.name
+                    );
                     break;
                 }
             }
@@ -1270,7 +1292,6 @@ pub(crate) struct QualityRecord {
 
 /// The first letter A–D of a greedy one-token answer to each question, through `s`.
 async fn answers(
-    client: &reqwest::Client,
     s: &Server,
     qs: &[(String, String)],
     system_text: &dyn Fn(&str) -> Option<String>,
@@ -1282,7 +1303,8 @@ async fn answers(
             msgs.push(json!({"role": "system", "content": t}));
         }
         msgs.push(json!({"role": "user", "content": q}));
-        let mut req = client
+        let mut req = s
+            .client
             .post(format!("{}/v1/chat/completions", s.target.base_url))
             .json(&json!({"model": if system_text(model).is_some() { MODEL_ID } else { model.as_str() },
                           "messages": msgs, "max_tokens": 1, "temperature": 0}));
@@ -1311,7 +1333,7 @@ async fn quality(
     cloud: &Cloud,
     sink: &mut Sink,
 ) -> Result<()> {
-    let (a, client) = (env.a, &env.client);
+    let a = env.a;
     let subjects = multi.prompts.len().min(4);
     let w = ep_bench::batch::Workload::mmlu(env.datasets, subjects)?;
     let mut qs = Vec::new();
@@ -1338,13 +1360,13 @@ async fn quality(
     let mut runs: Vec<(String, String, Vec<char>)> = Vec::new();
     for strategy in ["fetch-f16", "recompute"] {
         let s = start_edge(env, "splice", strategy, cloud).await?;
-        let got = answers(client, &s, &qs, &|_| None).await?;
+        let got = answers(&s, &qs, &|_| None).await?;
         runs.push((format!("edge {strategy}"), s.config.clone(), got));
     }
     if a.systems.iter().any(|s| s == "llama.cpp") {
         let (np, flags) = chosen.get("multi").cloned().unwrap_or((1, String::new()));
         let s = start_llama(env, &flags, np).await?;
-        let got = answers(client, &s, &qs, &|m| texts.get(m).cloned()).await?;
+        let got = answers(&s, &qs, &|m| texts.get(m).cloned()).await?;
         runs.push(("llama.cpp".into(), s.config.clone(), got));
     }
     let fetched = runs[0].2.clone();
