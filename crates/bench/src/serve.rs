@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One chat request to send.
 #[derive(Clone, Debug)]
@@ -64,7 +64,7 @@ impl Default for Slo {
 }
 
 /// The statistics of one point (one rate against one system).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PointStats {
     pub requests: usize,
     pub completed: usize,

@@ -33,8 +33,9 @@ use crate::netbench::{free_port, wait_http, Proc};
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     common: crate::Common,
-    /// `quick` (a fixed rate grid, ~40 min on 2 cores) or `full` (bisection of the SLO rate to 10%,
-    /// output lengths from the Azure trace, an 8k-token prefix point, Azure arrivals).
+    /// `quick` (the grid 0.5–8 req/s, 40 requests a rate; 37 min on 2 cores) or `full` (bisection
+    /// of the SLO rate to 10%, output lengths from the Azure trace, a 7,680-token prefix point,
+    /// Azure arrivals).
     #[arg(long, default_value = "quick")]
     size: String,
     /// Public datasets directory (MMLU, ShareGPT, length traces); default $EDGEPROMPT_DATASETS, then
@@ -114,55 +115,7 @@ pub(crate) struct Record {
     /// The server's settings (llama-server's flags; the edge's mode).
     pub config: String,
     #[serde(flatten)]
-    pub stats: Stats,
-}
-
-/// [`PointStats`] as stored (deserialisable for --replot).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct Stats {
-    pub requests: usize,
-    pub completed: usize,
-    pub failed: usize,
-    pub failure: Option<String>,
-    pub duration_s: f64,
-    pub throughput_req_s: f64,
-    pub throughput_tok_s: f64,
-    pub normalized_latency_s_per_token: Option<f64>,
-    pub ttft_p50_ms: Option<f64>,
-    pub ttft_p90_ms: Option<f64>,
-    pub ttft_p99_ms: Option<f64>,
-    pub tpot_p50_ms: Option<f64>,
-    pub tpot_p90_ms: Option<f64>,
-    pub tpot_p99_ms: Option<f64>,
-    pub e2e_p50_ms: Option<f64>,
-    pub e2e_p90_ms: Option<f64>,
-    pub slo_met: bool,
-    pub loadgen_cpu_pct: Option<f64>,
-}
-
-impl From<PointStats> for Stats {
-    fn from(s: PointStats) -> Self {
-        Self {
-            requests: s.requests,
-            completed: s.completed,
-            failed: s.failed,
-            failure: s.failure,
-            duration_s: s.duration_s,
-            throughput_req_s: s.throughput_req_s,
-            throughput_tok_s: s.throughput_tok_s,
-            normalized_latency_s_per_token: s.normalized_latency_s_per_token,
-            ttft_p50_ms: s.ttft_p50_ms,
-            ttft_p90_ms: s.ttft_p90_ms,
-            ttft_p99_ms: s.ttft_p99_ms,
-            tpot_p50_ms: s.tpot_p50_ms,
-            tpot_p90_ms: s.tpot_p90_ms,
-            tpot_p99_ms: s.tpot_p99_ms,
-            e2e_p50_ms: s.e2e_p50_ms,
-            e2e_p90_ms: s.e2e_p90_ms,
-            slo_met: s.slo_met,
-            loadgen_cpu_pct: s.loadgen_cpu_pct,
-        }
-    }
+    pub stats: PointStats,
 }
 
 /// A batch-scenario record (the engine's `bench batch` or llama-batched-bench).
@@ -205,7 +158,7 @@ struct Plan {
 fn plan(a: &ServeArgs) -> Result<Plan> {
     let mut p = match a.size.as_str() {
         "quick" => Plan {
-            rates: vec![0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+            rates: vec![0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
             requests: 40,
             bisect: false,
             azure: false,
@@ -417,10 +370,12 @@ struct Cloud {
     url: String,
 }
 
+/// A client that opens a connection per request: a kept-alive connection that the server closes
+/// (cpp-httplib, under llama-server, times idle ones out and caps requests per connection) races with
+/// its reuse and fails a request the server never saw; on loopback a connect costs microseconds.
 fn http_client() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
-        .pool_max_idle_per_host(4096)
-        .pool_idle_timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
         .build()?)
 }
 
@@ -556,8 +511,7 @@ async fn start_cloud(
 /// A server under test, running.
 struct Server {
     _p: Proc,
-    /// A client of this server alone (no pooled connection outlives the server it went to; idle
-    /// ones are closed before servers that time keep-alive out at 5 s do).
+    /// A client of this server alone ([`http_client`]: a connection per request).
     client: reqwest::Client,
     target: Target,
     config: String,
@@ -566,7 +520,6 @@ struct Server {
 
 async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) -> Result<Server> {
     let (a, model, work, ctx) = (env.a, env.model, env.work, env.ctx);
-    let client = http_client()?;
     let port = free_port();
     let log = work.join(format!("edge-{mode}-{strategy}.log"));
     let threads = a.common.threads.unwrap_or(2);
@@ -596,27 +549,43 @@ async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) ->
             "1536",
         ])
         .env("RUST_LOG", "warn");
+    launch(
+        cmd,
+        port,
+        log,
+        Some("bench"),
+        format!("edgeprompt edge --attn-mode {mode} --kv-strategy {strategy} --threads {threads}"),
+    )
+    .await
+}
+
+/// Starts a server on `port` (its output to `log`) and waits until its `/health` answers.
+async fn launch(
+    cmd: Command,
+    port: u16,
+    log: PathBuf,
+    api_key: Option<&str>,
+    config: String,
+) -> Result<Server> {
+    let client = http_client()?;
     let p = spawn(cmd, &log)?;
     let base = format!("http://127.0.0.1:{port}");
     wait_http(&client, &format!("{base}/health"), Duration::from_secs(120))
         .await
-        .with_context(|| format!("the {mode} edge did not start:\n{}", tail(&log)))?;
+        .with_context(|| format!("`{config}` did not start:\n{}", tail(&log)))?;
     Ok(Server {
         _p: p,
         client,
         target: Target {
             base_url: base,
-            api_key: Some("bench".into()),
+            api_key: api_key.map(str::to_string),
         },
-        config: format!(
-            "edgeprompt edge --attn-mode {mode} --kv-strategy {strategy} --threads {threads}"
-        ),
+        config,
         log,
     })
 }
 
 async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server> {
-    let client = http_client()?;
     let (bin, model, threads, ctx_per_slot, work) =
         (env.llama_server, env.model, env.threads, env.ctx, env.work);
     let port = free_port();
@@ -649,25 +618,10 @@ async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server>
             "0",
         ])
         .args(flags.split_whitespace());
-    let p = spawn(cmd, &log)?;
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http(&client, &format!("{base}/health"), Duration::from_secs(120))
-        .await
-        .with_context(|| format!("llama-server did not start:\n{}", tail(&log)))?;
-    Ok(Server {
-        _p: p,
-        client,
-        target: Target {
-            base_url: base,
-            api_key: None,
-        },
-        config: format!(
-            "llama-server -t {threads} -c {ctx} -np {slots} --cont-batching --threads-http 128 {flags}"
-        )
-            .trim()
-            .to_string(),
-        log,
-    })
+    let config = format!(
+        "llama-server -t {threads} -c {ctx} -np {slots} --cont-batching --threads-http 128 {flags}"
+    );
+    launch(cmd, port, log, None, config.trim().to_string()).await
 }
 
 /// One request per shared prompt, one at a time (both kinds of server get the same).
@@ -852,7 +806,7 @@ async fn sweep_llama(
             arrivals: "poisson".into(),
             output_tokens: outputs,
             config: s.config.clone(),
-            stats: st.into(),
+            stats: st,
         };
         sink.point(r)?;
         if best.as_ref().is_none_or(|b| score < b.1) {
@@ -1249,7 +1203,7 @@ async fn interactive(
                     },
                     output_tokens: if outputs.len() == 1 { outputs[0] } else { 0 },
                     config: server.config.clone(),
-                    stats: s.into(),
+                    stats: s,
                 };
                 sink.point(r)?;
                 if saturated && bis.is_none() {
@@ -1403,6 +1357,8 @@ struct Summary {
     shared_tokens: usize,
     groups: usize,
     slo_rate: Option<f64>,
+    /// The lowest rate measured (an unmet objective there bounds the SLO rate below it).
+    lowest_rate: f64,
     saturation_tok_s: f64,
     saturation_req_s: f64,
     config: String,
@@ -1425,6 +1381,7 @@ fn summaries(recs: &[Record]) -> Vec<Summary> {
                 shared_tokens: shared,
                 groups: rs[0].groups,
                 slo_rate: serve::slo_rate(&pts),
+                lowest_rate: pts.iter().map(|p| p.0).fold(f64::INFINITY, f64::min),
                 saturation_tok_s: rs
                     .iter()
                     .map(|r| r.stats.throughput_tok_s)
@@ -1499,7 +1456,13 @@ fn plot(charts: &[Chart], svg: &Path) -> Result<()> {
             if c.log_y {
                 let lo = if ymin.is_finite() { ymin / 2.0 } else { 1.0 };
                 let mut chart = b.build_cartesian_2d(0.0..xmax, (lo..ymax).log_scale())?;
-                chart.configure_mesh().x_desc(c.x).y_desc(c.y).draw()?;
+                chart
+                    .configure_mesh()
+                    .x_desc(c.x)
+                    .y_desc(c.y)
+                    .max_light_lines(1)
+                    .y_label_formatter(&|v| format!("{v:.0}"))
+                    .draw()?;
                 draw_series(&mut chart, c, xmax)?;
             } else {
                 let mut chart = b.build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
@@ -1625,11 +1588,14 @@ fn report(
         let peer = |sys: &str| {
             sums.iter()
                 .find(|o| o.case == s.case && o.shared_tokens == s.shared_tokens && o.system == sys)
-                .and_then(|o| o.slo_rate)
         };
-        let ratio = |b: Option<f64>| match (s.slo_rate, b) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-            (Some(_), None) => "∞ (peer meets none)".into(),
+        let ratio = |b: Option<&Summary>| match (s.slo_rate, b.map(|b| (b.slo_rate, b.lowest_rate)))
+        {
+            (Some(a), Some((Some(b), _))) if b > 0.0 => format!("{:.2}", a / b),
+            // The peer missed the objective at every rate, down to its lowest.
+            (Some(a), Some((None, lo))) if lo.is_finite() => {
+                format!("> {:.1} (it meets none, from {lo} req/s)", a / lo)
+            }
             _ => "–".into(),
         };
         md.push_str(&format!(
@@ -1751,7 +1717,7 @@ fn report(
     cases.dedup();
     let mut plots = Vec::new();
     for (case, shared) in &cases {
-        let of = |f: &dyn Fn(&Stats) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+        let of = |f: &dyn Fn(&PointStats) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
             let mut systems: Vec<String> = pts
                 .iter()
                 .filter(|r| &r.case == case && r.shared_tokens == *shared)
@@ -1881,7 +1847,7 @@ mod tests {
             arrivals: "poisson".into(),
             output_tokens: 64,
             config: format!("{system} settings"),
-            stats: Stats {
+            stats: PointStats {
                 requests: 40,
                 completed: 40,
                 throughput_tok_s: tok_s,
@@ -1890,7 +1856,7 @@ mod tests {
                 tpot_p90_ms: Some(tpot),
                 slo_met: ttft <= slo.ttft_p90_s * 1e3 && tpot <= slo.tpot_p90_s * 1e3,
                 loadgen_cpu_pct: Some(3.0),
-                ..Stats::default()
+                ..PointStats::default()
             },
         }
     }
@@ -1907,11 +1873,11 @@ mod tests {
             rec("llama.cpp", 2.0, 4000.0, 200.0, 70.0),
             // Nothing completed at this rate: reported, no latencies.
             Record {
-                stats: Stats {
+                stats: PointStats {
                     requests: 40,
                     failed: 40,
                     failure: Some("timeout (×40)".into()),
-                    ..Stats::default()
+                    ..PointStats::default()
                 },
                 ..rec("llama.cpp", 4.0, 0.0, 0.0, 0.0)
             },
@@ -1947,9 +1913,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         report(&recs, &batch, &[], dir.path()).unwrap();
         let md = std::fs::read_to_string(dir.path().join("serve.md")).unwrap();
-        // splice: SLO rate 2, ∞ over a peer that meets none, 2.00 × paged.
+        // splice: SLO rate 2, more than 2 / 1 over a peer that meets none from 1 req/s, 2.00 × paged.
         assert!(
-            md.contains("| single | 2048 | splice | 2.00 | ∞ (peer meets none) | 2.00 | 150.0 |"),
+            md.contains(
+                "| single | 2048 | splice | 2.00 | > 2.0 (it meets none, from 1 req/s) | 2.00 | 150.0 |"
+            ),
             "{md}"
         );
         assert!(md.contains("timeout (×40)"), "{md}");

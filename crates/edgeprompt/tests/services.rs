@@ -441,16 +441,7 @@ fn cloud_and_edge_keep_user_data_on_the_edge() {
         "edge prompt: edge vs local"
     );
     // The official openai client, streaming and not.
-    let py = std::env::var("EDGEPROMPT_E2E_PYTHON").unwrap_or_else(|_| {
-        ep_model::paths::edgeprompt_home()
-            .join("venv-e2e/bin/python")
-            .to_string_lossy()
-            .into_owned()
-    });
-    assert!(
-        Path::new(&py).exists(),
-        "no Python with the openai client at {py}: run scripts/test.sh (it sets one up)"
-    );
+    let py = e2e_python();
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/e2e/openai_client.py");
     let o = Command::new(&py)
