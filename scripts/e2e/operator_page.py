@@ -19,7 +19,6 @@ import time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
-from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 CHROMIUM = os.environ.get("EDGEPROMPT_CHROMIUM", "/usr/bin/chromium")
@@ -104,19 +103,28 @@ def main():
         keys(d, message, Keys.ENTER)
         li = wait("the streamed answer", lambda: d.execute_script(
             "return document.querySelector('#log li.assistant[data-done], #log li.error[data-done]')"))
-        result["answer_class"] = li.get_attribute("class")
-        result["answer"] = li.find_element(By.CSS_SELECTOR, "span:not(.who)").text
-        result["response_id"] = li.get_attribute("data-id")
-        result["finish"] = li.get_attribute("data-finish")
-        result["cached_tokens"] = li.get_attribute("data-cached")
+        # The log's items are not redrawn, but read them in one script too.
+        got = d.execute_script(
+            "const li = arguments[0]; return {cls: li.className,"
+            " text: li.querySelector('span:not(.who)').innerText, id: li.dataset.id,"
+            " finish: li.dataset.finish, cached: li.dataset.cached}", li)
+        result["answer_class"] = got["cls"]
+        result["answer"] = got["text"]
+        result["response_id"] = got["id"]
+        result["finish"] = got["finish"]
+        result["cached_tokens"] = got["cached"]
         result["focus_after"] = active_id(d)
         rid = result["response_id"]
+        # The page redraws its tables every second: read a row's cells in one script, atomically.
         row = wait("the audit row", lambda: d.execute_script(
-            "return document.querySelector('#requests tr[data-id=\"' + arguments[0] + '\"]')", rid), 30)
-        result["audit_cells"] = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
-        result["audit_text_up"] = row.find_element(By.CSS_SELECTOR, "td.textup").text
-        result["prompts_rows"] = [tr.text for tr in d.find_elements(By.CSS_SELECTOR, "#prompts tbody tr")]
-        result["kv_text"] = d.find_element(By.ID, "kvtext").text
+            "const tr = document.querySelector('#requests tr[data-id=\"' + arguments[0] + '\"]');"
+            "return tr && {cells: [...tr.cells].map(c => c.innerText),"
+            " textup: tr.querySelector('td.textup').innerText}", rid), 30)
+        result["audit_cells"] = row["cells"]
+        result["audit_text_up"] = row["textup"]
+        result["prompts_rows"] = d.execute_script(
+            "return [...document.querySelectorAll('#prompts tbody tr')].map(tr => tr.innerText)")
+        result["kv_text"] = d.execute_script("return document.getElementById('kvtext').innerText")
         d.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
         d.set_window_size(1280, 1250)
         time.sleep(0.3)
