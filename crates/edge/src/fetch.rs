@@ -911,19 +911,16 @@ impl Inner {
                 h.insert(k.clone(), v);
             }
         }
-        let line = format!("{method} {}{path} HTTP/1.1\r\n", self.base_path);
-        self.n
-            .up
-            .fetch_add(line.len() as u64 + header_lines_len(&h), Ordering::Relaxed);
-        let h_sent = h.clone();
+        let line = format!("{method} {}{path}", self.base_path);
+        let bytes_up = (line.len() + " HTTP/1.1\r\n".len()) as u64 + header_lines_len(&h);
+        self.n.up.fetch_add(bytes_up, Ordering::Relaxed);
         let seq = self.n.requests.fetch_add(1, Ordering::Relaxed);
-        let r = self
+        let mut r = self
             .http
-            .request(method.clone(), format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .headers(h)
             .send()
             .await?;
-        let mut r = r;
         let s = r.status();
         let status_line = format!(
             "HTTP/1.1 {} {}\r\n",
@@ -934,8 +931,8 @@ impl Inner {
         self.n.down.fetch_add(head_down, Ordering::Relaxed);
         let entry = UpstreamRequest {
             at_ms: unix_ms(),
-            line: format!("{method} {}{path}", self.base_path),
-            bytes_up: line.len() as u64 + header_lines_len(&h_sent),
+            line,
+            bytes_up,
             body_bytes_up: 0,
             bytes_down: head_down,
             status: s.as_u16(),

@@ -474,7 +474,6 @@ fn params(
 }
 
 /// What the audit row of a request says beyond its counts.
-#[derive(Default)]
 struct Meta {
     cloud_prompt: Option<String>,
     edge_prompt: Option<String>,
@@ -484,15 +483,19 @@ struct Meta {
     text_bytes_up: u64,
     body_bytes: usize,
     arrived_ms: u64,
-    started: Option<Instant>,
+    arrived: Instant,
 }
 
 impl Meta {
     fn new() -> Self {
         Self {
+            cloud_prompt: None,
+            edge_prompt: None,
+            upstream: Vec::new(),
+            text_bytes_up: 0,
+            body_bytes: 0,
             arrived_ms: unix_ms(),
-            started: Some(Instant::now()),
-            ..Self::default()
+            arrived: Instant::now(),
         }
     }
 
@@ -547,16 +550,13 @@ impl Meta {
             prompt_tokens: prompt,
             cached_tokens: cached,
             imported_tokens: imported,
-            computed_tokens: prompt - cached.min(prompt),
+            computed_tokens: prompt.saturating_sub(cached),
             completion_tokens: generated,
             ttft_ms: f
                 .filter(|f| f.generated > 0)
                 .map(|f| f.first_token.as_secs_f64() * 1e3),
             total_ms: f.map_or_else(
-                || {
-                    self.started
-                        .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3)
-                },
+                || self.arrived.elapsed().as_secs_f64() * 1e3,
                 |f| f.total.as_secs_f64() * 1e3,
             ),
             client_bytes_in: self.body_bytes,

@@ -708,8 +708,8 @@ async fn api_keys_health_models_and_openapi() {
     e.shutdown().await;
 }
 
-async fn audit(e: &Edge, key: Option<&str>) -> (u16, Value) {
-    let mut r = client().get(e.url("/v1/audit"));
+async fn get(e: &Edge, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut r = client().get(e.url(path));
     if let Some(k) = key {
         r = r.bearer_auth(k);
     }
@@ -717,16 +717,17 @@ async fn audit(e: &Edge, key: Option<&str>) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+async fn audit(e: &Edge, key: Option<&str>) -> (u16, Value) {
+    get(e, "/v1/audit", key).await
+}
+
 /// The audit rows: one per completion request of the caller's tenant (refused ones included), with
 /// the engine's token counts, no text and no upstream traffic on an edge without a cloud; the page
 /// and its files served with a strict content security policy, and its config without a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_and_the_operator_page() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, "sk-alice alice\nsk-bob bob\n").unwrap();
     let cfg = EdgeConfig {
-        api_keys: Some(ApiKeys::load(&keys).unwrap()),
+        api_keys: Some(ApiKeys::parse("sk-alice alice\nsk-bob bob\n").unwrap()),
         ..edge_cfg()
     };
     let e = tiny(cfg, engine_cfg()).await;
@@ -847,14 +848,8 @@ async fn the_audit_and_the_operator_page() {
             "{path} loads from elsewhere"
         );
     }
-    let c: Value = client()
-        .get(e.url("/ui/config.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, c) = get(&e, "/ui/config.json", None).await;
+    assert_eq!(status, 200);
     assert_eq!(
         c,
         json!({"model_id": "m", "auth_required": true, "cloud": false})

@@ -325,22 +325,27 @@ fn jobs(
             x ^= x << 17;
             let p = &case.prompts[(x % case.prompts.len() as u64) as usize];
             let user = turns[(offset + i) % turns.len()].clone();
-            let max_tokens = outputs[i % outputs.len()];
-            if system == "llama.cpp" {
-                Job {
-                    model: MODEL_ID.into(),
-                    messages: vec![("system".into(), p.text.clone()), ("user".into(), user)],
-                    max_tokens,
-                }
-            } else {
-                Job {
-                    model: format!("{MODEL_ID}:{}", p.name),
-                    messages: vec![("user".into(), user)],
-                    max_tokens,
-                }
-            }
+            job(p, system, user, outputs[i % outputs.len()])
         })
         .collect()
+}
+
+/// A request after shared prompt `p`: the edge names the cloud prompt in the model id; llama-server
+/// gets its text as the system message.
+fn job(p: &Shared, system: &str, user: String, max_tokens: usize) -> Job {
+    if system == "llama.cpp" {
+        Job {
+            model: MODEL_ID.into(),
+            messages: vec![("system".into(), p.text.clone()), ("user".into(), user)],
+            max_tokens,
+        }
+    } else {
+        Job {
+            model: format!("{MODEL_ID}:{}", p.name),
+            messages: vec![("user".into(), user)],
+            max_tokens,
+        }
+    }
 }
 
 fn exe() -> Result<PathBuf> {
@@ -382,7 +387,6 @@ fn http_client() -> Result<reqwest::Client> {
 /// What starting and driving a server needs.
 struct Env<'a> {
     a: &'a ServeArgs,
-    client: reqwest::Client,
     model: &'a Path,
     llama_server: &'a Path,
     threads: usize,
@@ -436,14 +440,9 @@ struct Inputs<'a> {
     max_out: usize,
 }
 
-async fn start_cloud(
-    client: &reqwest::Client,
-    model: &Path,
-    threads: usize,
-    ctx: usize,
-    work: &Path,
-    cases: &[Case],
-) -> Result<Cloud> {
+async fn start_cloud(env: &Env<'_>, cases: &[Case]) -> Result<Cloud> {
+    let (model, threads, ctx, work) = (env.model, env.threads, env.ctx, env.work);
+    let client = &http_client()?;
     let port = free_port();
     let log = work.join("cloud.log");
     let mut cmd = Command::new(exe()?);
@@ -519,10 +518,9 @@ struct Server {
 }
 
 async fn start_edge(env: &Env<'_>, mode: &str, strategy: &str, cloud: &Cloud) -> Result<Server> {
-    let (a, model, work, ctx) = (env.a, env.model, env.work, env.ctx);
+    let (model, work, ctx, threads) = (env.model, env.work, env.ctx, env.threads);
     let port = free_port();
     let log = work.join(format!("edge-{mode}-{strategy}.log"));
-    let threads = a.common.threads.unwrap_or(2);
     let mut cmd = Command::new(exe()?);
     cmd.args(["edge", "--listen", &format!("127.0.0.1:{port}"), "--model"])
         .arg(model)
@@ -626,27 +624,13 @@ async fn start_llama(env: &Env<'_>, flags: &str, slots: usize) -> Result<Server>
 
 /// One request per shared prompt, one at a time (both kinds of server get the same).
 async fn warm_up(s: &Server, case: &Case, system: &str, turns: &[String]) -> Result<()> {
-    for i in 0..case.prompts.len() {
-        let mut j = jobs(
-            &Case {
-                name: case.name.clone(),
-                prompts: vec![Shared {
-                    name: case.prompts[i].name.clone(),
-                    text: case.prompts[i].text.clone(),
-                    tokens: case.prompts[i].tokens,
-                }],
-            },
-            system,
-            turns,
-            1,
-            turns.len() - 1 - i % turns.len(),
-            &[4],
-            1,
-        );
+    for (i, p) in case.prompts.iter().enumerate() {
+        // User turns from the end of the list (the points take theirs from the start).
+        let user = turns[turns.len() - 1 - i % turns.len()].clone();
         let (_, st) = serve::run_point(
             &s.client,
             &s.target,
-            &j.split_off(0),
+            &[job(p, system, user, 4)],
             &[0.0],
             Duration::from_secs(300),
             Duration::from_secs(300),
@@ -757,21 +741,21 @@ async fn sweep_llama(
 ) -> Result<(usize, String)> {
     let outputs = env.a.output_tokens;
     let rate = p.rates[p.rates.len().min(3) - 1].min(4.0);
+    let q = Plan {
+        requests: (p.requests / 2).max(8),
+        rates: p.rates.clone(),
+        ..*p
+    };
+    let inp = Inputs {
+        turns,
+        outputs: &[outputs],
+        azure: None,
+        max_out: outputs,
+    };
     let mut best: Option<((usize, String), f64)> = None;
     for &(np, flags) in LLAMA_SWEEP {
         let s = start_llama(env, flags, np).await?;
         warm_up(&s, case, "llama.cpp", turns).await?;
-        let q = Plan {
-            requests: (p.requests / 2).max(8),
-            rates: p.rates.clone(),
-            ..*p
-        };
-        let inp = Inputs {
-            turns,
-            outputs: &[outputs],
-            azure: None,
-            max_out: outputs,
-        };
         let (jobs, arr) = point_jobs(case, "llama.cpp", &inp, &q, rate, 99);
         let (_, st) = serve::run_point(
             &s.client,
@@ -819,15 +803,8 @@ async fn sweep_llama(
 }
 
 /// The non-interactive scenario: `bench batch` over the modes, and llama-batched-bench `-pps`.
-fn batch_part(
-    a: &ServeArgs,
-    l: crate::Loaded,
-    dir: &Path,
-    shared: &[usize],
-    llama_server: &Path,
-    threads: usize,
-    sink: &mut Sink,
-) -> Result<()> {
+fn batch_part(env: &Env<'_>, l: crate::Loaded, shared: &[usize], sink: &mut Sink) -> Result<()> {
+    let (a, dir, threads) = (env.a, env.datasets, env.threads);
     let modes: Vec<String> = a
         .systems
         .iter()
@@ -879,18 +856,13 @@ fn batch_part(
     let bb = a
         .llama_batched_bench
         .clone()
-        .unwrap_or_else(|| llama_server.with_file_name("llama-batched-bench"));
+        .unwrap_or_else(|| env.llama_server.with_file_name("llama-batched-bench"));
     if a.systems.iter().any(|s| s == "llama.cpp") && bb.exists() {
         for &pp in &prefix {
             let ctx = (pp + gen) * batch + 512;
             let o = Command::new(&bb)
                 .arg("-m")
-                .arg(
-                    a.common
-                        .model
-                        .clone()
-                        .unwrap_or_else(ep_model::paths::default_model_path),
-                )
+                .arg(env.model)
                 .args([
                     "-t",
                     &threads.to_string(),
@@ -959,23 +931,12 @@ fn read_records(path: &Path) -> Result<AllRecords> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        if v["scenario"] == "quality" {
-            quality.push(
-                serde_json::from_value(v)
-                    .with_context(|| format!("{}: line {}", path.display(), i + 1))?,
-            );
-        } else if v["scenario"] == "batch" {
-            batch.push(
-                serde_json::from_value(v)
-                    .with_context(|| format!("{}: line {}", path.display(), i + 1))?,
-            );
-        } else {
-            recs.push(
-                serde_json::from_value(v)
-                    .with_context(|| format!("{}: line {}", path.display(), i + 1))?,
-            );
+        let at = || format!("{}: line {}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).with_context(at)?;
+        match v["scenario"].as_str() {
+            Some("quality") => quality.push(serde_json::from_value(v).with_context(at)?),
+            Some("batch") => batch.push(serde_json::from_value(v).with_context(at)?),
+            _ => recs.push(serde_json::from_value(v).with_context(at)?),
         }
     }
     Ok((recs, batch, quality))
@@ -1058,9 +1019,6 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     };
     let mut env = Env {
         a: &a,
-        client: reqwest::Client::builder()
-            .pool_max_idle_per_host(4096)
-            .build()?,
         model: &model_path,
         llama_server: &llama_server,
         threads,
@@ -1073,15 +1031,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         rt.block_on(interactive(&mut env, &p, &cs, &inp, l.n_ctx, &mut sink))?;
     }
     if !a.no_batch {
-        batch_part(
-            &a,
-            l,
-            &dir,
-            &shared_tokens,
-            &llama_server,
-            threads,
-            &mut sink,
-        )?;
+        batch_part(&env, l, &shared_tokens, &mut sink)?;
     }
     eprintln!(
         "bench serve: done in {:.1} min",
@@ -1115,7 +1065,6 @@ async fn interactive(
     }
     env.ctx = ctx;
     let env = &*env;
-    let client = &env.client;
     eprintln!(
         "bench serve: shared prompts of {} tokens; starting the cloud…",
         cs.iter()
@@ -1131,7 +1080,7 @@ async fn interactive(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let cloud = start_cloud(client, env.model, env.threads, ctx, env.work, cs).await?;
+    let cloud = start_cloud(env, cs).await?;
     for system in &a.systems {
         for case in cs {
             let server = if system == "llama.cpp" {
@@ -1252,16 +1201,16 @@ async fn answers(
 ) -> Result<Vec<char>> {
     let mut out = Vec::with_capacity(qs.len());
     for (model, q) in qs {
-        let mut msgs = Vec::new();
-        if let Some(t) = system_text(model) {
-            msgs.push(json!({"role": "system", "content": t}));
-        }
+        // With the shared prompt as text (llama-server) the model id is the plain one.
+        let (model, mut msgs) = match system_text(model) {
+            Some(t) => (MODEL_ID, vec![json!({"role": "system", "content": t})]),
+            None => (model.as_str(), Vec::new()),
+        };
         msgs.push(json!({"role": "user", "content": q}));
         let mut req = s
             .client
             .post(format!("{}/v1/chat/completions", s.target.base_url))
-            .json(&json!({"model": if system_text(model).is_some() { MODEL_ID } else { model.as_str() },
-                          "messages": msgs, "max_tokens": 1, "temperature": 0}));
+            .json(&json!({"model": model, "messages": msgs, "max_tokens": 1, "temperature": 0}));
         if let Some(k) = &s.target.api_key {
             req = req.bearer_auth(k);
         }
@@ -1404,6 +1353,14 @@ const SYSTEM_ORDER: &[&str] = &["splice", "relay", "paged", "llama.cpp"];
 
 fn system_rank(s: &str) -> usize {
     SYSTEM_ORDER.iter().position(|x| *x == s).unwrap_or(9)
+}
+
+/// The distinct systems among `names`, in report order.
+fn systems_in<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut v: Vec<String> = names.map(str::to_string).collect();
+    v.sort_by(|a, b| (system_rank(a), a).cmp(&(system_rank(b), b)));
+    v.dedup();
+    v
 }
 
 fn colour(system: &str) -> plotters::style::RGBColor {
@@ -1712,32 +1669,26 @@ fn report(
         .iter()
         .map(|r| (r.case.clone(), r.shared_tokens))
         .collect();
-    cases.dedup();
     cases.sort();
     cases.dedup();
     let mut plots = Vec::new();
     for (case, shared) in &cases {
         let of = |f: &dyn Fn(&PointStats) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
-            let mut systems: Vec<String> = pts
-                .iter()
-                .filter(|r| &r.case == case && r.shared_tokens == *shared)
-                .map(|r| r.system.clone())
-                .collect();
-            systems.sort_by_key(|s| system_rank(s));
-            systems.dedup();
-            systems
-                .into_iter()
-                .map(|sys| {
-                    let v: Vec<(f64, f64)> = pts
-                        .iter()
-                        .filter(|r| {
-                            &r.case == case && r.shared_tokens == *shared && r.system == sys
-                        })
-                        .filter_map(|r| f(&r.stats).map(|y| (r.rate, y)))
-                        .collect();
-                    (sys, v)
-                })
-                .collect()
+            systems_in(
+                pts.iter()
+                    .filter(|r| &r.case == case && r.shared_tokens == *shared)
+                    .map(|r| r.system.as_str()),
+            )
+            .into_iter()
+            .map(|sys| {
+                let v: Vec<(f64, f64)> = pts
+                    .iter()
+                    .filter(|r| &r.case == case && r.shared_tokens == *shared && r.system == sys)
+                    .filter_map(|r| f(&r.stats).map(|y| (r.rate, y)))
+                    .collect();
+                (sys, v)
+            })
+            .collect()
         };
         let name = format!("serve-{case}-{shared}");
         let svg = dir.join(format!("{name}.svg"));
@@ -1778,13 +1729,12 @@ fn report(
         groups.sort();
         groups.dedup();
         for g in groups {
-            let mut systems: Vec<String> = batch
-                .iter()
-                .filter(|r| r.groups == g)
-                .map(|r| r.system.clone())
-                .collect();
-            systems.sort_by_key(|s| system_rank(s));
-            systems.dedup();
+            let systems = systems_in(
+                batch
+                    .iter()
+                    .filter(|r| r.groups == g)
+                    .map(|r| r.system.as_str()),
+            );
             charts.push(Chart {
                 title: format!(
                     "batch decode, {} shared prompt{}",

@@ -1108,49 +1108,23 @@ fn bench_serve_runs_the_interactive_scenario_on_a_tiny_model() {
     for f in ["serve-single-96.svg", "serve-single-96.png"] {
         assert!(dir.path().join("out").join(f).exists(), "{f}");
     }
-    // Bad input: named, not a panic.
-    let o = run(&[
-        "bench",
-        "serve",
-        "--model",
-        &m,
-        "--datasets",
-        &d,
-        "--systems",
-        "vllm",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("unknown system 'vllm'"),
-        "{}",
-        stderr(&o)
-    );
-    let o = run(&[
-        "bench",
-        "serve",
-        "--model",
-        &m,
-        "--datasets",
-        &d,
-        "--rates",
-        "0",
-    ]);
-    assert!(stderr(&o).contains("positive"), "{}", stderr(&o));
-    let o = run(&[
-        "bench",
-        "serve",
-        "--model",
-        &m,
-        "--datasets",
-        &d,
-        "--systems",
-        "llama.cpp",
-        "--llama-server",
-        "/nonexistent/llama-server",
-    ]);
-    assert!(
-        stderr(&o).contains("/nonexistent/llama-server does not exist"),
-        "{}",
-        stderr(&o)
+    // Bad input: a failure that names the problem, not a panic.
+    let refused = |extra: &[&str], why: &str| {
+        let mut args = vec!["bench", "serve", "--model", &m, "--datasets", &d];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
+    };
+    refused(&["--systems", "vllm"], "unknown system 'vllm'");
+    refused(&["--rates", "0"], "positive");
+    refused(
+        &[
+            "--systems",
+            "llama.cpp",
+            "--llama-server",
+            "/nonexistent/llama-server",
+        ],
+        "/nonexistent/llama-server does not exist",
     );
 }
