@@ -488,6 +488,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=home / MODEL_FILE)
     ap.add_argument("--out", type=Path, default=Path("fixtures/smollm2"))
+    ap.add_argument("--greedy-only", type=Path, metavar="FILE",
+                    help="write only the greedy fixture, to FILE (for other quantizations of the model)")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="load with llama.cpp's weight repacking off (use_extra_bufts = false), so "
+                         "Q4_0 / Q4_K weights run ggml's vec_dot path")
     args = ap.parse_args()
 
     import llama_cpp
@@ -503,7 +508,20 @@ def main() -> int:
         print(f"error: model not found: {args.model} (see scripts/reference/README.md)", file=sys.stderr)
         return 1
     model_sha = sha256_file(args.model)
-    if model_sha != EXPECTED_SHA256:
+    if args.no_repack:
+        # The Llama constructor has no switch for it: make the default model params carry it.
+        default_params = llama_cpp.llama_model_default_params
+
+        def no_repack_params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = no_repack_params
+        import llama_cpp.llama as llama_mod
+
+        llama_mod.llama_cpp.llama_model_default_params = no_repack_params
+    if model_sha != EXPECTED_SHA256 and not args.greedy_only:
         print(f"warning: model sha256 {model_sha} != expected {EXPECTED_SHA256}", file=sys.stderr)
 
     llm = Llama(
@@ -526,6 +544,13 @@ def main() -> int:
     assert llm.n_ctx() == N_CTX
 
     generator = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "script": SCRIPT}
+    if args.greedy_only:
+        greedy = make_greedy(llm, llama_cpp, generator, model_sha)
+        greedy["model"] = args.model.name
+        greedy["repack"] = not args.no_repack
+        args.greedy_only.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.greedy_only, greedy)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "tokenize.json", make_tokenize(llm, generator, model_sha))
     write_json(args.out / "chat.json", make_chat(llm, llama_cpp, generator))

@@ -477,12 +477,12 @@ fn bad_input_gives_clear_errors() {
     let t = vec![TensorOut {
         name: "blk.0.attn_q.weight".into(),
         dims: vec![256, 1],
-        type_id: 6,
-        data: vec![0; 8 * 22],
+        type_id: 10,
+        data: vec![0; 84],
     }];
     check(
-        &write_tmp(d, "q5_0.gguf", &to_bytes(&meta, &t)),
-        "has type q5_0",
+        &write_tmp(d, "q2_k.gguf", &to_bytes(&meta, &t)),
+        "has type q2_K",
     );
 
     // A prompt longer than the context.

@@ -6,6 +6,10 @@
 //! `-- decode` runs only the decode model: the matmuls of one SmolLM2-135M token at batch 1 (30 layers
 //! of Q4_1 q/k/v/o/gate/up/down, then the 49152x576 Q8_0 output projection), one after another as the
 //! model runs them, and prints the time per token (the weights do not fit in the cache).
+//!
+//! `-- prefill [TYPE ...]` runs the layer matmuls of one 512-token SmolLM2-135M prefill (30 layers of
+//! q/k/v/o/gate/up/down, each at n = 512) with every weight of TYPE (default: q4_1 q4_0 q5_0 q8_0), on
+//! 1 and 2 threads, and prints ms per prefill and multiply-adds per second.
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +31,11 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     // Keep the scales finite and spread like a real model's: f16 magnitudes in [2^-10, 2^-5) with
     // random mantissas (Q4_1's `m` negative), so that scale conversions see varied values.
     if ty.block_size() == 32 {
-        let nscales = if ty == GgmlType::Q4_1 { 2 } else { 1 };
+        let nscales = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            2
+        } else {
+            1
+        };
         for b in w.chunks_exact_mut(ty.type_size()) {
             for i in 0..nscales {
                 let r = u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
@@ -189,8 +197,98 @@ fn bench_decode(threads: usize) {
     std::hint::black_box(&out);
 }
 
+/// The layer matmuls of one 512-token prefill of SmolLM2-135M, all weights of `ty`.
+fn bench_prefill(ty: GgmlType, threads: usize) {
+    const LAYERS: usize = 30;
+    const N: usize = 512;
+    let shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let mats: Vec<(usize, usize, Vec<u8>)> = shapes
+        .iter()
+        .map(|&(m, k)| (m, k, weights(ty, m, k)))
+        .collect();
+    let macs: usize = LAYERS * N * shapes.iter().map(|(m, k)| m * k).sum::<usize>();
+    let x: Vec<f32> = (0..N * 1536)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut out = vec![0f32; N * 1536];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let path = ep_kernels::simd::path();
+    let prefill = |out: &mut [f32]| {
+        for _ in 0..LAYERS {
+            for (m, k, data) in &mats {
+                let w = WeightRef {
+                    ty,
+                    rows: *m,
+                    cols: *k,
+                    data,
+                };
+                matmul_with(path, &w, &x[..N * k], N, &mut out[..N * m]).unwrap();
+            }
+        }
+    };
+    let mut times = Vec::new();
+    pool.install(|| {
+        prefill(&mut out);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(3000) || times.len() < 3 {
+            let t = Instant::now();
+            prefill(&mut out);
+            times.push(t.elapsed());
+        }
+    });
+    let best = *times.iter().min().unwrap();
+    let t = median(times);
+    println!(
+        "prefill 512 SmolLM2-135M layer matmuls {:>5} {:>6} t={} {:>8.1} ms (best {:>8.1}) {:>6.1} G MAC/s (best {:>6.1})",
+        ty.name(),
+        path.name(),
+        threads,
+        t.as_secs_f64() * 1e3,
+        best.as_secs_f64() * 1e3,
+        macs as f64 / t.as_secs_f64() / 1e9,
+        macs as f64 / best.as_secs_f64() / 1e9,
+    );
+    std::hint::black_box(&out);
+}
+
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.as_deref() == Some("prefill") {
+        let names: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with('-') && a != "prefill")
+            .collect();
+        let all = [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ];
+        for ty in all {
+            let default = matches!(
+                ty,
+                GgmlType::Q4_1 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0
+            );
+            if (names.is_empty() && default) || names.iter().any(|n| n == ty.name()) {
+                for threads in [1, 2] {
+                    bench_prefill(ty, threads);
+                }
+            }
+        }
+        return;
+    }
     if filter.as_deref() == Some("decode") {
         for threads in [1, 2] {
             bench_decode(threads);

@@ -113,15 +113,7 @@ pub(crate) mod avx2 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 
-    /// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, as `ops::hsum8`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn hsum(x: __m256) -> f32 {
-        let a = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-        let c = _mm_add_ss(b, _mm_movehdup_ps(b));
-        _mm_cvtss_f32(c)
-    }
+    pub(crate) use crate::reduce::avx2::hsum8 as hsum;
 
     /// ggml's `ggml_v_expf` (AVX2): the same operations as the scalar `ops::ggml_expf`, per lane.
     #[inline]

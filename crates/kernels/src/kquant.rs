@@ -480,11 +480,10 @@ pub mod scalar {
         })
     }
 
-    /// ggml's `hsum_float_8`: `((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))`.
+    /// ggml's `hsum_float_8` ([`crate::reduce::hsum8`]).
     #[inline]
     pub fn hsum_float_8(a: [f32; 8]) -> f32 {
-        let r: [f32; 4] = std::array::from_fn(|i| a[4 + i] + a[i]);
-        (r[0] + r[2]) + (r[1] + r[3])
+        crate::reduce::hsum8(&a)
     }
 
     #[inline(always)]
@@ -609,15 +608,7 @@ pub mod avx2 {
         }
     }
 
-    /// `hsum_float_8`: high half + low half, then `movehl`, then `movehdup`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum_float_8(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
+    use crate::reduce::avx2::hsum8 as hsum_float_8;
 
     /// `f16` at byte `at` of `b`, by F16C (exact, like every f16 -> f32 conversion).
     #[inline]
@@ -846,6 +837,172 @@ pub mod avx2 {
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
         }
         hsum_float_8(acc)
+    }
+
+    /// One K-quant super-block unpacked for several activation rows: the codes of its eight
+    /// 32-element chunks (chunk `k` meets Q8_K quants `32k..32k+32`) and each chunk's scale as i16
+    /// lanes, exactly the vectors [`dot_q4_k`], [`dot_q5_k`] and [`dot_q6_k`] form per block.
+    struct Unpacked {
+        q: [__m256i; 8],
+        sc: [__m256i; 8],
+    }
+
+    /// Unpacks block `wb` of `ty` (Q4_K/Q5_K: also returns `ms`, the scales and mins as i16).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unpack(ty: KType, wb: &[u8]) -> (Unpacked, __m256i) {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut scv = [_mm256_setzero_si256(); 8];
+        let ld = |at: usize| {
+            let b = &wb[at..at + 32];
+            // SAFETY: `b` is 32 bytes long (sliced just above).
+            unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) }
+        };
+        match ty {
+            KType::Q4K | KType::Q5K => {
+                let ms = scales_mins_i16(wb);
+                let sc = _mm256_permute2x128_si256::<0x00>(ms, ms);
+                let (qs, hbits) = if ty == KType::Q4K {
+                    (16, _mm256_setzero_si256())
+                } else {
+                    (48, ld(16))
+                };
+                let sixteen = _mm256_set1_epi8(16);
+                for j in 0..4 {
+                    let bits = ld(qs + 32 * j);
+                    let mut lo = _mm256_and_si256(bits, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
+                    if ty == KType::Q5K {
+                        let bl = _mm256_set1_epi8(1 << (2 * j));
+                        let bh = _mm256_set1_epi8(2 << (2 * j));
+                        let eq = |b| _mm256_cmpeq_epi8(_mm256_and_si256(hbits, b), b);
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(eq(bl), sixteen));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(eq(bh), sixteen));
+                    }
+                    q[2 * j] = lo;
+                    q[2 * j + 1] = hi;
+                    scv[2 * j] = bcast_i16(sc, 2 * j);
+                    scv[2 * j + 1] = bcast_i16(sc, 2 * j + 1);
+                }
+                (Unpacked { q, sc: scv }, ms)
+            }
+            KType::Q6K => {
+                let m3 = _mm256_set1_epi8(3);
+                let m15 = _mm256_set1_epi8(15);
+                let sc = &wb[192..208];
+                for h in 0..2 {
+                    let (b1, b2, bh) = (ld(64 * h), ld(64 * h + 32), ld(128 + 32 * h));
+                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m3));
+                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(12)));
+                    let h2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+                    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(-64)));
+                    q[4 * h] = _mm256_or_si256(_mm256_and_si256(b1, m15), h0);
+                    q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(b2, m15), h1);
+                    q[4 * h + 2] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m15), h2);
+                    q[4 * h + 3] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m15), h3);
+                    for k in 0..4 {
+                        scv[4 * h + k] = q6_chunk_scales(sc, 4 * h + k);
+                    }
+                }
+                (Unpacked { q, sc: scv }, _mm256_setzero_si256())
+            }
+        }
+    }
+
+    /// `Σ_k madd(sc_k, maddubs(q_k, q8 chunk k))` over one super-block: the i32 lane sums (an exact
+    /// integer sum, so its order is free).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_sumi(u: &Unpacked, ab: &[u8]) -> __m256i {
+        let q8 = &ab[4..4 + QK_K];
+        let mut sumi = _mm256_setzero_si256();
+        for k in 0..8 {
+            let c = &q8[32 * k..32 * k + 32];
+            // SAFETY: `c` is 32 bytes long (sliced just above).
+            let y = unsafe { _mm256_loadu_si256(c.as_ptr() as *const __m256i) };
+            let p = _mm256_madd_epi16(u.sc[k], _mm256_maddubs_epi16(u.q[k], y));
+            sumi = _mm256_add_epi32(sumi, p);
+        }
+        sumi
+    }
+
+    /// One weight row of `ty` x four Q8_K activation rows (`nb` super-blocks each): each block is
+    /// unpacked once for the four. Result `c` equals `vec_dot_unchecked(ty, 256 nb, w, a[c])` bit for
+    /// bit: per pair the same f32 operations in the same order (the integer lane sums are exact).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` must hold `nb` blocks of `ty` and each `a[c]`
+    /// `nb` Q8_K blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn tile4_unchecked(
+        ty: KType,
+        nb: usize,
+        w: &[u8],
+        a: [&[u8]; 4],
+    ) -> [f32; 4] {
+        let bs = ty.type_size();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc_m = [_mm_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        for i in 0..nb {
+            let wb = &w[i * bs..(i + 1) * bs];
+            let (u, ms) = unpack(ty, wb);
+            let dw = f16c_at(wb, if ty == KType::Q6K { 208 } else { 0 });
+            let dmw = if ty == KType::Q6K {
+                0.0
+            } else {
+                f16c_at(wb, 2)
+            };
+            for c in 0..4 {
+                let ab = &a[c][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
+                let da = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+                let d = da * dw;
+                let mut sumi = block_sumi(&u, ab);
+                match ty {
+                    KType::Q4K => {
+                        let prod = mins_pairs(ms, ab);
+                        let dmin = -da * dmw;
+                        acc_m[c] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[c]);
+                    }
+                    KType::Q5K => {
+                        let prod = mins_pairs(ms, ab);
+                        let p = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
+                        let p = _mm_add_epi32(p, _mm_shuffle_epi32::<0b01>(p));
+                        let dmin = -da * dmw;
+                        summs[c] = dmin.mul_add(_mm_cvtsi128_si32(p) as f32, summs[c]);
+                    }
+                    KType::Q6K => {
+                        let sc = &wb[192..208];
+                        let bsums = &ab[Q8K_BSUMS..Q8K_BSUMS + 32];
+                        // SAFETY: `bsums` is 32 bytes and `sc` 16 (sliced just above).
+                        let (q8sums, scales) = unsafe {
+                            (
+                                _mm256_loadu_si256(bsums.as_ptr() as *const __m256i),
+                                _mm_loadu_si128(sc.as_ptr() as *const __m128i),
+                            )
+                        };
+                        let sub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(
+                            q8sums,
+                            _mm256_cvtepi8_epi16(scales),
+                        ));
+                        sumi = _mm256_sub_epi32(sumi, sub);
+                    }
+                }
+                acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[c]);
+            }
+        }
+        std::array::from_fn(|c| match ty {
+            KType::Q4K => {
+                let m = _mm_add_ps(acc_m[c], _mm_movehl_ps(acc_m[c], acc_m[c]));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                hsum_float_8(acc[c]) + _mm_cvtss_f32(m)
+            }
+            KType::Q5K => hsum_float_8(acc[c]) + summs[c],
+            KType::Q6K => hsum_float_8(acc[c]),
+        })
     }
 
     /// [`super::quantize_row_q8_k`] with AVX2: the same bytes as [`super::scalar::quantize_row_q8_k`].

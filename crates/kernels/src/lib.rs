@@ -15,6 +15,7 @@
 pub mod attention;
 #[allow(unsafe_code)] // SIMD
 pub mod kquant;
+#[allow(unsafe_code)] // the output matrix shared by tasks with disjoint columns
 pub mod matmul;
 #[allow(unsafe_code)] // SIMD
 pub mod ops;
@@ -22,6 +23,8 @@ pub mod ops;
 pub mod paged;
 #[allow(unsafe_code)] // SIMD
 pub mod quant;
+#[allow(unsafe_code)] // SIMD
+pub mod reduce;
 pub mod simd;
 #[allow(unsafe_code)] // SIMD
 pub mod splice;

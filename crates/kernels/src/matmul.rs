@@ -151,9 +151,19 @@ pub fn matmul_with(
     };
     let nb = k / quant::QK;
     let g4 = 4 * nb;
-    let mut gd = vec![0f32; groups * g4];
-    let mut gs = vec![0f32; if at == GgmlType::Q8_1 { groups * g4 } else { 0 }];
-    for g in 0..groups {
+    // (K-quant activations carry an f32 scale per super-block: their tile kernel reads it in place.)
+    let scaled = matches!(at, GgmlType::Q8_0 | GgmlType::Q8_1);
+    let sgroups = if scaled { groups } else { 0 };
+    let mut gd = vec![0f32; sgroups * g4];
+    let mut gs = vec![
+        0f32;
+        if at == GgmlType::Q8_1 {
+            sgroups * g4
+        } else {
+            0
+        }
+    ];
+    for g in 0..sgroups {
         let rows = std::array::from_fn(|c| &act[(4 * g + c) * arb..(4 * g + c + 1) * arb]);
         let s = gs.get_mut(g * g4..(g + 1) * g4).unwrap_or_default();
         ActScales4::fill(at, rows, &mut gd[g * g4..(g + 1) * g4], s);
@@ -172,35 +182,23 @@ pub fn matmul_with(
         gs: &gs,
     };
 
-    // A task owns weight rows j0..j0+len and writes `t[(j - j0) * n + i]`. With n == 1 that is `out`
-    // itself; otherwise a transposed buffer, copied to `out` at the end.
+    // A task owns weight rows (output columns) j0..j0+len and writes out[i * m + j] for them.
     let serial =
         n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
     let chunk = chunk_rows(m, rayon::current_num_threads());
-    let run = |dst: &mut [f32]| {
-        if serial {
-            job.rows(0, dst);
-        } else {
-            dst.par_chunks_mut(chunk * n)
-                .enumerate()
-                .for_each(|(c, t)| job.rows(c * chunk, t));
-        }
+    let dst = OutPtr {
+        p: out.as_mut_ptr(),
+        m,
     };
-    if n == 1 {
-        run(out);
+    if serial {
+        // SAFETY: one task owns every column.
+        unsafe { job.rows(0, m, dst) };
     } else {
-        let mut t = vec![0f32; m * n];
-        run(&mut t);
-        let copy = |(i, orow): (usize, &mut [f32])| {
-            for (j, o) in orow.iter_mut().enumerate() {
-                *o = t[j * n + i];
-            }
-        };
-        if serial {
-            out.chunks_mut(m).enumerate().for_each(copy);
-        } else {
-            out.par_chunks_mut(m).enumerate().for_each(copy);
-        }
+        (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let j0 = c * chunk;
+            // SAFETY: the tasks' column ranges `j0..j0 + len` are disjoint and within `0..m`.
+            unsafe { job.rows(j0, chunk.min(m - j0), dst) };
+        });
     }
     Ok(())
 }
@@ -222,9 +220,6 @@ fn chunk_rows(m: usize, threads: usize) -> usize {
     per.next_multiple_of(4).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
-/// Activation rows processed against one group of 4 weight rows before moving to the next group.
-const ACT_TILE: usize = 64;
-
 struct Job<'a> {
     path: Path,
     w: WeightRef<'a>,
@@ -239,77 +234,118 @@ struct Job<'a> {
     gs: &'a [f32],
 }
 
-/// Weight rows per tile-kernel call.
-const TILE_R: usize = 1;
+/// Activation rows processed against a task's weight rows before moving to the next ones (their
+/// quantised rows, 64 x 648 bytes for k = 576, stay in L2; 32 measured the same).
+const ACT_TILE: usize = 64;
+
+/// The `n x m` output matrix, written by tasks that own disjoint column (weight-row) ranges.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    p: *mut f32,
+    /// Row stride (output features).
+    m: usize,
+}
+
+// SAFETY: tasks write disjoint elements (each owns a column range); the pointer outlives them (the
+// parallel loop ends before `matmul_with` returns).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes element `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` is inside the matrix and no other thread writes it.
+    #[inline(always)]
+    unsafe fn put(self, i: usize, j: usize, v: f32) {
+        // SAFETY: in bounds and unshared (caller).
+        unsafe { *self.p.add(i * self.m + j) = v };
+    }
+}
 
 impl Job<'_> {
     fn act_row(&self, i: usize) -> &[u8] {
         &self.act[i * self.arb..(i + 1) * self.arb]
     }
 
-    /// Computes weight rows `j0..j0 + t.len() / n` for all activation rows into `t[(j - j0) * n + i]`.
-    fn rows(&self, j0: usize, t: &mut [f32]) {
+    /// Activation groups `g0..g1` (rows `4 g0..4 g1`) against weight rows `j0..j0 + len`: one panel
+    /// kernel call per weight row (the row unpacked once for all the groups).
+    ///
+    /// # Safety
+    /// As [`Self::rows`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panels(
+        &self,
+        j0: usize,
+        len: usize,
+        g0: usize,
+        g1: usize,
+        out: OutPtr,
+        scratch: &mut Vec<u8>,
+        res: &mut Vec<[f32; 4]>,
+    ) {
+        let (k, ty) = (self.w.cols, self.w.ty);
+        let g4 = 4 * self.nb;
+        let act = &self.act[4 * g0 * self.arb..4 * g1 * self.arb];
+        let sc = ActScales4 {
+            d: self.gd.get(g0 * g4..g1 * g4).unwrap_or_default(),
+            s: self.gs.get(g0 * g4..g1 * g4).unwrap_or_default(),
+        };
+        res.resize(g1 - g0, [0.0; 4]);
+        for jr in 0..len {
+            let wr = self.w.row(j0 + jr, self.wrb);
+            quant::vec_dot_panel_with(self.path, ty, k, wr, act, self.arb, &sc, scratch, res);
+            for (g, dr) in res.iter().enumerate() {
+                for (c, &v) in dr.iter().enumerate() {
+                    // SAFETY: column `j0 + jr` is this task's (caller), row `4 (g0 + g) + c < n`.
+                    unsafe { out.put(4 * (g0 + g) + c, j0 + jr, v) };
+                }
+            }
+        }
+    }
+
+    /// Computes output columns `j0..j0 + len` (weight rows) for all activation rows into `out`.
+    ///
+    /// # Safety
+    /// `j0 + len <= m`, `out` is the `n x m` output, and no other thread writes these columns.
+    unsafe fn rows(&self, j0: usize, len: usize, out: OutPtr) {
         let (n, k, ty) = (self.n, self.w.cols, self.w.ty);
-        let len = t.len() / n;
-        debug_assert_eq!(t.len(), len * n);
         debug_assert!(j0 + len <= self.w.rows);
         let tiled = 4 * self.groups;
-        let g4 = 4 * self.nb;
+        let wrows = &self.w.data[j0 * self.wrb..(j0 + len) * self.wrb];
+        if n == 1 {
+            // The decode case: all of this task's weight rows against the one activation row (the
+            // weights stream once, four rows at a time, with prefetching).
+            // SAFETY: columns `j0..j0 + len` of the single output row are this task's alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.p.add(j0), len) };
+            quant::vec_dot_rows_with(self.path, ty, k, wrows, self.wrb, self.act_row(0), o);
+            return;
+        }
+        let mut col = vec![0f32; len];
+        let (mut scratch, mut res) = (Vec::new(), Vec::new());
         for i0 in (0..n).step_by(ACT_TILE) {
             let i1 = (i0 + ACT_TILE).min(n);
             // Whole groups of four activation rows: tile kernels.
             let (g0, g1) = (i0 / 4, i1.min(tiled) / 4);
             if g1 > g0 {
-                let rs = len / TILE_R * TILE_R;
-                for jr in (0..rs).step_by(TILE_R) {
-                    let wr: [&[u8]; TILE_R] =
-                        std::array::from_fn(|r| self.w.row(j0 + jr + r, self.wrb));
-                    for g in g0..g1 {
-                        let a = std::array::from_fn(|c| self.act_row(4 * g + c));
-                        let sc = ActScales4 {
-                            d: &self.gd[g * g4..(g + 1) * g4],
-                            s: if self.gs.is_empty() {
-                                &[]
-                            } else {
-                                &self.gs[g * g4..(g + 1) * g4]
-                            },
-                        };
-                        let d = quant::vec_dot_tile4_with(self.path, ty, k, wr, a, &sc);
-                        for (r, dr) in d.iter().enumerate() {
-                            t[(jr + r) * n + 4 * g..(jr + r) * n + 4 * g + 4].copy_from_slice(dr);
-                        }
-                    }
-                }
-                for jr in rs..len {
-                    let wr = self.w.row(j0 + jr, self.wrb);
-                    for i in 4 * g0..4 * g1 {
-                        t[jr * n + i] = quant::vec_dot_with(self.path, ty, k, wr, self.act_row(i));
-                    }
-                }
+                // SAFETY: as for the caller.
+                unsafe { self.panels(j0, len, g0, g1, out, &mut scratch, &mut res) };
             }
-            // The other activation rows: all of this task's weight rows against each (the decode
-            // case: the weights stream once, four rows at a time, with prefetching).
-            let is = i0.max(4 * g1);
-            let wrows = &self.w.data[j0 * self.wrb..(j0 + len) * self.wrb];
-            if n == 1 {
-                if is < i1 {
-                    quant::vec_dot_rows_with(self.path, ty, k, wrows, self.wrb, self.act_row(0), t);
-                }
-            } else {
-                let mut col = vec![0f32; if is < i1 { len } else { 0 }];
-                for i in is..i1 {
-                    quant::vec_dot_rows_with(
-                        self.path,
-                        ty,
-                        k,
-                        wrows,
-                        self.wrb,
-                        self.act_row(i),
-                        &mut col,
-                    );
-                    for (jr, &v) in col.iter().enumerate() {
-                        t[jr * n + i] = v;
-                    }
+            // The other activation rows: all of this task's weight rows against each.
+            for i in i0.max(4 * g1)..i1 {
+                quant::vec_dot_rows_with(
+                    self.path,
+                    ty,
+                    k,
+                    wrows,
+                    self.wrb,
+                    self.act_row(i),
+                    &mut col,
+                );
+                for (jr, &v) in col.iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { out.put(i, j0 + jr, v) };
                 }
             }
         }

@@ -92,13 +92,7 @@ pub fn ggml_expf(x: f32) -> f32 {
     }
 }
 
-/// Sum of 8 lanes in the order of the x86 horizontal adds ggml and its GEMM use:
-/// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
-#[inline]
-pub fn hsum8(l: &[f32; 8]) -> f32 {
-    let a = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    (a[0] + a[2]) + (a[1] + a[3])
-}
+pub use crate::reduce::hsum8;
 
 /// Softmax in place over `x` (already scaled and masked), as ggml: subtract the max, exponentiate with
 /// [`ggml_expf`], sum each group of 8 in f32 then the groups in f64, multiply by the reciprocal. Returns

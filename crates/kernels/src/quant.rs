@@ -3,15 +3,18 @@
 //! Everything here reproduces what llama.cpp's x86 CPU backend computes when built for AVX2 + FMA + F16C
 //! (`-march=native` with GCC, as the reference build is), bit for bit:
 //!
-//! - Weight blocks are ggml's (`block_q4_0`, `block_q4_1`, `block_q8_0`), read from little-endian,
-//!   unaligned GGUF bytes; dequantisation follows `ggml-quants.c` (built without FMA contraction).
+//! - Weight blocks are ggml's (`block_q4_0`, `block_q4_1`, `block_q5_0`, `block_q5_1`, `block_q8_0`),
+//!   read from little-endian, unaligned GGUF bytes; dequantisation follows `ggml-quants.c` (built
+//!   without FMA contraction). Q5_0 / Q5_1 are Q4_0 / Q4_1 with a fifth bit per weight in `qh`
+//!   (ggml's `bytes_from_bits_32`): the formats `llama-quantize` falls back to for rows that are not
+//!   whole K-quant super-blocks (every 576-wide row of the default model in a Q4_K_M file).
 //! - Activations are quantised like `quantize_row_q8_0` / `quantize_row_q8_1` of `ggml-cpu/arch/x86`:
 //!   `amax` by `maxps` in ggml's lane order, `d = amax / 127`, `id = 127 / amax`, `q = round-half-even(x * id)`
 //!   (`_mm256_round_ps`), `cvtps_epi32` then saturating packs (so a NaN/inf product becomes `-128`), and
 //!   for Q8_1 `s = f16(d * Σq)` with the f32 `d`.
 //! - The dot products keep ggml's AVX2 accumulation: per 32-block, eight i32 lane sums (elements
 //!   `4l..4l+4`, via the `maddubs`/`madd` sign trick for signed weights), converted to f32 and
-//!   accumulated lane-wise with FMA by the block scale, then ggml's `hsum_float_8`. For Q4_1 the
+//!   accumulated lane-wise with FMA by the block scale, then ggml's `hsum_float_8`. For Q4_1 / Q5_1 the
 //!   `m·s` terms go to a separate f32 sum with FMA (GCC contracts `summs += m*s`), added last. The
 //!   f16/bf16/f32 dots follow `ggml_vec_dot_f16/bf16/f32` (4×8 FMA accumulators, their reductions, and
 //!   their leftovers: in f64 for f16/bf16; for f32 unfused then fused, as GCC vectorised that loop).
@@ -20,19 +23,23 @@
 //! for bit, and a result depends only on the two rows (never on batch size, threads or chunking).
 //! `tests/ggml_golden.rs` checks all of this against outputs of the real ggml build.
 //!
-//! The AVX2 kernels come in three shapes with the same per-pair arithmetic: one weight row x one
-//! activation row ([`vec_dot`]), a run of consecutive weight rows x one activation row (decode: four
-//! rows at a time share the activation loads, and the weights, streamed from DRAM at batch 1, are
-//! software-prefetched two four-row groups ahead, which doubles the decode matmul throughput on
-//! Zen 3), and one weight row x four activation rows (batches: shares the weight unpacking, with the
-//! activations' scales pre-converted to f32), about 1.7x faster per pair than the others.
+//! The 32-element formats share one AVX2 kernel per shape, generic over the block format (`Block32`:
+//! how to unpack a block's codes, signed or with a minimum). Three shapes, the same per-pair
+//! arithmetic: one weight row x one activation row ([`vec_dot`]), a run of consecutive weight rows x
+//! one activation row (decode: four rows at a time share the activation loads, and the weights,
+//! streamed from DRAM at batch 1, are software-prefetched two four-row groups ahead, which doubles
+//! the decode matmul throughput on Zen 3), and the panel: one weight row x many groups of four
+//! activation rows (prefill and batches: the row's codes, `|codes|` and scales unpacked once for all
+//! the groups, the activations' scales pre-converted to f32, every pair scale `dw * da` formed four
+//! at a time before the integer work). The K-quants have a panel too (one super-block unpacked for
+//! four activation rows, [`kquant`]).
 //!
 //! Activation quantisation has a scalar and an AVX2 version (ggml's x86 code), chosen like the dot
 //! products by [`simd::path`]; both write the same bytes.
 //!
 //! The K-quant types (Q4_K, Q5_K, Q6_K weights, Q8_K activations; 256-element super-blocks) are
 //! implemented in [`crate::kquant`]; [`GgmlType`] and the entry points here dispatch to it, so the
-//! matmul and row lookup take them like any other type (one row x one row kernels only).
+//! matmul and row lookup take them like any other type.
 
 use half::f16;
 
@@ -47,6 +54,10 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    /// 5-bit blocks: `Q4_0` with a fifth bit per weight (`qh`), values `-16..16`.
+    Q5_0,
+    /// 5-bit blocks with a minimum: `Q4_1` with a fifth bit per weight, values `0..32`.
+    Q5_1,
     Q8_0,
     Q8_1,
     BF16,
@@ -66,6 +77,8 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             9 => Self::Q8_1,
             12 => Self::Q4_K,
@@ -84,6 +97,8 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
             Self::Q8_1 => 9,
             Self::Q4_K => 12,
@@ -101,6 +116,8 @@ impl GgmlType {
             Self::F16 => "f16",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q8_0 => "q8_0",
             Self::Q8_1 => "q8_1",
             Self::BF16 => "bf16",
@@ -115,7 +132,7 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q8_1 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Q8_1 => 32,
             Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => QK_K,
         }
     }
@@ -127,6 +144,8 @@ impl GgmlType {
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q8_1 => 36,
             Self::Q4_K => KType::Q4K.type_size(),
@@ -149,8 +168,8 @@ impl GgmlType {
             Self::F32 => Self::F32,
             Self::F16 => Self::F16,
             Self::BF16 => Self::BF16,
-            Self::Q4_0 | Self::Q8_0 => Self::Q8_0,
-            Self::Q4_1 => Self::Q8_1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Self::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => Self::Q8_1,
             Self::Q4_K | Self::Q5_K | Self::Q6_K => Self::Q8_K,
             Self::Q8_1 | Self::Q8_K => return None,
         })
@@ -498,6 +517,18 @@ pub fn f32_to_bf16_row(x: &[f32], dst: &mut [u8]) {
 // Dequantisation
 // ---------------------------------------------------------------------------------------------------
 
+/// The 5-bit code (`0..32`) of element `e` of a Q5_0 / Q5_1 block: its nibble (`qs`: low nibbles are
+/// elements 0..16, high nibbles 16..32) and bit `e` of `qh` as the fifth bit.
+#[inline(always)]
+pub(crate) fn q5_code(qs: &[u8], qh: u32, e: usize) -> u8 {
+    let nib = if e < 16 {
+        qs[e] & 0x0F
+    } else {
+        qs[e - 16] >> 4
+    };
+    nib | ((((qh >> e) & 1) as u8) << 4)
+}
+
 /// Dequantises one row of `dst.len()` elements of type `ty` from its GGUF bytes, as ggml's `to_float`.
 ///
 /// # Panics
@@ -557,6 +588,26 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                     // Two roundings, as ggml-base (built without FMA contraction).
                     y[j] = (q & 0x0F) as f32 * d + m;
                     y[j + 16] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q5_0 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(22)) {
+                let d = f16_to_f32(le_u16(b, 0));
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                for (e, o) in y.iter_mut().enumerate() {
+                    *o = (q5_code(&b[6..22], qh, e) as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q5_1 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(24)) {
+                let d = f16_to_f32(le_u16(b, 0));
+                let m = f16_to_f32(le_u16(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                for (e, o) in y.iter_mut().enumerate() {
+                    // Two roundings, as ggml-base (built without FMA contraction).
+                    *o = q5_code(&b[8..24], qh, e) as f32 * d + m;
                 }
             }
         }
@@ -773,7 +824,13 @@ pub fn quantize_activation_row_with(path: Path, ty: GgmlType, x: &[f32], dst: &m
         GgmlType::Q8_0 => quantize_row_q8_0_with(path, x, dst),
         GgmlType::Q8_1 => quantize_row_q8_1_with(path, x, dst),
         GgmlType::Q8_K => kquant::quantize_row_q8_k_with(path, x, dst),
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K => {
             panic!(
                 "quantize_activation_row: {} is not an activation type",
                 ty.name()
@@ -808,21 +865,20 @@ fn check_dot_args(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) {
 /// kernels in bounds). Panics, out of line, on a mismatch.
 #[inline]
 fn check_rows_fast(ty: GgmlType, n: usize, w: &[&[u8]], a: &[&[u8]]) {
-    let (wts, ats) = match ty {
-        GgmlType::Q4_0 => (BlockQ4_0::BYTES, BlockQ8_0::BYTES),
-        GgmlType::Q4_1 => (BlockQ4_1::BYTES, BlockQ8_1::BYTES),
-        GgmlType::Q8_0 => (BlockQ8_0::BYTES, BlockQ8_0::BYTES),
-        _ => {
-            for wr in w {
-                for ar in a {
-                    check_dot_args(ty, n, wr, ar);
-                }
-            }
-            return;
-        }
+    let Some(at) = ty.vec_dot_type() else {
+        bad_rows(ty, n)
     };
-    let nb = n / QK;
-    if !n.is_multiple_of(QK)
+    let (bs, wts, ats) = (ty.block_size(), ty.type_size(), at.type_size());
+    if bs == 1 {
+        for wr in w {
+            for ar in a {
+                check_dot_args(ty, n, wr, ar);
+            }
+        }
+        return;
+    }
+    let nb = n / bs;
+    if !n.is_multiple_of(bs)
         || w.iter().any(|r| r.len() != nb * wts)
         || a.iter().any(|r| r.len() != nb * ats)
     {
@@ -932,38 +988,77 @@ impl ActScales4<'_> {
     }
 }
 
-/// Whether [`vec_dot_tile4_with`] has a dedicated kernel for weights of `ty` on `path` (otherwise it
+/// Whether [`vec_dot_panel_with`] has a dedicated kernel for weights of `ty` on `path` (otherwise it
 /// falls back to one dot product per pair, which gives the same results).
 pub(crate) fn has_tile_kernel(path: Path, ty: GgmlType) -> bool {
-    path == Path::Avx2 && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    path == Path::Avx2
+        && matches!(
+            ty,
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q8_0
+                | GgmlType::Q4_K
+                | GgmlType::Q5_K
+                | GgmlType::Q6_K
+        )
 }
 
-/// `R` weight rows x four activation rows (quantised, with their scales in `sc`); result `[r][c]`
-/// equals `vec_dot_with(path, ty, n, w[r], a[c])` bit for bit.
-pub(crate) fn vec_dot_tile4_with<const R: usize>(
+/// One weight row `w` (type `ty`, `n` elements) x activation groups: `act` holds `4 * out.len()`
+/// consecutive activation rows of `arb` bytes (`ty`'s vec-dot type), group `g` being rows
+/// `4g..4g+4`; `sd` / `ss` hold each group's scales as [`ActScales4`] does (`4 * nb` per group, group
+/// after group; empty for K-quants, whose activations carry theirs). `out[g][c]` equals
+/// `vec_dot_with(path, ty, n, w, row 4g + c)` bit for bit. The weight row is unpacked once (codes,
+/// scales) into `scratch` for all the groups: the prefill GEMM's inner kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn vec_dot_panel_with(
     path: Path,
     ty: GgmlType,
     n: usize,
-    w: [&[u8]; R],
-    a: [&[u8]; 4],
+    w: &[u8],
+    act: &[u8],
+    arb: usize,
     sc: &ActScales4,
-) -> [[f32; 4]; R] {
-    check_rows_fast(ty, n, &w, &a);
+    scratch: &mut Vec<u8>,
+    out: &mut [[f32; 4]],
+) {
+    let groups = out.len();
+    assert!(act.len() >= 4 * groups * arb, "panel: activations");
+    let rows = |g: usize| -> [&[u8]; 4] {
+        std::array::from_fn(|c| &act[(4 * g + c) * arb..(4 * g + c + 1) * arb])
+    };
+    if groups > 0 {
+        check_rows_fast(ty, n, &[w], &rows(0));
+    }
     #[cfg(target_arch = "x86_64")]
     if has_tile_kernel(path, ty) {
         assert!(
             simd::avx2_available(),
             "AVX2 path requested but not available"
         );
+        if let Some(kt) = ty.ktype() {
+            for (g, o) in out.iter_mut().enumerate() {
+                // SAFETY: the rows are whole super-blocks of `ty` and Q8_K (checked above for the
+                // first group; every row has `arb` bytes), CPU support just above.
+                *o = unsafe { kquant::avx2::tile4_unchecked(kt, n / QK_K, w, rows(g)) };
+            }
+            return;
+        }
         let nb = n / QK;
-        assert!(sc.d.len() >= 4 * nb && (ty != GgmlType::Q4_1 || sc.s.len() >= 4 * nb));
-        // SAFETY: rows checked by `check_rows_fast`, scales and CPU support just above, and
-        // `has_tile_kernel` limits `ty` to Q4_0, Q4_1 and Q8_0.
-        return unsafe { avx2::vec_dot_tile4_unchecked(ty, nb, w, a, sc) };
+        let min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        assert!(sc.d.len() >= 4 * nb * groups && (!min || sc.s.len() >= 4 * nb * groups));
+        // SAFETY: `w` is `nb` blocks of `ty` and every activation row `nb` blocks of its vec-dot
+        // type (`check_rows_fast` on the first group, `arb` bytes each), scales and CPU support
+        // just above; `has_tile_kernel` limits `ty` to the 32-element integer formats.
+        unsafe { avx2::vec_dot_panel_unchecked(ty, nb, w, act.as_ptr(), arb, sc, scratch, out) };
+        return;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = sc;
-    w.map(|wr| a.map(|ar| vec_dot_with(path, ty, n, wr, ar)))
+    let _ = (sc, scratch);
+    for (g, o) in out.iter_mut().enumerate() {
+        let a = rows(g);
+        *o = a.map(|ar| vec_dot_with(path, ty, n, w, ar));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -974,8 +1069,8 @@ pub(crate) fn vec_dot_tile4_with<const R: usize>(
 /// (lane-wise FMA, the same horizontal sums), so they equal the SIMD kernels bit for bit.
 pub mod scalar {
     use super::{
-        bf16_to_f32, f16_to_f32, kquant, le_u16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1,
-        GgmlType, KType, QK,
+        bf16_to_f32, f16_to_f32, kquant, le_u16, q5_code, BlockQ4_0, BlockQ4_1, BlockQ8_0,
+        BlockQ8_1, GgmlType, KType, QK,
     };
 
     /// `|x| * sign(y, x)` as `_mm256_sign_epi8` + `_mm256_maddubs_epi16` compute one product: exact
@@ -1027,30 +1122,35 @@ pub mod scalar {
         })
     }
 
-    /// ggml's `hsum_float_8`: `((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))`.
+    /// The eight i32 lane sums of one Q5_0 x Q8_0 block (`Σ (code - 16) * q` by the sign trick).
+    pub fn block_lanes_q5_0_q8_0(w: &[u8], a: &[u8]) -> [i32; 8] {
+        let qh = u32::from_le_bytes([w[2], w[3], w[4], w[5]]);
+        let ab = BlockQ8_0::read(a);
+        std::array::from_fn(|l| {
+            (4 * l..4 * l + 4)
+                .map(|e| sign_mul(q5_code(&w[6..22], qh, e) as i8 - 16, ab.qs[e]))
+                .sum()
+        })
+    }
+
+    /// The eight i32 lane sums of one Q5_1 x Q8_1 block (`Σ code * q`, unsigned x signed).
+    pub fn block_lanes_q5_1_q8_1(w: &[u8], a: &[u8]) -> [i32; 8] {
+        let qh = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
+        let ab = BlockQ8_1::read(a);
+        std::array::from_fn(|l| {
+            (4 * l..4 * l + 4)
+                .map(|e| q5_code(&w[8..24], qh, e) as i32 * ab.qs[e] as i32)
+                .sum()
+        })
+    }
+
+    /// ggml's `hsum_float_8` ([`crate::reduce::hsum8`]).
     #[inline]
     pub fn hsum_float_8(a: [f32; 8]) -> f32 {
-        let r: [f32; 4] = std::array::from_fn(|i| a[4 + i] + a[i]);
-        (r[0] + r[2]) + (r[1] + r[3])
+        crate::reduce::hsum8(&a)
     }
 
-    /// `GGML_F32x8_REDUCE` of four 8-lane accumulators: `(x0+x2) + (x1+x3)` lane-wise, then
-    /// `((t0+t1) + (t2+t3))` with `t_i = x_i + x_{4+i}` (two `hadd`s).
-    #[inline]
-    pub fn reduce_f32x8x4(x: [[f32; 8]; 4]) -> f32 {
-        let s: [f32; 8] = std::array::from_fn(|l| (x[0][l] + x[2][l]) + (x[1][l] + x[3][l]));
-        let t: [f32; 4] = std::array::from_fn(|i| s[i] + s[4 + i]);
-        (t[0] + t[1]) + (t[2] + t[3])
-    }
-
-    /// The reduction of ggml's AVX2 `ggml_vec_dot_bf16`: `(c0+c2) + (c1+c3)` lane-wise, then
-    /// [`hsum_float_8`].
-    #[inline]
-    pub fn reduce_bf16x8x4(c: [[f32; 8]; 4]) -> f32 {
-        hsum_float_8(std::array::from_fn(|l| {
-            (c[0][l] + c[2][l]) + (c[1][l] + c[3][l])
-        }))
-    }
+    pub use crate::reduce::{reduce_bf16x8x4, reduce_f32x8x4};
 
     #[inline(always)]
     fn fma_lanes(acc: &mut [f32; 8], d: f32, lanes: [i32; 8]) {
@@ -1096,6 +1196,33 @@ pub mod scalar {
             fma_lanes(&mut acc, d, block_lanes_q8_0_q8_0(wb, ab));
         }
         hsum_float_8(acc)
+    }
+
+    /// Q5_0 weights x Q8_0 activations, `n` elements (as [`dot_q4_0_q8_0`]).
+    pub fn dot_q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = [0f32; 8];
+        for b in 0..n / QK {
+            let wb = &w[b * 22..(b + 1) * 22];
+            let ab = &a[b * BlockQ8_0::BYTES..(b + 1) * BlockQ8_0::BYTES];
+            let d = f16_to_f32(le_u16(wb, 0)) * f16_to_f32(le_u16(ab, 0));
+            fma_lanes(&mut acc, d, block_lanes_q5_0_q8_0(wb, ab));
+        }
+        hsum_float_8(acc)
+    }
+
+    /// Q5_1 weights x Q8_1 activations, `n` elements (as [`dot_q4_1_q8_1`]).
+    pub fn dot_q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut summs = 0f32;
+        for b in 0..n / QK {
+            let wb = &w[b * 24..(b + 1) * 24];
+            let ab = &a[b * BlockQ8_1::BYTES..(b + 1) * BlockQ8_1::BYTES];
+            let (dw, m) = (f16_to_f32(le_u16(wb, 0)), f16_to_f32(le_u16(wb, 2)));
+            let (da, s) = (f16_to_f32(le_u16(ab, 0)), f16_to_f32(le_u16(ab, 2)));
+            summs = m.mul_add(s, summs);
+            fma_lanes(&mut acc, dw * da, block_lanes_q5_1_q8_1(wb, ab));
+        }
+        hsum_float_8(acc) + summs
     }
 
     #[inline(always)]
@@ -1191,6 +1318,8 @@ pub mod scalar {
             GgmlType::BF16 => dot_bf16(n, w, a),
             GgmlType::Q4_0 => dot_q4_0_q8_0(n, w, a),
             GgmlType::Q4_1 => dot_q4_1_q8_1(n, w, a),
+            GgmlType::Q5_0 => dot_q5_0_q8_0(n, w, a),
+            GgmlType::Q5_1 => dot_q5_1_q8_1(n, w, a),
             GgmlType::Q8_0 => dot_q8_0_q8_0(n, w, a),
             GgmlType::Q4_K => kquant::scalar::vec_dot_unchecked(KType::Q4K, n, w, a),
             GgmlType::Q5_K => kquant::scalar::vec_dot_unchecked(KType::Q5K, n, w, a),
@@ -1269,9 +1398,11 @@ pub mod avx2 {
         // SAFETY: the caller guarantees CPU support and rows of `nb` blocks (or `n` elements).
         unsafe {
             match ty {
-                GgmlType::Q4_0 => dot_q4_0_q8_0_rows::<1, 0>(nb, [wp], ap, wp)[0],
-                GgmlType::Q4_1 => dot_q4_1_q8_1_rows::<1, 0>(nb, [wp], ap, wp)[0],
-                GgmlType::Q8_0 => dot_q8_0_q8_0_rows::<1, 0>(nb, [wp], ap, wp)[0],
+                GgmlType::Q4_0 => dot_rows::<Q4_0, 1>(nb, [wp], ap, wp, 0)[0],
+                GgmlType::Q4_1 => dot_rows::<Q4_1, 1>(nb, [wp], ap, wp, 0)[0],
+                GgmlType::Q5_0 => dot_rows::<Q5_0, 1>(nb, [wp], ap, wp, 0)[0],
+                GgmlType::Q5_1 => dot_rows::<Q5_1, 1>(nb, [wp], ap, wp, 0)[0],
+                GgmlType::Q8_0 => dot_rows::<Q8_0, 1>(nb, [wp], ap, wp, 0)[0],
                 GgmlType::F16 => dot_f16_k(n, w, a),
                 GgmlType::BF16 => dot_bf16_k(n, w, a),
                 GgmlType::F32 => dot_f32_k(n, w, a),
@@ -1288,8 +1419,8 @@ pub mod avx2 {
     /// Prefetches (into all cache levels) the `L` cache lines at `p`, `p + 64`, ...: never faults,
     /// whatever the address.
     #[inline(always)]
-    fn prefetch_lines<const L: usize>(p: *const u8) {
-        for l in 0..L {
+    fn prefetch_lines(p: *const u8, lines: usize) {
+        for l in 0..lines {
             // SAFETY: a prefetch is only a hint: it does not fault on any address, and `wrapping_add`
             // makes no claim that the pointer is in bounds.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
@@ -1332,9 +1463,11 @@ pub mod avx2 {
                 let pf = wp[0].wrapping_add(dist);
                 // Prefetch lines per block: ⌈4 * block bytes / 64⌉.
                 let d = match ty {
-                    GgmlType::Q4_0 => dot_q4_0_q8_0_rows::<4, 2>(nb, wp, ap, pf),
-                    GgmlType::Q4_1 => dot_q4_1_q8_1_rows::<4, 2>(nb, wp, ap, pf),
-                    GgmlType::Q8_0 => dot_q8_0_q8_0_rows::<4, 3>(nb, wp, ap, pf),
+                    GgmlType::Q4_0 => dot_rows::<Q4_0, 4>(nb, wp, ap, pf, lines::<Q4_0>()),
+                    GgmlType::Q4_1 => dot_rows::<Q4_1, 4>(nb, wp, ap, pf, lines::<Q4_1>()),
+                    GgmlType::Q5_0 => dot_rows::<Q5_0, 4>(nb, wp, ap, pf, lines::<Q5_0>()),
+                    GgmlType::Q5_1 => dot_rows::<Q5_1, 4>(nb, wp, ap, pf, lines::<Q5_1>()),
+                    GgmlType::Q8_0 => dot_rows::<Q8_0, 4>(nb, wp, ap, pf, lines::<Q8_0>()),
                     _ => std::array::from_fn(|r| {
                         let row = &w[(4 * q + r) * rb..(4 * q + r + 1) * rb];
                         vec_dot_unchecked(ty, n, row, a)
@@ -1350,28 +1483,143 @@ pub mod avx2 {
         }
     }
 
-    /// `R` weight rows x four activation rows.
+    /// [`super::vec_dot_panel_with`] on AVX2 for the 32-element formats.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `ty` is Q4_0, Q4_1 or Q8_0; the rows hold `nb`
-    /// blocks of `ty` and of its vec-dot type; `sc.d` (and `sc.s` for Q4_1) hold `4 * nb` scales.
-    pub(crate) unsafe fn vec_dot_tile4_unchecked<const R: usize>(
+    /// The CPU must support AVX2, FMA and F16C; `ty` is Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0; `w` holds
+    /// `nb` blocks of `ty`; `act` is readable for `4 * out.len()` rows of `arb` bytes, each `nb`
+    /// blocks of the vec-dot type; `sc.d` (and `sc.s` for Q4_1 / Q5_1) hold `4 * nb * out.len()`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn vec_dot_panel_unchecked(
         ty: GgmlType,
         nb: usize,
-        w: [&[u8]; R],
-        a: [&[u8]; 4],
+        w: &[u8],
+        act: *const u8,
+        arb: usize,
         sc: &ActScales4,
-    ) -> [[f32; 4]; R] {
-        debug_assert!(crate::simd::avx2_available());
-        let wp = w.map(<[u8]>::as_ptr);
-        let ap = a.map(<[u8]>::as_ptr);
+        scratch: &mut Vec<u8>,
+        out: &mut [[f32; 4]],
+    ) {
+        debug_assert!(crate::simd::avx2_available() && w.len() >= nb * ty.type_size());
         // SAFETY: guaranteed by the caller (see above).
         unsafe {
             match ty {
-                GgmlType::Q4_0 => tile4_q4_0_q8_0::<R>(nb, wp, ap, sc.d.as_ptr()),
-                GgmlType::Q4_1 => tile4_q4_1_q8_1::<R>(nb, wp, ap, sc.d.as_ptr(), sc.s.as_ptr()),
-                GgmlType::Q8_0 => tile4_q8_0_q8_0::<R>(nb, wp, ap, sc.d.as_ptr()),
-                _ => unreachable!("no tile kernel for {}", ty.name()),
+                GgmlType::Q4_0 => panel::<Q4_0>(nb, w.as_ptr(), act, arb, sc, scratch, out),
+                GgmlType::Q4_1 => panel::<Q4_1>(nb, w.as_ptr(), act, arb, sc, scratch, out),
+                GgmlType::Q5_0 => panel::<Q5_0>(nb, w.as_ptr(), act, arb, sc, scratch, out),
+                GgmlType::Q5_1 => panel::<Q5_1>(nb, w.as_ptr(), act, arb, sc, scratch, out),
+                GgmlType::Q8_0 => panel::<Q8_0>(nb, w.as_ptr(), act, arb, sc, scratch, out),
+                _ => unreachable!("no panel kernel for {}", ty.name()),
+            }
+        }
+    }
+
+    /// One weight row of `T` x `out.len()` groups of four activation rows. The row is unpacked
+    /// once into `scratch`: per block its 32 codes (and for signed formats their absolute values,
+    /// the sign trick's `|x|`), its `d` and `m` as f32. Per group, the pair scales `dw * da_c` of
+    /// every block are formed four at a time into `scratch` before the integer work, which then
+    /// reads them by broadcast loads. Per (row, activation) pair the f32 operations and their order
+    /// are [`dot_rows`]'s.
+    ///
+    /// # Safety
+    /// As [`vec_dot_panel_unchecked`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panel<T: Block32>(
+        nb: usize,
+        w: *const u8,
+        act: *const u8,
+        arb: usize,
+        sc: &ActScales4,
+        scratch: &mut Vec<u8>,
+        out: &mut [[f32; 4]],
+    ) {
+        let t = f16_table();
+        let (_, aq) = act_layout::<T>();
+        let codes = if T::SIGNED { 2 } else { 1 };
+        // Layout: codes (nb x 32 bytes, then |codes| for signed), dw (nb f32), mw (nb f32),
+        // pair scales (4 nb f32).
+        let code_bytes = codes * 32 * nb;
+        scratch.resize(code_bytes + 4 * (6 * nb) + 32, 0);
+        // 32-byte alignment is not needed (unaligned loads) but keeps the f32s 4-aligned.
+        let base = scratch.as_mut_ptr();
+        let fp = base
+            .wrapping_add(code_bytes)
+            .wrapping_add(base.wrapping_add(code_bytes).align_offset(4));
+        let (dwp, mwp, ddp) = (
+            fp as *mut f32,
+            (fp as *mut f32).wrapping_add(nb),
+            (fp as *mut f32).wrapping_add(2 * nb),
+        );
+        // SAFETY: `scratch` holds the layout above (resized just before); weight blocks `b < nb`
+        // are readable (caller).
+        unsafe {
+            for b in 0..nb {
+                let wb = w.add(b * T::W);
+                let qx = T::codes(wb);
+                _mm256_storeu_si256(base.add(32 * b) as *mut __m256i, qx);
+                if T::SIGNED {
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    _mm256_storeu_si256(base.add(32 * (nb + b)) as *mut __m256i, ax);
+                    *dwp.add(b) = f16_at(t, wb);
+                } else {
+                    let dm = load_2xf16(wb);
+                    *dwp.add(b) = _mm_cvtss_f32(dm);
+                    *mwp.add(b) = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                }
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        let g4 = 4 * nb;
+        for (g, o) in out.iter_mut().enumerate() {
+            // SAFETY: group `g`'s rows and scales are readable (caller); `scratch` as above.
+            unsafe {
+                let sd = sc.d.as_ptr().add(g * g4);
+                for b in 0..nb {
+                    let d4 = _mm_loadu_ps(sd.add(4 * b));
+                    _mm_storeu_ps(ddp.add(4 * b), _mm_mul_ps(_mm_set1_ps(*dwp.add(b)), d4));
+                }
+                // (The `m * s` chain runs inside the main loop, where its latency overlaps.)
+                let mut summs = _mm_setzero_ps();
+                let ap: [*const u8; 4] = std::array::from_fn(|c| act.add((4 * g + c) * arb + aq));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for b in 0..nb {
+                    let ab = b * if T::SIGNED {
+                        BlockQ8_0::BYTES
+                    } else {
+                        BlockQ8_1::BYTES
+                    };
+                    let qx = _mm256_loadu_si256(base.add(32 * b) as *const __m256i);
+                    let dp = ddp.add(4 * b);
+                    if T::SIGNED {
+                        let ax = _mm256_loadu_si256(base.add(32 * (nb + b)) as *const __m256i);
+                        for c in 0..4 {
+                            let qy = _mm256_loadu_si256(ap[c].add(ab) as *const __m256i);
+                            let sy = _mm256_sign_epi8(qy, qx);
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                            let d = _mm256_broadcast_ss(&*dp.add(c));
+                            acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[c]);
+                        }
+                    } else {
+                        let s4 = _mm_loadu_ps(sc.s.as_ptr().add(g * g4 + 4 * b));
+                        summs = _mm_fmadd_ps(_mm_set1_ps(*mwp.add(b)), s4, summs);
+                        for c in 0..4 {
+                            let qy = _mm256_loadu_si256(ap[c].add(ab) as *const __m256i);
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
+                            let d = _mm256_broadcast_ss(&*dp.add(c));
+                            acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[c]);
+                        }
+                    }
+                }
+                let mut m = [0f32; 4];
+                _mm_storeu_ps(m.as_mut_ptr(), summs);
+                *o = std::array::from_fn(|c| {
+                    let h = crate::reduce::avx2::hsum8(acc[c]);
+                    if T::SIGNED {
+                        h
+                    } else {
+                        h + m[c]
+                    }
+                });
             }
         }
     }
@@ -1451,140 +1699,6 @@ pub mod avx2 {
         }
     }
 
-    /// `R` Q4_1 rows x four Q8_1 rows of `nb` blocks; `sd`, `ss`: the activations' `d` and `s` as
-    /// f32, `[4 * b + c]`. Same arithmetic per (row, activation) pair as `dot_q4_1_q8_1_rows`.
-    ///
-    /// # Safety
-    /// Rows readable for `nb` blocks, `sd` and `ss` for `4 * nb` f32; AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile4_q4_1_q8_1<const R: usize>(
-        nb: usize,
-        w: [*const u8; R],
-        a: [*const u8; 4],
-        sd: *const f32,
-        ss: *const f32,
-    ) -> [[f32; 4]; R] {
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        // Lane c: Σ fma(m_w, s_c) for activation row c.
-        let mut summs = [_mm_setzero_ps(); R];
-        let ones = _mm256_set1_epi16(1);
-        for b in 0..nb {
-            // SAFETY: block `b < nb` of each row and scales `4b..4b+4` are readable (caller).
-            unsafe {
-                let s4 = _mm_loadu_ps(ss.add(4 * b));
-                let qy = a
-                    .map(|p| _mm256_loadu_si256(p.add(b * BlockQ8_1::BYTES + 4) as *const __m256i));
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ4_1::BYTES);
-                    let dm = load_2xf16(wb); // [d_w, m_w, 0, 0]
-                    summs[r] = _mm_fmadd_ps(_mm_permute_ps::<0b0101_0101>(dm), s4, summs[r]);
-                    let dw = _mm256_broadcastss_ps(dm);
-                    let qx = nibbles_32(wb.add(4));
-                    for c in 0..4 {
-                        let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*sd.add(4 * b + c)));
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy[c]), ones);
-                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; R];
-        for r in 0..R {
-            let mut m = [0f32; 4];
-            // SAFETY: `m` is 4 writable f32s.
-            unsafe { _mm_storeu_ps(m.as_mut_ptr(), summs[r]) };
-            for c in 0..4 {
-                out[r][c] = scalar::hsum_float_8(lanes(acc[r][c])) + m[c];
-            }
-        }
-        out
-    }
-
-    /// `R` Q4_0 rows x four Q8_0 rows; `sd`: the activations' `d` as f32, `[4 * b + c]`.
-    ///
-    /// # Safety
-    /// Rows readable for `nb` blocks, `sd` for `4 * nb` f32; AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile4_q4_0_q8_0<const R: usize>(
-        nb: usize,
-        w: [*const u8; R],
-        a: [*const u8; 4],
-        sd: *const f32,
-    ) -> [[f32; 4]; R] {
-        let t = f16_table();
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let ones = _mm256_set1_epi16(1);
-        let off = _mm256_set1_epi8(8);
-        for b in 0..nb {
-            // SAFETY: block `b < nb` of each row and scales `4b..4b+4` are readable (caller).
-            unsafe {
-                let qy = a
-                    .map(|p| _mm256_loadu_si256(p.add(b * BlockQ8_0::BYTES + 2) as *const __m256i));
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ4_0::BYTES);
-                    let dw = _mm256_set1_ps(f16_at(t, wb));
-                    let qx = _mm256_sub_epi8(nibbles_32(wb.add(2)), off);
-                    let ax = _mm256_sign_epi8(qx, qx);
-                    for c in 0..4 {
-                        let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*sd.add(4 * b + c)));
-                        let sy = _mm256_sign_epi8(qy[c], qx);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; R];
-        for r in 0..R {
-            for c in 0..4 {
-                out[r][c] = scalar::hsum_float_8(lanes(acc[r][c]));
-            }
-        }
-        out
-    }
-
-    /// `R` Q8_0 rows x four Q8_0 rows; `sd`: the activations' `d` as f32, `[4 * b + c]`.
-    ///
-    /// # Safety
-    /// Rows readable for `nb` blocks, `sd` for `4 * nb` f32; AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile4_q8_0_q8_0<const R: usize>(
-        nb: usize,
-        w: [*const u8; R],
-        a: [*const u8; 4],
-        sd: *const f32,
-    ) -> [[f32; 4]; R] {
-        let t = f16_table();
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let ones = _mm256_set1_epi16(1);
-        for b in 0..nb {
-            // SAFETY: block `b < nb` of each row and scales `4b..4b+4` are readable (caller).
-            unsafe {
-                let qy = a
-                    .map(|p| _mm256_loadu_si256(p.add(b * BlockQ8_0::BYTES + 2) as *const __m256i));
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ8_0::BYTES);
-                    let dw = _mm256_set1_ps(f16_at(t, wb));
-                    let qx = _mm256_loadu_si256(wb.add(2) as *const __m256i);
-                    let ax = _mm256_sign_epi8(qx, qx);
-                    for c in 0..4 {
-                        let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*sd.add(4 * b + c)));
-                        let sy = _mm256_sign_epi8(qy[c], qx);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                        acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; 4]; R];
-        for r in 0..R {
-            for c in 0..4 {
-                out[r][c] = scalar::hsum_float_8(lanes(acc[r][c]));
-            }
-        }
-        out
-    }
-
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn lanes(v: __m256) -> [f32; 8] {
@@ -1661,120 +1775,177 @@ pub mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
     }
 
-    /// `R` Q4_0 rows x one Q8_0 row of `nb` blocks.
-    ///
-    /// # Safety
-    /// Each `w[r]` must be readable for `nb * 18` bytes and `a` for `nb * 34`; the CPU must support
-    /// AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_0_q8_0_rows<const R: usize, const PFL: usize>(
-        nb: usize,
-        w: [*const u8; R],
-        a: *const u8,
-        pf: *const u8,
-    ) -> [f32; R] {
-        let t = f16_table();
-        let mut acc = [_mm256_setzero_ps(); R];
-        let off = _mm256_set1_epi8(8);
-        for b in 0..nb {
-            prefetch_lines::<PFL>(pf.wrapping_add(b * R * BlockQ4_0::BYTES));
-            // SAFETY: block `b < nb` of each row lies within the readable ranges the caller guarantees.
-            unsafe {
-                let ab = a.add(b * BlockQ8_0::BYTES);
-                let da = f16_at(t, ab);
-                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ4_0::BYTES);
-                    let d = _mm256_set1_ps(f16_at(t, wb) * da);
-                    let qx = _mm256_sub_epi8(nibbles_32(wb.add(2)), off);
-                    let q = _mm256_cvtepi32_ps(mul_sum_i8_pairs(qx, qy));
-                    acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
-                }
-            }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = scalar::hsum_float_8(lanes(acc[r]));
-        }
-        out
+    /// A 32-element ggml weight block format as the integer kernels below see it. Each is dotted with
+    /// Q8_0 (signed formats) or Q8_1 (formats with a minimum) activation blocks, with ggml's AVX2
+    /// arithmetic per block: signed codes through `mul_sum_i8_pairs` (the sign trick) and
+    /// `fma(dw * da, lanes, acc)`; unsigned codes through `maddubs` and `fma(dw * da, lanes, acc)`,
+    /// the `m * s` terms fused into a separate sum, added after `hsum_float_8`.
+    trait Block32 {
+        /// Bytes per weight block.
+        const W: usize;
+        /// Signed codes (Q4_0, Q5_0, Q8_0 against Q8_0) or unsigned codes with a minimum (Q4_1, Q5_1
+        /// against Q8_1).
+        const SIGNED: bool;
+        /// The 32 codes of the weight block at `p`, element `e` in byte `e`.
+        ///
+        /// # Safety
+        /// `p` readable for [`Self::W`] bytes; AVX2.
+        unsafe fn codes(p: *const u8) -> __m256i;
     }
 
-    /// `R` Q4_1 rows x one Q8_1 row of `nb` blocks.
+    /// Activation block bytes and the offset of its quants for weights `T`.
+    const fn act_layout<T: Block32>() -> (usize, usize) {
+        if T::SIGNED {
+            (BlockQ8_0::BYTES, 2)
+        } else {
+            (BlockQ8_1::BYTES, 4)
+        }
+    }
+
+    /// Cache lines to prefetch per block of four rows of `T`: `⌈4 W / 64⌉`.
+    const fn lines<T: Block32>() -> usize {
+        (4 * T::W).div_ceil(64)
+    }
+
+    struct Q4_0;
+    struct Q4_1;
+    struct Q5_0;
+    struct Q5_1;
+    struct Q8_0;
+
+    impl Block32 for Q4_0 {
+        const W: usize = BlockQ4_0::BYTES;
+        const SIGNED: bool = true;
+        #[inline(always)]
+        unsafe fn codes(p: *const u8) -> __m256i {
+            // SAFETY: 16 nibble bytes at `p + 2` (caller); AVX2 (caller).
+            unsafe { _mm256_sub_epi8(nibbles_32(p.add(2)), _mm256_set1_epi8(8)) }
+        }
+    }
+
+    impl Block32 for Q4_1 {
+        const W: usize = BlockQ4_1::BYTES;
+        const SIGNED: bool = false;
+        #[inline(always)]
+        unsafe fn codes(p: *const u8) -> __m256i {
+            // SAFETY: 16 nibble bytes at `p + 4` (caller); AVX2 (caller).
+            unsafe { nibbles_32(p.add(4)) }
+        }
+    }
+
+    impl Block32 for Q5_0 {
+        const W: usize = 22;
+        const SIGNED: bool = true;
+        #[inline(always)]
+        unsafe fn codes(p: *const u8) -> __m256i {
+            // SAFETY: `qh` at `p + 2`, nibbles at `p + 6` (caller); AVX2 (caller). ggml: the code
+            // with its fifth bit clear gets 0xF0 or-ed in, i.e. `code - 16` as i8.
+            unsafe {
+                let hi = _mm256_andnot_si256(bits_32(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles_32(p.add(6)), hi)
+            }
+        }
+    }
+
+    impl Block32 for Q5_1 {
+        const W: usize = 24;
+        const SIGNED: bool = false;
+        #[inline(always)]
+        unsafe fn codes(p: *const u8) -> __m256i {
+            // SAFETY: `qh` at `p + 4`, nibbles at `p + 8` (caller); AVX2 (caller).
+            unsafe {
+                let hi = _mm256_and_si256(bits_32(p.add(4)), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles_32(p.add(8)), hi)
+            }
+        }
+    }
+
+    impl Block32 for Q8_0 {
+        const W: usize = BlockQ8_0::BYTES;
+        const SIGNED: bool = true;
+        #[inline(always)]
+        unsafe fn codes(p: *const u8) -> __m256i {
+            // SAFETY: 32 quant bytes at `p + 2` (caller); AVX2 (caller).
+            unsafe { _mm256_loadu_si256(p.add(2) as *const __m256i) }
+        }
+    }
+
+    /// The 32 bits at `p` (little-endian) as 32 bytes, 0xFF where the bit is set (ggml's
+    /// `bytes_from_bits_32`).
     ///
     /// # Safety
-    /// Each `w[r]` must be readable for `nb * 20` bytes and `a` for `nb * 36`; the CPU must support
-    /// AVX2, FMA and F16C.
+    /// `p` readable for 4 bytes; AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q4_1_q8_1_rows<const R: usize, const PFL: usize>(
+    #[inline]
+    unsafe fn bits_32(p: *const u8) -> __m256i {
+        // SAFETY: 4 readable bytes at `p` (caller); unaligned read.
+        let x = unsafe { std::ptr::read_unaligned(p as *const u32) };
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+    }
+
+    /// `R` weight rows of `T` x one activation row of `nb` blocks, prefetching `pfl` lines per block
+    /// from `pf` on (a hint, any address).
+    ///
+    /// # Safety
+    /// Each `w[r]` must be readable for `nb` blocks of `T` and `a` for `nb` activation blocks; the
+    /// CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows<T: Block32, const R: usize>(
         nb: usize,
         w: [*const u8; R],
         a: *const u8,
         pf: *const u8,
+        pfl: usize,
     ) -> [f32; R] {
+        let t = f16_table();
+        let (ab_bytes, aq) = act_layout::<T>();
         let mut acc = [_mm256_setzero_ps(); R];
-        // Lane 1 holds Σ fma(m, s); lane 0 collects unused products.
+        // Unsigned formats: lane 1 holds Σ fma(m, s); lane 0 collects unused products.
         let mut summs = [_mm_setzero_ps(); R];
         let ones = _mm256_set1_epi16(1);
         for b in 0..nb {
-            prefetch_lines::<PFL>(pf.wrapping_add(b * R * BlockQ4_1::BYTES));
+            prefetch_lines(pf.wrapping_add(b * R * T::W), pfl);
             // SAFETY: block `b < nb` of each row lies within the readable ranges the caller guarantees.
             unsafe {
-                let ab = a.add(b * BlockQ8_1::BYTES);
-                let ds = load_2xf16(ab); // [d_a, s_a, 0, 0]
-                let qy = _mm256_loadu_si256(ab.add(4) as *const __m256i);
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ4_1::BYTES);
-                    let dm = load_2xf16(wb); // [d_w, m_w, 0, 0]
-                    summs[r] = _mm_fmadd_ps(dm, ds, summs[r]);
-                    let d = _mm256_broadcastss_ps(_mm_mul_ss(dm, ds));
-                    let qx = nibbles_32(wb.add(4));
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+                let ab = a.add(b * ab_bytes);
+                let qy = _mm256_loadu_si256(ab.add(aq) as *const __m256i);
+                if T::SIGNED {
+                    let da = f16_at(t, ab);
+                    for r in 0..R {
+                        let wb = w[r].add(b * T::W);
+                        let d = _mm256_set1_ps(f16_at(t, wb) * da);
+                        let q = _mm256_cvtepi32_ps(mul_sum_i8_pairs(T::codes(wb), qy));
+                        acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+                    }
+                } else {
+                    let ds = load_2xf16(ab); // [d_a, s_a, 0, 0]
+                    for r in 0..R {
+                        let wb = w[r].add(b * T::W);
+                        let dm = load_2xf16(wb); // [d_w, m_w, 0, 0]
+                        summs[r] = _mm_fmadd_ps(dm, ds, summs[r]);
+                        let d = _mm256_broadcastss_ps(_mm_mul_ss(dm, ds));
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(T::codes(wb), qy), ones);
+                        acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+                    }
                 }
             }
         }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(summs[r]));
-            out[r] = scalar::hsum_float_8(lanes(acc[r])) + m;
-        }
-        out
-    }
-
-    /// `R` Q8_0 rows x one Q8_0 row of `nb` blocks.
-    ///
-    /// # Safety
-    /// Each `w[r]` and `a` must be readable for `nb * 34` bytes; the CPU must support AVX2, FMA, F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8_0_q8_0_rows<const R: usize, const PFL: usize>(
-        nb: usize,
-        w: [*const u8; R],
-        a: *const u8,
-        pf: *const u8,
-    ) -> [f32; R] {
-        let t = f16_table();
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            prefetch_lines::<PFL>(pf.wrapping_add(b * R * BlockQ8_0::BYTES));
-            // SAFETY: block `b < nb` of each row lies within the readable ranges the caller guarantees.
-            unsafe {
-                let ab = a.add(b * BlockQ8_0::BYTES);
-                let da = f16_at(t, ab);
-                let qy = _mm256_loadu_si256(ab.add(2) as *const __m256i);
-                for r in 0..R {
-                    let wb = w[r].add(b * BlockQ8_0::BYTES);
-                    let d = _mm256_set1_ps(f16_at(t, wb) * da);
-                    let qx = _mm256_loadu_si256(wb.add(2) as *const __m256i);
-                    let q = _mm256_cvtepi32_ps(mul_sum_i8_pairs(qx, qy));
-                    acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
-                }
+        std::array::from_fn(|r| {
+            let h = crate::reduce::avx2::hsum8(acc[r]);
+            if T::SIGNED {
+                h
+            } else {
+                h + _mm_cvtss_f32(_mm_movehdup_ps(summs[r]))
             }
-        }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = scalar::hsum_float_8(lanes(acc[r]));
-        }
-        out
+        })
     }
 
     /// F16 x F16; `w`, `a` are `2n` bytes.

@@ -115,7 +115,7 @@ proptest! {
     fn kquant_matmul_equals_per_element_vec_dot(
         nb in 1usize..5,
         m in 1usize..80,
-        n in 1usize..9,
+        n in 1usize..14,
         pick in 0usize..3,
         seed in any::<u64>(),
     ) {

@@ -9,9 +9,11 @@ use ep_kernels::quant::{self, GgmlType};
 use ep_kernels::simd::{self, Path};
 use proptest::prelude::*;
 
-const WEIGHT_TYPES: [GgmlType; 6] = [
+const WEIGHT_TYPES: [GgmlType; 8] = [
     GgmlType::Q4_1,
     GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::F16,
     GgmlType::BF16,
@@ -66,7 +68,7 @@ proptest! {
     fn matmul_is_batch_thread_and_path_invariant(
         nb in 1usize..20,
         m in 1usize..150,
-        n in 2usize..9,
+        n in 2usize..21,
         pick in 0usize..WEIGHT_TYPES.len(),
         seed in any::<u64>(),
     ) {
@@ -241,7 +243,13 @@ fn decode_matmul_with_extreme_scales_matches_scalar() {
     let scales: [u16; 8] = [
         0x0001, 0x03ff, 0x7bff, 0xfbff, 0x7c00, 0xfc00, 0x7e00, 0x8000,
     ];
-    for ty in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
         for (m, k) in [(203, 576), (576, 1536), (7, 64)] {
             let mut data = random_weights(ty, m, k, (m * k) as u64);
             let rb = ty.row_bytes(k).unwrap();
@@ -252,7 +260,7 @@ fn decode_matmul_with_extreme_scales_matches_scalar() {
                     if (b + j) % 4 == 0 {
                         let v = scales[(b + j) % scales.len()];
                         blk[0..2].copy_from_slice(&v.to_le_bytes());
-                        if ty == GgmlType::Q4_1 {
+                        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                             let v = scales[(b + j + 3) % scales.len()];
                             blk[2..4].copy_from_slice(&v.to_le_bytes());
                         }

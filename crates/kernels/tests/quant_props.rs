@@ -217,6 +217,18 @@ fn naive_dequant(ty: GgmlType, src: &[u8], n: usize) -> Vec<f32> {
                 out.extend(b.qs.iter().map(|&q| q as f32 * b.d.to_f32()));
             }
         }
+        GgmlType::Q5_0 => {
+            for c in src.chunks(22) {
+                let d = f16_of(c, 0) as f32;
+                out.extend((0..32).map(|i| (q5(&c[2..6], &c[6..22], i) - 16) as f32 * d));
+            }
+        }
+        GgmlType::Q5_1 => {
+            for c in src.chunks(24) {
+                let (d, m) = (f16_of(c, 0) as f32, f16_of(c, 2) as f32);
+                out.extend((0..32).map(|i| q5(&c[4..8], &c[8..24], i) as f32 * d + m));
+            }
+        }
         GgmlType::Q8_1 => {
             for c in src.chunks(36) {
                 let b = BlockQ8_1::read(c);
@@ -237,22 +249,26 @@ fn naive_dequant(ty: GgmlType, src: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
-const ALL_TYPES: [GgmlType; 7] = [
+const ALL_TYPES: [GgmlType; 9] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q8_1,
 ];
 
-const WEIGHT_TYPES: [GgmlType; 6] = [
+const WEIGHT_TYPES: [GgmlType; 8] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
 ];
 
@@ -281,6 +297,19 @@ fn naive_quant_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
                 let p = (0..32).map(|i| wb.qs[i] as i32 * ab.qs[i] as i32);
                 (wb.d.to_f64() * ab.d.to_f64(), p.collect(), 0.0)
             }
+            GgmlType::Q5_0 => {
+                let wb = &w[b * 22..(b + 1) * 22];
+                let ab = BlockQ8_0::read(&a[b * 34..]);
+                let p = (0..32).map(|i| (q5(&wb[2..6], &wb[6..22], i) - 16) * ab.qs[i] as i32);
+                (f16_of(wb, 0) * ab.d.to_f64(), p.collect(), 0.0)
+            }
+            GgmlType::Q5_1 => {
+                let wb = &w[b * 24..(b + 1) * 24];
+                let ab = BlockQ8_1::read(&a[b * 36..]);
+                let p = (0..32).map(|i| q5(&wb[4..8], &wb[8..24], i) * ab.qs[i] as i32);
+                let extra = f16_of(wb, 2) * ab.s.to_f64();
+                (f16_of(wb, 0) * ab.d.to_f64(), p.collect(), extra)
+            }
             _ => unreachable!(),
         };
         let sumi: i32 = prods.iter().sum();
@@ -288,6 +317,18 @@ fn naive_quant_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
         mag += prods.iter().map(|&p| (d * p as f64).abs()).sum::<f64>() + extra.abs();
     }
     (sum, mag)
+}
+
+/// Element `i` of a 5-bit block as ggml's `block_q5_0` / `block_q5_1` define it: the nibble (byte `i`
+/// low half for `i < 16`, byte `i - 16` high half otherwise) with bit `i` of `qh` as bit 4.
+fn q5(qh: &[u8], qs: &[u8], i: usize) -> i32 {
+    let nib = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 };
+    let hi = (u32::from_le_bytes(qh.try_into().unwrap()) >> i) & 1;
+    nib as i32 | (hi as i32) << 4
+}
+
+fn f16_of(b: &[u8], at: usize) -> f64 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f64()
 }
 
 fn naive_float_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
@@ -427,7 +468,7 @@ proptest! {
     #[test]
     fn quant_dots_simd_equal_scalar_and_naive(x in row_strategy(20), seed in any::<u64>()) {
         let n = x.len();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
             let w = random_weights(ty, 1, n, seed);
             let a = quantized(ty.vec_dot_type().unwrap(), &x);
             let s = quant::vec_dot_with(Path::Scalar, ty, n, &w, &a);
@@ -533,6 +574,8 @@ fn ggml_ids_sizes_and_names() {
         (GgmlType::F16, 1, 1, 2, "f16"),
         (GgmlType::Q4_0, 2, 32, 18, "q4_0"),
         (GgmlType::Q4_1, 3, 32, 20, "q4_1"),
+        (GgmlType::Q5_0, 6, 32, 22, "q5_0"),
+        (GgmlType::Q5_1, 7, 32, 24, "q5_1"),
         (GgmlType::Q8_0, 8, 32, 34, "q8_0"),
         (GgmlType::Q8_1, 9, 32, 36, "q8_1"),
         (GgmlType::Q4_K, 12, 256, 144, "q4_K"),
@@ -551,7 +594,7 @@ fn ggml_ids_sizes_and_names() {
     }
     assert_eq!(GgmlType::Q4_K.row_bytes(512), Some(288));
     assert_eq!(GgmlType::Q6_K.row_bytes(288), None);
-    for id in [4, 5, 6, 7, 10, 11, 16, 20, 31, 1000] {
+    for id in [4, 5, 10, 11, 16, 20, 31, 1000] {
         assert_eq!(GgmlType::from_id(id), None, "id {id}");
     }
 }

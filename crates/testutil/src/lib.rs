@@ -66,6 +66,11 @@ pub enum TinyWeights {
     /// The same random model as [`TinyWeights::KQuant`] (same seed), with the K-quant matrices
     /// dequantised to F32.
     KQuantAsF32,
+    /// Q4_0, Q5_0, Q5_1 and Q8_0, in turn over the matrices of each layer (64 wide, as
+    /// [`TinyWeights::Q4_1`]): the 32-element formats besides Q4_1.
+    Block32,
+    /// The same random model as [`TinyWeights::Block32`] (same seed), dequantised to F32.
+    Block32AsF32,
 }
 
 /// The tiny models' generator (an LCG; the Q4_1 model's bytes depend on its exact sequence).
@@ -92,6 +97,31 @@ fn tiny_q4_1(r: &mut Lcg, rows: usize, cols: usize) -> Vec<u8> {
         for _ in 0..16 {
             v.push(r.next() as u8);
         }
+    }
+    v
+}
+
+/// Random rows of a 32-element format `ty` (Q4_0, Q5_0, Q5_1, Q8_0), centred, weights of about
+/// ±0.1 like [`tiny_q4_1`]'s.
+fn tiny_block32(r: &mut Lcg, ty: ep_kernels::GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    use ep_kernels::GgmlType;
+    use half::f16;
+    let nb = rows * cols / 32;
+    let mut v = Vec::with_capacity(nb * ty.type_size());
+    for _ in 0..nb {
+        let u = (r.next() % 100) as f32;
+        let mut b: Vec<u8> = (0..ty.type_size()).map(|_| r.next() as u8).collect();
+        let (d, m) = match ty {
+            GgmlType::Q4_0 => (0.01 + u * 0.0004, None),
+            GgmlType::Q5_0 => (0.005 + u * 0.0002, None),
+            GgmlType::Q5_1 => (0.005 + u * 0.0002, Some(-15.5)),
+            _ => (0.0004 + u * 0.000016, None), // Q8_0: codes of ±127
+        };
+        b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        if let Some(k) = m {
+            b[2..4].copy_from_slice(&f16::from_f32(k * d).to_le_bytes());
+        }
+        v.extend_from_slice(&b);
     }
     v
 }
@@ -149,7 +179,9 @@ pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec
     use half::f16;
 
     let (n_embd, n_ff) = match weights {
-        TinyWeights::Q4_1 => (TINY_EMBD, TINY_FF),
+        TinyWeights::Q4_1 | TinyWeights::Block32 | TinyWeights::Block32AsF32 => {
+            (TINY_EMBD, TINY_FF)
+        }
         TinyWeights::KQuant | TinyWeights::KQuantAsF32 => (TINY_K_EMBD, TINY_K_FF),
     };
     let mut rng = Lcg(seed
@@ -214,6 +246,18 @@ pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec
         {
             let dims = vec![cols as u64, rows as u64];
             let kty = [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K][(7 * l + idx) % 3];
+            let bty = [
+                GgmlType::Q4_0,
+                GgmlType::Q5_0,
+                GgmlType::Q5_1,
+                GgmlType::Q8_0,
+            ][(7 * l + idx) % 4];
+            let as_f32 = |ty: GgmlType, q: Vec<u8>| {
+                let mut f = vec![0f32; rows * cols];
+                ep_kernels::quant::dequantize_row(ty, &q, &mut f);
+                let data = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+                TensorOut::new(n(name), dims.clone(), GgmlType::F32, data)
+            };
             let t = match weights {
                 TinyWeights::Q4_1 => TensorOut::new(
                     n(name),
@@ -224,13 +268,11 @@ pub fn tiny_model_bytes_with(seed: u64, arch: &str, weights: TinyWeights) -> Vec
                 TinyWeights::KQuant => {
                     TensorOut::new(n(name), dims, kty, tiny_kquant(&mut rng, kty, rows, cols))
                 }
-                TinyWeights::KQuantAsF32 => {
-                    let q = tiny_kquant(&mut rng, kty, rows, cols);
-                    let mut f = vec![0f32; rows * cols];
-                    ep_kernels::quant::dequantize_row(kty, &q, &mut f);
-                    let data = f.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    TensorOut::new(n(name), dims, GgmlType::F32, data)
+                TinyWeights::KQuantAsF32 => as_f32(kty, tiny_kquant(&mut rng, kty, rows, cols)),
+                TinyWeights::Block32 => {
+                    TensorOut::new(n(name), dims, bty, tiny_block32(&mut rng, bty, rows, cols))
                 }
+                TinyWeights::Block32AsF32 => as_f32(bty, tiny_block32(&mut rng, bty, rows, cols)),
             };
             tensors.push(t);
         }

@@ -54,8 +54,13 @@ pub fn random_weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<
                 c.copy_from_slice(&bf16::from_f32(r.unit() * 2.0).to_bits().to_le_bytes());
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
-            let nscales = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_1) {
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::Q8_1 => {
+            let nscales = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1) {
                 2
             } else {
                 1

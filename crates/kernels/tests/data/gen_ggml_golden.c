@@ -5,6 +5,11 @@
 //   gcc -O2 -ffp-contract=off gen_ggml_golden.c -o gen -L$LIB -lggml-cpu -lggml-base -Wl,-rpath,$LIB
 //   ./gen ggml_golden.bin
 //
+// or against the static libraries of scripts/peer/build-llama-cpp.sh ($EDGEPROMPT_HOME/peer/build):
+//
+//   B=$EDGEPROMPT_HOME/peer/build/ggml/src
+//   gcc -O2 -ffp-contract=off gen_ggml_golden.c -o gen $B/libggml-cpu.a $B/libggml-base.a -lstdc++ -lgomp -lm
+//
 // The generator itself is compiled with -ffp-contract=off so its input arithmetic (exact products by
 // constants) matches the Rust side bit for bit.
 #include <stdint.h>
@@ -18,6 +23,10 @@ void quantize_row_q8_0(const float *x, void *y, int64_t k);
 void quantize_row_q8_1(const float *x, void *y, int64_t k);
 void ggml_vec_dot_q4_0_q8_0(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 void ggml_vec_dot_q4_1_q8_1(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
+void ggml_vec_dot_q5_0_q8_0(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
+void ggml_vec_dot_q5_1_q8_1(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
+void dequantize_row_q5_0(const void *x, float *y, int64_t k);
+void dequantize_row_q5_1(const void *x, float *y, int64_t k);
 void ggml_vec_dot_q8_0_q8_0(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 void ggml_vec_dot_f16(int n, float *s, size_t bs, uint16_t *x, size_t bx, uint16_t *y, size_t by, int nrc);
 void ggml_vec_dot_bf16(int n, float *s, size_t bs, uint16_t *x, size_t bx, uint16_t *y, size_t by, int nrc);
@@ -111,7 +120,8 @@ static FILE *out;
 static void put(const void *p, size_t n) { fwrite(p, 1, n, out); }
 static void put_u32(uint32_t v) { put(&v, 4); }
 
-enum { K_Q4_0 = 1, K_Q4_1 = 2, K_Q8_0 = 3, K_F16 = 4, K_BF16 = 5, K_F32 = 6, K_DQ4_0 = 7, K_DQ4_1 = 8, K_DQ8_0 = 9 };
+enum { K_Q4_0 = 1, K_Q4_1 = 2, K_Q8_0 = 3, K_F16 = 4, K_BF16 = 5, K_F32 = 6, K_DQ4_0 = 7, K_DQ4_1 = 8, K_DQ8_0 = 9,
+       K_Q5_0 = 10, K_Q5_1 = 11, K_DQ5_0 = 12, K_DQ5_1 = 13 };
 
 int main(int argc, char **argv) {
     if (argc != 2) { fprintf(stderr, "usage: %s out.bin\n", argv[0]); return 2; }
@@ -189,6 +199,35 @@ int main(int argc, char **argv) {
             if (kind == K_DQ4_0) { gen_weights_q(w, nb, 18, 1); dequantize_row_q4_0(w, x, n); }
             if (kind == K_DQ4_1) { gen_weights_q(w, nb, 20, 2); dequantize_row_q4_1(w, x, n); }
             if (kind == K_DQ8_0) { gen_weights_q(w, nb, 34, 1); dequantize_row_q8_0(w, x, n); }
+            put(x, 4 * n);
+        }
+    }
+    // Q5_0 / Q5_1 (appended later: the records above are unchanged).
+    for (int kind = K_Q5_0; kind <= K_Q5_1; kind++) {
+        for (int c = 0; c < CASES; c++) {
+            int nb = 1 + (int)below(12), n = nb * 32;
+            gen_activations(x, n, 1);
+            put_u32(kind); put_u32(n);
+            if (kind == K_Q5_0) {
+                gen_weights_q(w, nb, 22, 1);
+                quantize_row_q8_0(x, a, n);
+                ggml_vec_dot_q5_0_q8_0(n, &s, 0, w, 0, a, 0, 1);
+                put(a, nb * 34);
+            } else {
+                gen_weights_q(w, nb, 24, 2);
+                quantize_row_q8_1(x, a, n);
+                ggml_vec_dot_q5_1_q8_1(n, &s, 0, w, 0, a, 0, 1);
+                put(a, nb * 36);
+            }
+            put(&s, 4);
+        }
+    }
+    for (int kind = K_DQ5_0; kind <= K_DQ5_1; kind++) {
+        for (int c = 0; c < 6; c++) {
+            int nb = 1 + (int)below(4), n = nb * 32;
+            put_u32(kind); put_u32(n);
+            if (kind == K_DQ5_0) { gen_weights_q(w, nb, 22, 1); dequantize_row_q5_0(w, x, n); }
+            if (kind == K_DQ5_1) { gen_weights_q(w, nb, 24, 2); dequantize_row_q5_1(w, x, n); }
             put(x, 4 * n);
         }
     }
