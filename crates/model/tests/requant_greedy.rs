@@ -1,11 +1,12 @@
 //! Greedy continuations of the default model re-quantized by llama.cpp (`llama-quantize
 //! --allow-requantize` to Q4_0, Q8_0 and Q4_K_M — the last mixes Q5_0, Q6_K, Q8_0 and Q4_K, since
-//! this model's 576-wide rows are not whole K-quant super-blocks), against llama.cpp's `llama-server`
-//! with weight repacking off (fixtures from `scripts/reference/make_requant_fixtures.py`, files from
-//! `scripts/peer/requantize.sh`). Same comparison as `reference_greedy.rs`, with the wider bounds
-//! of [`NEAR_TIE`].
+//! this model's 576-wide rows are not whole K-quant super-blocks), against llama.cpp through
+//! llama-cpp-python 0.3.36 with weight repacking off (fixtures from
+//! `scripts/reference/make_fixtures.py --greedy-only FILE --no-repack`, files from
+//! `scripts/peer/requantize.sh`; see `scripts/reference/README.md`). Same comparison as
+//! `reference_greedy.rs`, with the wider bounds of [`NEAR_TIE`].
 //!
-//! Which llama.cpp path the fixtures match: with `--no-repack`, Q4_K / Q5_K / Q6_K rows run ggml's
+//! Which llama.cpp path the fixtures match: with repacking off, Q4_K / Q5_K / Q6_K rows run ggml's
 //! `vec_dot`, the order our kernels reproduce bit for bit; Q4_0 / Q5_0 / Q8_0 rows run llamafile's
 //! tinyBLAS, which cannot be turned off at run time. Our outputs equal llama.cpp's exactly for the
 //! first tokens of a prompt and part later (see [`NEAR_TIE`]).
