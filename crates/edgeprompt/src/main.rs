@@ -402,7 +402,7 @@ fn load(common: &Common) -> Result<Loaded> {
         path = %path.display(),
         arch = %model.cfg.arch,
         layers = model.cfg.n_layer,
-        simd = ep_kernels::simd::active_path(),
+        simd = model.kernels().name(),
         "model loaded"
     );
     Ok(Loaded {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use ep_engine::attn::PagedAttention;
 use ep_engine::splice::{plan_step, AttnMode, SpliceArena, SpliceAttention};
 use ep_kernels::paged::KvDtype;
+use ep_kernels::simd::Path;
 use ep_kv::{BlockId, BlockPool, KvLayout};
 use ep_model::kv::{Attention, AttnShape, SeqSlice};
 
@@ -112,7 +113,7 @@ fn step(s: &mut Setup, shape: AttnShape, mode: AttnMode, arena: &mut SpliceArena
             pool: &mut s.pool,
             tables: &s.tables,
         }
-        .attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out)
+        .attend(Path::detect(), 0, &s.slices, &s.q, &s.k, &s.v, &mut out)
         .unwrap(),
         m => {
             let layout = *s.pool.layout();
@@ -132,7 +133,7 @@ fn step(s: &mut Setup, shape: AttnShape, mode: AttnMode, arena: &mut SpliceArena
                 arena,
                 plan: &plan,
             }
-            .attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out)
+            .attend(Path::detect(), 0, &s.slices, &s.q, &s.k, &s.v, &mut out)
             .unwrap()
         }
     }

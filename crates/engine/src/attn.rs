@@ -2,6 +2,7 @@
 //! (a common prefix) are stored once but read once per sequence — the PagedAttention baseline.
 
 use ep_kernels::paged::{attend_group, GroupScratch, KvChunk};
+use ep_kernels::simd::Path;
 use ep_kv::{BlockId, BlockPool};
 use ep_model::kv::{slice_of_rows, Attention, AttnShape, SeqSlice};
 use ep_model::ModelError;
@@ -58,6 +59,7 @@ impl PagedAttention<'_> {
 impl Attention for PagedAttention<'_> {
     fn attend(
         &mut self,
+        kernels: Path,
         layer: usize,
         slices: &[SeqSlice],
         q: &[f32],
@@ -96,7 +98,7 @@ impl Attention for PagedAttention<'_> {
                     pool.chunk(layer, table[b], n, kvh)
                 }));
                 let qs = &q[r * qw + kvh * g * hd..r * qw + (kvh + 1) * g * hd];
-                attend_group(qs, hd, chunks, sh.scale(), scratch, o, lse);
+                attend_group(kernels, qs, hd, chunks, sh.scale(), scratch, o, lse);
                 // The chunk list borrows the pool only for this task.
                 chunks.clear();
             },

@@ -26,6 +26,7 @@
 use std::ops::Range;
 
 use ep_kernels::paged::{KvChunk, KvDtype};
+use ep_kernels::simd::Path;
 use ep_kv::{BlockId, BlockPool};
 use ep_model::kv::{Attention, AttnShape, SeqSlice};
 use ep_model::ModelError;
@@ -407,6 +408,7 @@ fn tasks_of(items: &[Item], nkv: usize, n_rows: usize, g: usize) -> Vec<Task<'_>
 impl Attention for SpliceAttention<'_> {
     fn attend(
         &mut self,
+        kernels: Path,
         layer: usize,
         slices: &[SeqSlice],
         q: &[f32],
@@ -425,7 +427,7 @@ impl Attention for SpliceAttention<'_> {
                 pool: self.pool,
                 tables: self.tables,
             };
-            return paged.attend(layer, slices, q, k, v, out);
+            return paged.attend(kernels, layer, slices, q, k, v, out);
         }
         // Store the new K/V (the paged path's first half), then attend by the plan.
         let mut store = PagedAttention {
@@ -483,6 +485,7 @@ impl Attention for SpliceAttention<'_> {
             tasks.par_iter().zip(pieces).for_each(|(t, sc)| {
                 let (lims, chunks) = inputs(t);
                 splice_scores(
+                    kernels,
                     hd,
                     &chunks,
                     scale,
@@ -500,7 +503,7 @@ impl Attention for SpliceAttention<'_> {
             .enumerate()
             .for_each(|(vi, s)| {
                 let ar = (vi / g) % n_rows;
-                splice_softmax(dtype, &mut s[..plan.rows[ar].1]);
+                splice_softmax(kernels, dtype, &mut s[..plan.rows[ar].1]);
             });
         // Phase 3: P·V, stage by stage (a vector's keys in order).
         for items in &plan.stages {
@@ -511,6 +514,7 @@ impl Attention for SpliceAttention<'_> {
             tasks.par_iter().zip(pieces).for_each(|(t, ln)| {
                 let (lims, chunks) = inputs(t);
                 splice_pv(
+                    kernels,
                     hd,
                     &chunks,
                     &probs[t.vecs.start * row_len..t.vecs.end * row_len],

@@ -12,6 +12,7 @@
 use ep_engine::attn::PagedAttention;
 use ep_engine::splice::{plan_step, AttnMode, SpliceArena, SpliceAttention};
 use ep_kernels::paged::KvDtype;
+use ep_kernels::simd::Path;
 use ep_kv::{BlockId, BlockPool, KvLayout};
 use ep_model::kv::{Attention, AttnShape, SeqSlice};
 use proptest::prelude::*;
@@ -205,7 +206,8 @@ fn run(c: &Case, mode: AttnMode) -> (Vec<f32>, Setup, usize) {
                 pool: &mut s.pool,
                 tables: &s.tables,
             };
-            a.attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out).unwrap();
+            a.attend(Path::detect(), 0, &s.slices, &s.q, &s.k, &s.v, &mut out)
+                .unwrap();
         }
         _ => {
             let mut arena = SpliceArena::default();
@@ -226,7 +228,8 @@ fn run(c: &Case, mode: AttnMode) -> (Vec<f32>, Setup, usize) {
                 arena: &mut arena,
                 plan: &plan,
             };
-            a.attend(0, &s.slices, &s.q, &s.k, &s.v, &mut out).unwrap();
+            a.attend(Path::detect(), 0, &s.slices, &s.q, &s.k, &s.v, &mut out)
+                .unwrap();
             shared = plan.shared_nodes;
         }
     }

@@ -154,7 +154,7 @@ fn bench_decode(threads: usize) {
         .num_threads(threads)
         .build()
         .unwrap();
-    let path = ep_kernels::simd::path();
+    let path = Path::detect();
     let token = |out: &mut [f32]| {
         for (ty, m, k, data) in &mats {
             let w = WeightRef {
@@ -223,7 +223,7 @@ fn bench_prefill(ty: GgmlType, threads: usize) {
         .num_threads(threads)
         .build()
         .unwrap();
-    let path = ep_kernels::simd::path();
+    let path = Path::detect();
     let prefill = |out: &mut [f32]| {
         for _ in 0..LAYERS {
             for (m, k, data) in &mats {

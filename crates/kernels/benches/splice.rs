@@ -10,15 +10,15 @@
 //!   tails per sequence, softmax per vector, `P·V` over the shared node for all 96 vectors, the tails,
 //!   finish.
 //!
-//! The two give bit-identical results (checked before timing). Prints the median (and best) time per
-//! step on the active path and the forced scalar one, the ratio (ii)/(i), and the phases of (ii).
-//! `EP_BENCH_MS` sets the time per measurement (400 ms).
+//! The two give bit-identical results (checked before timing). Prints the median (and best) time
+//! per step on each path this CPU can run (AVX2, then scalar), the ratio (ii)/(i), and the phases
+//! of (ii). `EP_BENCH_MS` sets the time per measurement (400 ms).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ep_kernels::paged::{attend_group, GroupScratch, KvChunk, KvDtype, KvRows};
-use ep_kernels::simd;
+use ep_kernels::simd::Path;
 use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
 use half::f16;
 
@@ -95,8 +95,9 @@ fn chunks(b: &[(Vec<f16>, Vec<f16>)]) -> Vec<KvChunk<'_>> {
         .collect()
 }
 
-/// Scratch of the splice step.
+/// Scratch of the splice step, and the kernel path it runs on.
 struct Splice {
+    kernels: Path,
     qr: Vec<f32>,
     scores: Vec<f32>,
     lanes: Vec<f32>,
@@ -123,9 +124,10 @@ fn main() {
     let q = values(M * HD, 3, 4.0);
     let dtype = KvDtype::F16;
 
-    let per_seq = |gs: &mut GroupScratch, out: &mut [f32], lse: &mut [f32]| {
+    let per_seq = |kernels: Path, gs: &mut GroupScratch, out: &mut [f32], lse: &mut [f32]| {
         for (s, path) in paths.iter().enumerate() {
             attend_group(
+                kernels,
                 &q[s * G * HD..][..G * HD],
                 HD,
                 path,
@@ -141,11 +143,22 @@ fn main() {
     let shared_scores = |st: &mut Splice| {
         st.qr.clear();
         st.qr.extend(q.iter().map(|&x| dtype.round(x)));
-        splice_scores(HD, &shared, scale, &st.qr, &all, 0, &mut st.scores, ROW);
+        splice_scores(
+            st.kernels,
+            HD,
+            &shared,
+            scale,
+            &st.qr,
+            &all,
+            0,
+            &mut st.scores,
+            ROW,
+        );
     };
     let tail_scores = |st: &mut Splice| {
         for (s, t) in tails.iter().enumerate() {
             splice_scores(
+                st.kernels,
                 HD,
                 t,
                 scale,
@@ -159,16 +172,26 @@ fn main() {
     };
     let softmax = |st: &mut Splice| {
         for (row, l) in st.scores.chunks_exact_mut(ROW).zip(st.lse.iter_mut()) {
-            *l = splice_softmax(dtype, row);
+            *l = splice_softmax(st.kernels, dtype, row);
         }
     };
     let shared_pv = |st: &mut Splice| {
         st.lanes.fill(0.0);
-        splice_pv(HD, &shared, &st.scores, ROW, &all, 0, &mut st.lanes);
+        splice_pv(
+            st.kernels,
+            HD,
+            &shared,
+            &st.scores,
+            ROW,
+            &all,
+            0,
+            &mut st.lanes,
+        );
     };
     let tail_pv_finish = |st: &mut Splice| {
         for (s, t) in tails.iter().enumerate() {
             splice_pv(
+                st.kernels,
                 HD,
                 t,
                 &st.scores[s * G * ROW..][..G * ROW],
@@ -188,24 +211,22 @@ fn main() {
         tail_pv_finish(st);
     };
 
-    let modes: &[bool] = if simd::avx2_available() {
-        &[false, true]
-    } else {
-        &[true]
-    };
-    for &force in modes {
-        simd::set_force_scalar(force);
-        let path = simd::active_path();
+    let modes = [Path::Avx2, Path::Scalar]
+        .into_iter()
+        .filter(|p| p.is_available());
+    for kernels in modes {
+        let path = kernels.name();
         let mut gs = GroupScratch::default();
         let (mut out, mut lse) = (vec![0f32; M * HD], vec![0f32; M]);
         let mut st = Splice {
+            kernels,
             qr: Vec::new(),
             scores: vec![0f32; M * ROW],
             lanes: vec![0f32; M * 8 * HD],
             out: vec![0f32; M * HD],
             lse: vec![0f32; M],
         };
-        per_seq(&mut gs, &mut out, &mut lse);
+        per_seq(kernels, &mut gs, &mut out, &mut lse);
         step(&mut st);
         let same = out
             .iter()
@@ -218,7 +239,7 @@ fn main() {
         assert!(same, "splice differs from per-sequence attend_group");
 
         let (base, base_best) = time(|| {
-            per_seq(&mut gs, &mut out, &mut lse);
+            per_seq(kernels, &mut gs, &mut out, &mut lse);
             black_box((&out, &lse));
         });
         let (spl, spl_best) = time(|| {
@@ -253,5 +274,4 @@ fn main() {
             println!("{head}       phase {name:<17} {:>9.1} us", us(t));
         }
     }
-    simd::set_force_scalar(false);
 }

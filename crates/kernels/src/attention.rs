@@ -42,10 +42,13 @@ impl KvView<'_> {
     }
 }
 
-/// Attends one query head (already rounded to f16) over `kv`, writing `head_dim` outputs. Returns the
-/// log-sum-exp of the scaled scores (for merging partial attention states); `-inf` with no keys, when
-/// the output is zero.
+/// Attends one query head (already rounded to f16) over `kv` on kernel path `path`, writing
+/// `head_dim` outputs. Returns the log-sum-exp of the scaled scores (for merging partial attention
+/// states); `-inf` with no keys, when the output is zero. Both paths give the same bits;
+/// [`Path::Avx2`] on a CPU without it (see [`Path::is_available`]), or with `head_dim` not a
+/// multiple of 8, runs the scalar code.
 pub fn attend_head(
+    path: Path,
     q16: &[f16],
     kv: KvView<'_>,
     scale: f32,
@@ -56,15 +59,17 @@ pub fn attend_head(
     assert_eq!(out.len(), hd);
     kv.check(hd);
     #[cfg(target_arch = "x86_64")]
-    if simd::path() == Path::Avx2 && hd.is_multiple_of(8) {
-        // SAFETY: `Path::Avx2` is chosen only when the CPU has AVX2, FMA and F16C; bounds were checked.
+    if path == Path::Avx2 && hd.is_multiple_of(8) && simd::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); `hd` is a multiple of 8;
+        // bounds were checked.
         return unsafe { avx2::attend_head(q16, kv, scale, scratch, out) };
     }
-    scalar_attend_head(q16, kv, scale, scratch, out)
+    let _ = path;
+    scalar(q16, kv, scale, scratch, out)
 }
 
 /// The portable reference.
-pub fn scalar_attend_head(
+fn scalar(
     q16: &[f16],
     kv: KvView<'_>,
     scale: f32,

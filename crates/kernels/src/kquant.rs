@@ -194,18 +194,12 @@ fn check_q8k_args(x: &[f32], dst: &[u8]) {
 }
 
 /// Quantises a row of f32 (a multiple of 256 elements) to `block_q8_K`s exactly as the ggml CPU
-/// backend's `quantize_row_q8_K` (= `quantize_row_q8_K_ref` on x86), on the active path.
+/// backend's `quantize_row_q8_K` (= `quantize_row_q8_K_ref` on x86), on kernel path `path` (both
+/// give the same bytes).
 ///
 /// # Panics
-/// If `x.len()` is not a multiple of 256 or `dst` is not `x.len() / 256 * 292` bytes.
-pub fn quantize_row_q8_k(x: &[f32], dst: &mut [u8]) {
-    quantize_row_q8_k_with(simd::path(), x, dst)
-}
-
-/// [`quantize_row_q8_k`] on a given path (both give the same bytes).
-///
-/// # Panics
-/// As [`quantize_row_q8_k`], and if `path` is not available on this CPU.
+/// If `x.len()` is not a multiple of 256 or `dst` is not `x.len() / 256 * 292` bytes, or if `path`
+/// is not available on this CPU.
 pub fn quantize_row_q8_k_with(path: Path, x: &[f32], dst: &mut [u8]) {
     check_q8k_args(x, dst);
     match path {
@@ -253,19 +247,12 @@ fn check_dot_args(ty: KType, n: usize, w: &[u8], a: &[u8]) {
 }
 
 /// Dot product of an `n`-element weight row of `ty` with an `n`-element Q8_K activation row (from
-/// [`quantize_row_q8_k`]) on the active path ([`simd::path`]). Equal, bit for bit, to ggml's AVX2
-/// `ggml_vec_dot_q{4,5,6}_K_q8_K`.
+/// [`quantize_row_q8_k_with`]) on kernel path `path` (both give the same bits). Equal, bit for bit,
+/// to ggml's AVX2 `ggml_vec_dot_q{4,5,6}_K_q8_K`.
 ///
 /// # Panics
-/// If `n` is not a multiple of 256 or the byte lengths do not match `n`.
-pub fn vec_dot_k(ty: KType, n: usize, w: &[u8], a_q8k: &[u8]) -> f32 {
-    vec_dot_k_with(simd::path(), ty, n, w, a_q8k)
-}
-
-/// [`vec_dot_k`] on a given path (both give the same bits).
-///
-/// # Panics
-/// As [`vec_dot_k`], and if `path` is not available on this CPU.
+/// If `n` is not a multiple of 256, the byte lengths do not match `n`, or `path` is not available
+/// on this CPU.
 pub fn vec_dot_k_with(path: Path, ty: KType, n: usize, w: &[u8], a_q8k: &[u8]) -> f32 {
     check_dot_args(ty, n, w, a_q8k);
     match path {
@@ -1005,7 +992,8 @@ pub mod avx2 {
         })
     }
 
-    /// [`super::quantize_row_q8_k`] with AVX2: the same bytes as [`super::scalar::quantize_row_q8_k`].
+    /// [`super::quantize_row_q8_k_with`] with AVX2: the same bytes as
+    /// [`super::scalar::quantize_row_q8_k`].
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `x.len()` must be a multiple of 256 and `dst` hold

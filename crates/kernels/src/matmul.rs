@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::quant::{self, dequantize_row, quantize_activation_row_with, ActScales4, GgmlType};
-use crate::simd::{self, Path};
+use crate::simd::Path;
 
 pub use crate::quant::KernelError;
 
@@ -85,20 +85,16 @@ pub fn get_row(w: &WeightRef, row: usize, out: &mut [f32]) -> Result<(), KernelE
     Ok(())
 }
 
-/// `out[i*m + j] = dot(w row j, x row i)` for `i` in `0..n`: `x` is `n x k` row-major f32, `out` is
-/// `n x m`, with `m = w.rows`, `k = w.cols`. Runs on the current rayon pool (call it inside
-/// `pool.install`), on the active kernel path ([`simd::path`]).
-pub fn matmul(w: &WeightRef, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), KernelError> {
-    matmul_with(simd::path(), w, x, n, out)
-}
-
 /// Work (multiply-adds) below which the matmul runs on the calling thread only.
 const SERIAL_WORK: usize = 1 << 16;
 /// Bounds on the weight rows per parallel task (a multiple of 4).
 const MIN_CHUNK: usize = 16;
 const MAX_CHUNK: usize = 64;
 
-/// [`matmul`] on a given kernel path.
+/// `out[i*m + j] = dot(w row j, x row i)` for `i` in `0..n`: `x` is `n x k` row-major f32, `out` is
+/// `n x m`, with `m = w.rows`, `k = w.cols`, on kernel path `path` (both paths give the same bits;
+/// a path this CPU cannot run is [`KernelError::PathUnavailable`]). Runs on the current rayon pool
+/// (call it inside `pool.install`).
 pub fn matmul_with(
     path: Path,
     w: &WeightRef,
@@ -352,21 +348,13 @@ impl Job<'_> {
     }
 }
 
-/// `out[i*m + j]` = the f32 dot product (ggml's `vec_dot_f32` order) of weight row `j`, widened exactly
-/// to f32, with activation row `i` as given: unlike [`matmul`], the activations are not rounded to the
-/// weight type's vec-dot type. For dense F16 / BF16 weights that are compared against a framework that
-/// computes in f32 (Hugging Face checkpoints); for F32 weights it is [`matmul`]. Still one dot call per
-/// output element on the same two rows, so a result never depends on `n`, threads or chunking.
-pub fn matmul_f32_act(
-    w: &WeightRef,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    matmul_f32_act_with(simd::path(), w, x, n, out)
-}
-
-/// [`matmul_f32_act`] on a given kernel path.
+/// `out[i*m + j]` = the f32 dot product (ggml's `vec_dot_f32` order) of weight row `j`, widened
+/// exactly to f32, with activation row `i` as given, on kernel path `path`: unlike [`matmul_with`],
+/// the activations are not rounded to the weight type's vec-dot type. For dense F16 / BF16 weights
+/// that are compared against a framework that computes in f32 (Hugging Face checkpoints); for F32
+/// weights it is [`matmul_with`]. Still one dot call per output element on the same two rows, so a
+/// result never depends on `n`, threads or chunking. A path this CPU cannot run is
+/// [`KernelError::PathUnavailable`].
 pub fn matmul_f32_act_with(
     path: Path,
     w: &WeightRef,
@@ -480,6 +468,7 @@ mod tests {
         let x: Vec<f32> = (0..n * k)
             .map(|e| ((e * 104729 % 997) as f32 / 997.0 - 0.5) * 3.0)
             .collect();
+        let path = Path::detect();
         for ty in [GgmlType::F16, GgmlType::BF16] {
             let (bytes, wide) = weights(ty, m, k);
             let w = WeightRef {
@@ -489,10 +478,10 @@ mod tests {
                 data: &bytes,
             };
             let mut out = vec![0f32; n * m];
-            matmul_f32_act(&w, &x, n, &mut out).unwrap();
+            matmul_f32_act_with(path, &w, &x, n, &mut out).unwrap();
             for i in 0..n {
                 let mut one = vec![0f32; m];
-                matmul_f32_act(&w, &x[i * k..(i + 1) * k], 1, &mut one).unwrap();
+                matmul_f32_act_with(path, &w, &x[i * k..(i + 1) * k], 1, &mut one).unwrap();
                 assert_eq!(one, out[i * m..(i + 1) * m], "{ty:?} row {i}");
                 for j in 0..m {
                     let r: f64 = (0..k)

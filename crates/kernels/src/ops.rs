@@ -135,13 +135,18 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + ggml_expf(-x))
 }
 
-/// SwiGLU: `out = silu(gate) * up`.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+/// SwiGLU: `out = silu(gate) * up`, on kernel path `path` (both give the same bits; [`Path::Avx2`]
+/// on a CPU without it, see [`Path::is_available`], runs the portable code).
+///
+/// [`Path::Avx2`]: crate::simd::Path::Avx2
+/// [`Path::is_available`]: crate::simd::Path::is_available
+pub fn swiglu(path: crate::simd::Path, gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::path() == crate::simd::Path::Avx2 {
-        // SAFETY: `Path::Avx2` is chosen only when the CPU has AVX2 and FMA.
+    if path == crate::simd::Path::Avx2 && crate::simd::avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { swiglu_fma(gate, up, out) };
     }
+    let _ = path;
     swiglu_portable(gate, up, out)
 }
 

@@ -201,15 +201,19 @@ pub struct GroupScratch {
     row: Vec<f32>,
 }
 
-/// Attends `g = q.len() / head_dim` query heads (f32, already rotated, not yet rounded) sharing one KV
-/// head over the keys of `chunks` in order (their concatenation is the key sequence; all chunks must
-/// have the same dtype). Writes `g * head_dim` outputs into `out` and each head's log-sum-exp of the
-/// scaled scores into `lse` (`g` values; `-inf` and zero output when there are no keys).
+/// Attends `g = q.len() / head_dim` query heads (f32, already rotated, not yet rounded) sharing one
+/// KV head over the keys of `chunks` in order (their concatenation is the key sequence; all chunks
+/// must have the same dtype), on kernel path `path`. Writes `g * head_dim` outputs into `out` and
+/// each head's log-sum-exp of the scaled scores into `lse` (`g` values; `-inf` and zero output when
+/// there are no keys). Both paths give the same bits; [`Path::Avx2`] on a CPU without it (see
+/// [`Path::is_available`]), or with `head_dim` not a multiple of 8, runs the scalar code.
 ///
 /// # Panics
 /// If the shapes disagree (`q.len()` not a multiple of `head_dim`, `out.len() != q.len()`,
 /// `lse.len() != g`), a chunk's rows are out of bounds, or the chunks mix dtypes.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_group(
+    path: Path,
     q: &[f32],
     head_dim: usize,
     chunks: &[KvChunk<'_>],
@@ -218,40 +222,7 @@ pub fn attend_group(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    run(
-        simd::path(),
-        q,
-        head_dim,
-        None,
-        chunks,
-        scale,
-        scratch,
-        out,
-        lse,
-    )
-}
-
-/// The portable reference for [`attend_group`] (bit-identical to it).
-pub fn scalar_attend_group(
-    q: &[f32],
-    head_dim: usize,
-    chunks: &[KvChunk<'_>],
-    scale: f32,
-    scratch: &mut GroupScratch,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    run(
-        Path::Scalar,
-        q,
-        head_dim,
-        None,
-        chunks,
-        scale,
-        scratch,
-        out,
-        lse,
-    )
+    run(path, q, head_dim, None, chunks, scale, scratch, out, lse)
 }
 
 /// [`attend_group`] for `r = n_keys.len()` query rows at once: `q_rows` holds `r` rows of
@@ -264,6 +235,7 @@ pub fn scalar_attend_group(
 /// total number of keys.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_rows_group(
+    path: Path,
     q_rows: &[f32],
     n_keys: &[usize],
     head_dim: usize,
@@ -274,32 +246,7 @@ pub fn attend_rows_group(
     lse: &mut [f32],
 ) {
     run(
-        simd::path(),
-        q_rows,
-        head_dim,
-        Some(n_keys),
-        chunks,
-        scale,
-        scratch,
-        out,
-        lse,
-    )
-}
-
-/// The portable reference for [`attend_rows_group`] (bit-identical to it).
-#[allow(clippy::too_many_arguments)]
-pub fn scalar_attend_rows_group(
-    q_rows: &[f32],
-    n_keys: &[usize],
-    head_dim: usize,
-    chunks: &[KvChunk<'_>],
-    scale: f32,
-    scratch: &mut GroupScratch,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    run(
-        Path::Scalar,
+        path,
         q_rows,
         head_dim,
         Some(n_keys),

@@ -25,8 +25,8 @@
 //!
 //! The 32-element formats share one AVX2 kernel per shape, generic over the block format (`Block32`:
 //! how to unpack a block's codes, signed or with a minimum). Three shapes, the same per-pair
-//! arithmetic: one weight row x one activation row ([`vec_dot`]), a run of consecutive weight rows x
-//! one activation row (decode: four rows at a time share the activation loads, and the weights,
+//! arithmetic: one weight row x one activation row ([`vec_dot_with`]), a run of consecutive weight
+//! rows x one activation row (decode: four rows at a time share the activation loads, and the weights,
 //! streamed from DRAM at batch 1, are software-prefetched two four-row groups ahead, which doubles
 //! the decode matmul throughput on Zen 3), and the panel: one weight row x many groups of four
 //! activation rows (prefill and batches: the row's codes, `|codes|` and scales unpacked once for all
@@ -35,7 +35,7 @@
 //! four activation rows, [`kquant`]).
 //!
 //! Activation quantisation has a scalar and an AVX2 version (ggml's x86 code), chosen like the dot
-//! products by [`simd::path`]; both write the same bytes.
+//! products by the caller's [`Path`] (see [`crate::simd`]); both write the same bytes.
 //!
 //! The K-quant types (Q4_K, Q5_K, Q6_K weights, Q8_K activations; 256-element super-blocks) are
 //! implemented in [`crate::kquant`]; [`GgmlType`] and the entry points here dispatch to it, so the
@@ -725,35 +725,22 @@ fn check_quantize_args(what: &str, x: &[f32], dst: &[u8], bs: usize) {
 }
 
 /// Quantises a row of f32 (a multiple of 32 elements) to Q8_0 blocks exactly as ggml's AVX2
-/// `quantize_row_q8_0`, on the active path ([`simd::path`]).
+/// `quantize_row_q8_0`, on kernel path `path` (both give the same bytes).
 ///
 /// # Panics
-/// If `x.len()` is not a multiple of 32 or `dst` is not `x.len() / 32 * 34` bytes.
-pub fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
-    quantize_row_q8_0_with(simd::path(), x, dst)
-}
-
-/// [`quantize_row_q8_0`] on a given path (both give the same bytes).
-///
-/// # Panics
-/// As [`quantize_row_q8_0`], and if `path` is not available on this CPU.
+/// If `x.len()` is not a multiple of 32 or `dst` is not `x.len() / 32 * 34` bytes, or if `path` is
+/// not available on this CPU.
 pub fn quantize_row_q8_0_with(path: Path, x: &[f32], dst: &mut [u8]) {
     quantize_row_q8_with::<false>("quantize_row_q8_0", path, x, dst)
 }
 
 /// Quantises a row of f32 (a multiple of 32 elements) to Q8_1 blocks exactly as ggml's AVX2
-/// `quantize_row_q8_1` (`s = f16(d * Σq)` with the unrounded f32 `d`), on the active path.
+/// `quantize_row_q8_1` (`s = f16(d * Σq)` with the unrounded f32 `d`), on kernel path `path` (both
+/// give the same bytes).
 ///
 /// # Panics
-/// If `x.len()` is not a multiple of 32 or `dst` is not `x.len() / 32 * 36` bytes.
-pub fn quantize_row_q8_1(x: &[f32], dst: &mut [u8]) {
-    quantize_row_q8_1_with(simd::path(), x, dst)
-}
-
-/// [`quantize_row_q8_1`] on a given path (both give the same bytes).
-///
-/// # Panics
-/// As [`quantize_row_q8_1`], and if `path` is not available on this CPU.
+/// If `x.len()` is not a multiple of 32 or `dst` is not `x.len() / 32 * 36` bytes, or if `path` is
+/// not available on this CPU.
 pub fn quantize_row_q8_1_with(path: Path, x: &[f32], dst: &mut [u8]) {
     quantize_row_q8_with::<true>("quantize_row_q8_1", path, x, dst)
 }
@@ -798,19 +785,13 @@ fn quantize_row_q8_with<const Q8_1: bool>(what: &str, path: Path, x: &[f32], dst
     }
 }
 
-/// Converts an activation row to `ty` (one of the vec-dot types F32, F16, BF16, Q8_0, Q8_1, Q8_K) as
-/// ggml's `from_float` does before a matmul. `dst` must be `ty.row_bytes(x.len())` bytes.
+/// Converts an activation row to `ty` (one of the vec-dot types F32, F16, BF16, Q8_0, Q8_1, Q8_K)
+/// as ggml's `from_float` does before a matmul, on kernel path `path` (every path gives the same
+/// bytes). `dst` must be `ty.row_bytes(x.len())` bytes.
 ///
 /// # Panics
-/// On a size mismatch, or if `ty` is not an activation type.
-pub fn quantize_activation_row(ty: GgmlType, x: &[f32], dst: &mut [u8]) {
-    quantize_activation_row_with(simd::path(), ty, x, dst)
-}
-
-/// [`quantize_activation_row`] on a given path (every path gives the same bytes).
-///
-/// # Panics
-/// As [`quantize_activation_row`], and if `path` is not available on this CPU.
+/// On a size mismatch, if `ty` is not an activation type, or if `path` is not available on this
+/// CPU.
 pub fn quantize_activation_row_with(path: Path, ty: GgmlType, x: &[f32], dst: &mut [u8]) {
     match ty {
         GgmlType::F32 => {
@@ -896,18 +877,12 @@ fn bad_rows(ty: GgmlType, n: usize) -> ! {
 }
 
 /// Dot product of a weight row of type `ty` with an activation row of `ty.vec_dot_type()`, both `n`
-/// elements, on the active path ([`simd::path`]). Equal, bit for bit, to ggml's `vec_dot` on AVX2.
+/// elements, on kernel path `path`. Equal, bit for bit, to ggml's `vec_dot` on AVX2 (on both
+/// paths).
 ///
 /// # Panics
-/// If the byte lengths do not match `n`, or `ty` has no vec-dot type.
-pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
-    vec_dot_with(simd::path(), ty, n, w, a)
-}
-
-/// [`vec_dot`] on a given path.
-///
-/// # Panics
-/// As [`vec_dot`], and if `path` is not available on this CPU.
+/// If the byte lengths do not match `n`, `ty` has no vec-dot type, or `path` is not available on
+/// this CPU.
 pub fn vec_dot_with(path: Path, ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot_args(ty, n, w, a);
     match path {

@@ -1,16 +1,20 @@
 //! Runtime CPU feature detection and the choice of kernel path.
 //!
-//! The SIMD kernels need AVX2, FMA and F16C together (every x86-64 CPU since Haswell / Zen 1 has all
-//! three). They are detected once, at first use. The scalar path can be forced:
+//! The SIMD kernels need AVX2, FMA and F16C together (every x86-64 CPU since Haswell / Zen 1 has
+//! all three); [`avx2_available`] detects them once. There is no process-wide kernel switch: a
+//! caller chooses a [`Path`] once — normally [`Path::detect`], which the model loaders call — and
+//! passes it explicitly, as the first argument, to every kernel that dispatches (`matmul_with`,
+//! `vec_dot_with`, `attend_head`, `attend_group`, `splice_scores`, `ops::swiglu`, ...). So two
+//! paths can run side by side in one process (the tests compare them bit for bit), and nothing
+//! global changes under a running computation.
 //!
-//! - by the environment variable `EDGEPROMPT_FORCE_SCALAR=1` (read once, at first use), or
-//! - by [`set_force_scalar`] (tests, benchmarks), which overrides the environment variable.
+//! [`Path::detect`] picks [`Path::Avx2`] when the CPU has it, unless the environment variable
+//! `EDGEPROMPT_FORCE_SCALAR` is `1` (or `true`/`yes`/`on`); it reads the variable at each call.
 //!
 //! Both paths give bit-identical results (the scalar kernels emulate the SIMD accumulation order), so
 //! the choice changes speed only.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 
 /// Environment variable that forces the scalar kernels when set to `1` (or `true`/`yes`/`on`).
 pub const FORCE_SCALAR_ENV: &str = "EDGEPROMPT_FORCE_SCALAR";
@@ -40,11 +44,20 @@ impl Path {
             Path::Avx2 => avx2_available(),
         }
     }
+
+    /// The best path this CPU can run, or [`Path::Scalar`] when `EDGEPROMPT_FORCE_SCALAR` is `1`
+    /// (or `true`/`yes`/`on`, any case). The variable is read at each call; call this once (a model
+    /// does, when it is loaded) and pass the result on.
+    pub fn detect() -> Path {
+        if !env_forces_scalar() && avx2_available() {
+            Path::Avx2
+        } else {
+            Path::Scalar
+        }
+    }
 }
 
 static AVX2: OnceLock<bool> = OnceLock::new();
-static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
-static FORCE_FROM_ENV: Once = Once::new();
 
 /// Whether the CPU has AVX2, FMA and F16C (detected once).
 pub fn avx2_available() -> bool {
@@ -72,39 +85,4 @@ fn env_forces_scalar() -> bool {
             )
         })
         .unwrap_or(false)
-}
-
-fn init_force_from_env() {
-    FORCE_FROM_ENV.call_once(|| {
-        if env_forces_scalar() {
-            FORCE_SCALAR.store(true, Ordering::Relaxed);
-        }
-    });
-}
-
-/// Forces (or stops forcing) the scalar path for every later dispatch, process-wide. Overrides
-/// `EDGEPROMPT_FORCE_SCALAR`.
-pub fn set_force_scalar(force: bool) {
-    init_force_from_env();
-    FORCE_SCALAR.store(force, Ordering::Relaxed);
-}
-
-/// Whether the scalar path is currently forced.
-pub fn force_scalar() -> bool {
-    init_force_from_env();
-    FORCE_SCALAR.load(Ordering::Relaxed)
-}
-
-/// The path the dispatching functions use now: the best available one unless the scalar path is forced.
-pub fn path() -> Path {
-    if !force_scalar() && avx2_available() {
-        Path::Avx2
-    } else {
-        Path::Scalar
-    }
-}
-
-/// Name of the active path for logs: `"avx2"` or `"scalar"`.
-pub fn active_path() -> &'static str {
-    path().name()
 }

@@ -27,11 +27,14 @@ use crate::ops::{self, hsum8};
 use crate::paged::{check_chunks, dot, KvChunk, KvDtype};
 use crate::simd::{self, Path};
 
-/// Phase 1 for one node. The node's keys are `chunks` (concatenated in order; one dtype throughout);
-/// its first key is key `key_base` of every vector's sequence. `q` holds `m = lims.len()` query vectors
-/// of `head_dim` values, already rounded to the KV dtype; vector `v` attends the first `lims[v]` keys of
-/// the node. Writes the score (dot × `scale`) of node key `i < lims[v]` into
-/// `scores[v * row_len + key_base + i]`; nothing else is written.
+/// Phase 1 for one node, on kernel path `path`. The node's keys are `chunks` (concatenated in
+/// order; one dtype throughout); its first key is key `key_base` of every vector's sequence. `q`
+/// holds `m = lims.len()` query vectors of `head_dim` values, already rounded to the KV dtype;
+/// vector `v` attends the first `lims[v]` keys of the node. Writes the score (dot × `scale`) of
+/// node key `i < lims[v]` into `scores[v * row_len + key_base + i]`; nothing else is written. Both
+/// paths give the same bits; [`Path::Avx2`] on a CPU without it (see [`Path::is_available`]), or
+/// with `head_dim` not a multiple of 8, runs the scalar code (likewise in [`splice_softmax`] and
+/// [`splice_pv`]).
 ///
 /// # Panics
 /// If `head_dim` is 0, `q.len() != m * head_dim`, `scores.len() != m * row_len`, some `lims[v]` exceeds
@@ -39,6 +42,7 @@ use crate::simd::{self, Path};
 /// dtypes.
 #[allow(clippy::too_many_arguments)]
 pub fn splice_scores(
+    path: Path,
     head_dim: usize,
     chunks: &[KvChunk<'_>],
     scale: f32,
@@ -49,71 +53,37 @@ pub fn splice_scores(
     row_len: usize,
 ) {
     scores_impl(
-        simd::path(),
-        head_dim,
-        chunks,
-        scale,
-        q,
-        lims,
-        key_base,
-        scores,
-        row_len,
+        path, head_dim, chunks, scale, q, lims, key_base, scores, row_len,
     )
 }
 
-/// The portable reference for [`splice_scores`] (bit-identical to it).
-#[allow(clippy::too_many_arguments)]
-pub fn scalar_splice_scores(
-    head_dim: usize,
-    chunks: &[KvChunk<'_>],
-    scale: f32,
-    q: &[f32],
-    lims: &[usize],
-    key_base: usize,
-    scores: &mut [f32],
-    row_len: usize,
-) {
-    scores_impl(
-        Path::Scalar,
-        head_dim,
-        chunks,
-        scale,
-        q,
-        lims,
-        key_base,
-        scores,
-        row_len,
-    )
-}
-
-/// Phase 2 for one vector: softmax over its `scores` in place (as `ops::softmax_in_place`) and the
-/// probabilities rounded to `dtype` (nearest-even), exactly what `attend_group` does between its phases.
-/// Returns the log-sum-exp of the scores (`-inf`, and all zeros, when there are none).
-pub fn splice_softmax(dtype: KvDtype, scores: &mut [f32]) -> f32 {
+/// Phase 2 for one vector, on kernel path `path`: softmax over its `scores` in place (as
+/// `ops::softmax_in_place`) and the probabilities rounded to `dtype` (nearest-even), exactly what
+/// `attend_group` does between its phases. Returns the log-sum-exp of the scores (`-inf`, and all
+/// zeros, when there are none).
+pub fn splice_softmax(path: Path, dtype: KvDtype, scores: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd::path() == Path::Avx2 {
-        // SAFETY: `simd::path()` is AVX2 only when the CPU has AVX2, FMA and F16C.
+    if path == Path::Avx2 && simd::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
         return unsafe { avx2::softmax_round(dtype, scores) };
     }
-    scalar_splice_softmax(dtype, scores)
-}
-
-/// The portable reference for [`splice_softmax`] (bit-identical to it).
-pub fn scalar_splice_softmax(dtype: KvDtype, scores: &mut [f32]) -> f32 {
+    let _ = path;
     let lse = ops::softmax_in_place(scores);
     scores.iter_mut().for_each(|p| *p = dtype.round(*p));
     lse
 }
 
-/// Phase 3 for one node (chunks, `key_base`, `lims` as in [`splice_scores`]): for each vector `v` and
-/// each node key `i < lims[v]` in increasing order, with `j = key_base + i` and
-/// `p = probs[v * row_len + j]`,
+/// Phase 3 for one node, on kernel path `path` (chunks, `key_base`, `lims` as in
+/// [`splice_scores`]): for each vector `v` and each node key `i < lims[v]` in increasing order, with
+/// `j = key_base + i` and `p = probs[v * row_len + j]`,
 /// `lanes[v * 8 * head_dim + (j % 8) * head_dim + d] = fma(p, V_i[d], lanes[..])` for every `d`.
 /// The lanes carry over between nodes; the caller zeroes them before the first node.
 ///
 /// # Panics
 /// As [`splice_scores`] (with `probs` for `scores`), and if `lanes.len() != m * 8 * head_dim`.
+#[allow(clippy::too_many_arguments)]
 pub fn splice_pv(
+    path: Path,
     head_dim: usize,
     chunks: &[KvChunk<'_>],
     probs: &[f32],
@@ -123,36 +93,7 @@ pub fn splice_pv(
     lanes: &mut [f32],
 ) {
     pv_impl(
-        simd::path(),
-        head_dim,
-        chunks,
-        probs,
-        row_len,
-        lims,
-        key_base,
-        lanes,
-    )
-}
-
-/// The portable reference for [`splice_pv`] (bit-identical to it).
-pub fn scalar_splice_pv(
-    head_dim: usize,
-    chunks: &[KvChunk<'_>],
-    probs: &[f32],
-    row_len: usize,
-    lims: &[usize],
-    key_base: usize,
-    lanes: &mut [f32],
-) {
-    pv_impl(
-        Path::Scalar,
-        head_dim,
-        chunks,
-        probs,
-        row_len,
-        lims,
-        key_base,
-        lanes,
+        path, head_dim, chunks, probs, row_len, lims, key_base, lanes,
     )
 }
 

@@ -1,8 +1,8 @@
 //! Attention of one head: the AVX2 path equals the scalar reference bit for bit, and both agree with a
 //! naive f64 computation on the same f16-rounded inputs.
 
-use ep_kernels::attention::{attend_head, scalar_attend_head, HeadScratch, KvView};
-use ep_kernels::simd;
+use ep_kernels::attention::{attend_head, HeadScratch, KvView};
+use ep_kernels::simd::Path;
 use half::f16;
 use proptest::prelude::*;
 
@@ -58,9 +58,10 @@ proptest! {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut s1 = HeadScratch::default();
         let mut ref_out = vec![0f32; hd];
-        let ref_lse = scalar_attend_head(&q, kv, scale, &mut s1, &mut ref_out);
+        let ref_lse = attend_head(Path::Scalar, &q, kv, scale, &mut s1, &mut ref_out);
         let mut out = vec![0f32; hd];
-        let lse = attend_head(&q, kv, scale, &mut HeadScratch::default(), &mut out);
+        // On a CPU without AVX2, `Path::Avx2` runs the scalar code.
+        let lse = attend_head(Path::Avx2, &q, kv, scale, &mut HeadScratch::default(), &mut out);
         prop_assert_eq!(lse.to_bits(), ref_lse.to_bits());
         for (a, b) in out.iter().zip(&ref_out) {
             prop_assert_eq!(a.to_bits(), b.to_bits());
@@ -76,7 +77,7 @@ proptest! {
 }
 
 #[test]
-fn forced_scalar_path_is_used_and_equal() {
+fn explicit_paths_are_equal() {
     let hd = 64;
     let k = data(40 * hd, 1, 3.0);
     let v = data(40 * hd, 2, 3.0);
@@ -90,10 +91,33 @@ fn forced_scalar_path_is_used_and_equal() {
     };
     let mut a = vec![0f32; hd];
     let mut b = vec![0f32; hd];
-    attend_head(&q, kv, 0.125, &mut HeadScratch::default(), &mut a);
-    simd::set_force_scalar(true);
-    attend_head(&q, kv, 0.125, &mut HeadScratch::default(), &mut b);
-    simd::set_force_scalar(false);
+    let mut c = vec![0f32; hd];
+    let la = attend_head(
+        Path::detect(),
+        &q,
+        kv,
+        0.125,
+        &mut HeadScratch::default(),
+        &mut a,
+    );
+    let lb = attend_head(
+        Path::Scalar,
+        &q,
+        kv,
+        0.125,
+        &mut HeadScratch::default(),
+        &mut b,
+    );
+    let lc = attend_head(
+        Path::Avx2,
+        &q,
+        kv,
+        0.125,
+        &mut HeadScratch::default(),
+        &mut c,
+    );
     assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert_eq!([la.to_bits(), lb.to_bits()], [lc.to_bits(); 2]);
     assert!(a.iter().all(|x| x.is_finite()));
 }

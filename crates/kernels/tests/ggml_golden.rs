@@ -173,9 +173,11 @@ fn matches_ggml_bit_for_bit() {
                 };
                 let w = gen_weights_q(&mut r, nb, bs, ns);
                 let mut a = vec![0u8; aty.row_bytes(n).unwrap()];
-                quant::quantize_activation_row(aty, &x, &mut a);
                 let ga = rd.take(a.len());
-                assert_eq!(a, ga, "quantised activations differ: {ctx}");
+                for p in paths() {
+                    quant::quantize_activation_row_with(p, aty, &x, &mut a);
+                    assert_eq!(a, ga, "{p:?} quantised activations differ: {ctx}");
+                }
                 let gs = rd.f32();
                 for p in paths() {
                     let s = quant::vec_dot_with(p, wty, n, &w, &a);

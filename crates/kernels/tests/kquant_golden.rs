@@ -5,7 +5,7 @@
 //! same PRNG as `tests/data/gen_kquant_golden.c` (see that file for the layout and how to rebuild it).
 
 use ep_kernels::kquant::{self, KType, Q8K_BYTES, QK_K};
-use ep_kernels::simd::{self, Path};
+use ep_kernels::simd::Path;
 
 const GOLDEN: &[u8] = include_bytes!("data/kquant_golden.bin");
 
@@ -331,20 +331,21 @@ fn dot_products_match_ggml() {
     }
 }
 
-/// The dispatching entry points under `set_force_scalar` (the only test here that touches the global
-/// switch; the others name their path).
+/// The path a model would use ([`Path::detect`]), passed on like a model passes it.
 #[test]
-fn dispatch_under_force_scalar_matches_ggml() {
+fn detected_path_matches_ggml() {
     let d = load();
-    for force in [true, false] {
-        simd::set_force_scalar(force);
-        let what = format!("dispatch ({})", simd::active_path());
-        check_dots(&d, kquant::vec_dot_k, &what);
-        let mut got = vec![0u8; d.acts_golden.len()];
-        kquant::quantize_row_q8_k(&d.acts, &mut got);
-        assert_eq!(got, d.acts_golden, "{what}: Q8_K activation rows");
-    }
-    simd::set_force_scalar(false);
+    let path = Path::detect();
+    assert!(path.is_available());
+    let what = format!("detected path ({})", path.name());
+    check_dots(
+        &d,
+        |ty, n, w, a| kquant::vec_dot_k_with(path, ty, n, w, a),
+        &what,
+    );
+    let mut got = vec![0u8; d.acts_golden.len()];
+    kquant::quantize_row_q8_k_with(path, &d.acts, &mut got);
+    assert_eq!(got, d.acts_golden, "{what}: Q8_K activation rows");
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use common::{random_activations, random_weights};
 use ep_kernels::kquant::{self, KType, Q8K_BYTES, QK_K};
-use ep_kernels::matmul::{get_row, matmul, matmul_with, KernelError, WeightRef};
+use ep_kernels::matmul::{get_row, matmul_with, KernelError, WeightRef};
 use ep_kernels::quant::{self, GgmlType};
 use ep_kernels::simd::Path;
 use half::f16;
@@ -182,7 +182,7 @@ fn large_kquant_matmul_parallel_equals_serial() {
             }
             let got = pool(2).install(|| {
                 let mut out = vec![0f32; n * m];
-                matmul(&w, &x, n, &mut out).unwrap();
+                matmul_with(Path::detect(), &w, &x, n, &mut out).unwrap();
                 out
             });
             assert_eq!(bits(&got), want, "{ty:?} n {n} default path");
@@ -290,7 +290,7 @@ fn kquant_shape_errors_are_reported() {
         let x = vec![0.5f32; 288];
         let mut out = vec![0f32; 4];
         assert_eq!(
-            matmul(&w, &x, 1, &mut out),
+            matmul_with(Path::detect(), &w, &x, 1, &mut out),
             Err(KernelError::NotBlockAligned {
                 ty: ty.name(),
                 cols: 288,
@@ -300,13 +300,13 @@ fn kquant_shape_errors_are_reported() {
         let mut row = vec![0f32; 288];
         assert!(get_row(&w, 0, &mut row).is_err());
         let w = WeightRef { cols: 256, ..w };
-        assert!(matmul(&w, &x[..256], 1, &mut out).is_ok());
+        assert!(matmul_with(Path::detect(), &w, &x[..256], 1, &mut out).is_ok());
         let short = WeightRef {
             data: &data[..data.len() - 1],
             ..w
         };
         assert!(matches!(
-            matmul(&short, &x[..256], 1, &mut out),
+            matmul_with(Path::detect(), &short, &x[..256], 1, &mut out),
             Err(KernelError::WeightBytes { .. })
         ));
     }
@@ -320,7 +320,7 @@ fn kquant_shape_errors_are_reported() {
     };
     let mut out = vec![0f32; 2];
     assert_eq!(
-        matmul(&w, &[0.0; 256], 1, &mut out),
+        matmul_with(Path::detect(), &w, &[0.0; 256], 1, &mut out),
         Err(KernelError::UnsupportedWeightType("q8_K"))
     );
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{random_activations, random_weights};
-use ep_kernels::matmul::{self, get_row, matmul, matmul_with, KernelError, WeightRef};
+use ep_kernels::matmul::{self, get_row, matmul_with, KernelError, WeightRef};
 use ep_kernels::quant::{self, GgmlType};
 use ep_kernels::simd::{self, Path};
 use proptest::prelude::*;
@@ -52,7 +52,7 @@ fn reference(w: &WeightRef, x: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * w.rows];
     for i in 0..n {
         let mut a = vec![0u8; at.row_bytes(k).unwrap()];
-        quant::quantize_activation_row(at, &x[i * k..(i + 1) * k], &mut a);
+        quant::quantize_activation_row_with(Path::Scalar, at, &x[i * k..(i + 1) * k], &mut a);
         for j in 0..w.rows {
             out[i * w.rows + j] =
                 quant::vec_dot_with(Path::Scalar, w.ty, k, &w.data[j * rb..(j + 1) * rb], &a);
@@ -119,7 +119,7 @@ fn large_matmul_parallel_equals_serial() {
         }
         let got = pool(2).install(|| {
             let mut out = vec![0f32; n * m];
-            matmul(&w, &x, n, &mut out).unwrap();
+            matmul_with(Path::detect(), &w, &x, n, &mut out).unwrap();
             out
         });
         assert_eq!(bits(&got), want, "{ty:?} default path");
@@ -162,13 +162,13 @@ fn shape_errors_are_reported() {
     };
     let x = vec![0.5f32; 2 * 64];
     let mut out = vec![0f32; 2 * 4];
-    assert!(matmul(&w, &x, 2, &mut out).is_ok());
+    assert!(matmul_with(Path::detect(), &w, &x, 2, &mut out).is_ok());
     assert!(matches!(
-        matmul(&w, &x[..100], 2, &mut out),
+        matmul_with(Path::detect(), &w, &x[..100], 2, &mut out),
         Err(KernelError::Length { .. })
     ));
     assert!(matches!(
-        matmul(&w, &x, 2, &mut out[..7]),
+        matmul_with(Path::detect(), &w, &x, 2, &mut out[..7]),
         Err(KernelError::Length { .. })
     ));
     let short = WeightRef {
@@ -176,12 +176,12 @@ fn shape_errors_are_reported() {
         ..w
     };
     assert!(matches!(
-        matmul(&short, &x, 2, &mut out),
+        matmul_with(Path::detect(), &short, &x, 2, &mut out),
         Err(KernelError::WeightBytes { .. })
     ));
     let unaligned = WeightRef { cols: 48, ..w };
     assert!(matches!(
-        matmul(&unaligned, &x[..96], 2, &mut out),
+        matmul_with(Path::detect(), &unaligned, &x[..96], 2, &mut out),
         Err(KernelError::NotBlockAligned { .. })
     ));
     let q81_data = vec![0u8; 4 * 72];
@@ -191,7 +191,7 @@ fn shape_errors_are_reported() {
         ..w
     };
     assert_eq!(
-        matmul(&q81, &x, 2, &mut out),
+        matmul_with(Path::detect(), &q81, &x, 2, &mut out),
         Err(KernelError::UnsupportedWeightType("q8_1"))
     );
     if !simd::avx2_available() {
@@ -201,14 +201,14 @@ fn shape_errors_are_reported() {
         ));
     }
     // n = 0 is a no-op; k = 0 gives zeros.
-    assert!(matmul(&w, &[], 0, &mut []).is_ok());
+    assert!(matmul_with(Path::detect(), &w, &[], 0, &mut []).is_ok());
     let empty = WeightRef {
         cols: 0,
         data: &[],
         ..w
     };
     let mut out4 = vec![f32::NAN; 2 * 4];
-    assert!(matmul(&empty, &[], 2, &mut out4).is_ok());
+    assert!(matmul_with(Path::detect(), &empty, &[], 2, &mut out4).is_ok());
     assert!(out4.iter().all(|&v| v == 0.0));
 }
 

@@ -1,13 +1,11 @@
-//! Paged grouped attention: the dispatched path equals the scalar reference bit for bit for every KV
-//! dtype; with F16 KV each head equals `attend_head` over the contiguous keys bit for bit, whatever the
-//! chunking; every dtype agrees with a naive f64 computation on the same rounded inputs; the multi-row
-//! variant equals per-row calls. Passes with `EDGEPROMPT_FORCE_SCALAR=1` too (no assumption on the path).
+//! Paged grouped attention: `Path::Avx2` (the scalar code where the CPU lacks AVX2) equals
+//! `Path::Scalar` bit for bit for every KV dtype; with F16 KV each head equals `attend_head` over
+//! the contiguous keys bit for bit, whatever the chunking; every dtype agrees with a naive f64
+//! computation on the same rounded inputs; the multi-row variant equals per-row calls.
 
-use ep_kernels::attention::{attend_head, scalar_attend_head, HeadScratch, KvView};
-use ep_kernels::paged::{
-    attend_group, attend_rows_group, scalar_attend_group, scalar_attend_rows_group, GroupScratch,
-    KvChunk, KvDtype, KvRows,
-};
+use ep_kernels::attention::{attend_head, HeadScratch, KvView};
+use ep_kernels::paged::{attend_group, attend_rows_group, GroupScratch, KvChunk, KvDtype, KvRows};
+use ep_kernels::simd::Path;
 use half::f16;
 use proptest::prelude::*;
 
@@ -164,9 +162,9 @@ proptest! {
             let (mut out, mut lse) = (vec![0f32; g * hd], vec![0f32; g]);
             let (mut sout, mut slse) = (vec![0f32; g * hd], vec![0f32; g]);
             let mut scratch = GroupScratch::default();
-            attend_group(&q, hd, &chunks, scale, &mut scratch, &mut out, &mut lse);
-            scalar_attend_group(&q, hd, &chunks, scale, &mut scratch, &mut sout, &mut slse);
-            // (a) dispatched path == scalar reference.
+            attend_group(Path::Avx2, &q, hd, &chunks, scale, &mut scratch, &mut out, &mut lse);
+            attend_group(Path::Scalar, &q, hd, &chunks, scale, &mut scratch, &mut sout, &mut slse);
+            // (a) AVX2 path == scalar path.
             prop_assert_eq!(bits(&out), bits(&sout), "{} output", dtype);
             prop_assert_eq!(bits(&lse), bits(&slse), "{} lse", dtype);
 
@@ -194,10 +192,10 @@ proptest! {
                 for h in 0..g {
                     let q16: Vec<f16> = q[h * hd..][..hd].iter().map(|&x| f16::from_f32(x)).collect();
                     let mut o = vec![0f32; hd];
-                    let l = attend_head(&q16, view, scale, &mut hs, &mut o);
+                    let l = attend_head(Path::Avx2, &q16, view, scale, &mut hs, &mut o);
                     prop_assert_eq!(bits(&o), bits(&out[h * hd..][..hd]), "head {} output", h);
                     prop_assert_eq!(l.to_bits(), lse[h].to_bits(), "head {} lse", h);
-                    let l = scalar_attend_head(&q16, view, scale, &mut hs, &mut o);
+                    let l = attend_head(Path::Scalar, &q16, view, scale, &mut hs, &mut o);
                     prop_assert_eq!(bits(&o), bits(&sout[h * hd..][..hd]), "head {} scalar output", h);
                     prop_assert_eq!(l.to_bits(), slse[h].to_bits(), "head {} scalar lse", h);
                 }
@@ -255,9 +253,9 @@ proptest! {
             let chunks = store.chunks();
             let mut scratch = GroupScratch::default();
             let (mut out, mut lse) = (vec![0f32; r * w], vec![0f32; r * g]);
-            attend_rows_group(&q, &n_keys, hd, &chunks, scale, &mut scratch, &mut out, &mut lse);
+            attend_rows_group(Path::Avx2, &q, &n_keys, hd, &chunks, scale, &mut scratch, &mut out, &mut lse);
             let (mut sout, mut slse) = (vec![0f32; r * w], vec![0f32; r * g]);
-            scalar_attend_rows_group(&q, &n_keys, hd, &chunks, scale, &mut scratch, &mut sout, &mut slse);
+            attend_rows_group(Path::Scalar, &q, &n_keys, hd, &chunks, scale, &mut scratch, &mut sout, &mut slse);
             prop_assert_eq!(bits(&out), bits(&sout), "{} rows output", dtype);
             prop_assert_eq!(bits(&lse), bits(&slse), "{} rows lse", dtype);
             for (t, &n) in n_keys.iter().enumerate() {
@@ -273,7 +271,7 @@ proptest! {
                     left -= take;
                 }
                 let (mut o, mut l) = (vec![0f32; w], vec![0f32; g]);
-                attend_group(&q[t * w..][..w], hd, &cut, scale, &mut scratch, &mut o, &mut l);
+                attend_group(Path::Avx2, &q[t * w..][..w], hd, &cut, scale, &mut scratch, &mut o, &mut l);
                 prop_assert_eq!(bits(&o), bits(&out[t * w..][..w]), "{} row {} output", dtype, t);
                 prop_assert_eq!(bits(&l), bits(&lse[t * g..][..g]), "{} row {} lse", dtype, t);
             }
@@ -296,11 +294,29 @@ fn no_keys_give_zero_and_minus_infinity() {
     for chunks in [&[][..], &[empty, empty][..]] {
         let (mut out, mut lse) = (vec![1f32; 3 * hd], vec![0f32; 3]);
         let mut s = GroupScratch::default();
-        attend_group(&q, hd, chunks, 0.125, &mut s, &mut out, &mut lse);
+        attend_group(
+            Path::Avx2,
+            &q,
+            hd,
+            chunks,
+            0.125,
+            &mut s,
+            &mut out,
+            &mut lse,
+        );
         assert!(out.iter().all(|&x| x.to_bits() == 0));
         assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
         out.fill(1.0);
-        scalar_attend_group(&q, hd, chunks, 0.125, &mut s, &mut out, &mut lse);
+        attend_group(
+            Path::Scalar,
+            &q,
+            hd,
+            chunks,
+            0.125,
+            &mut s,
+            &mut out,
+            &mut lse,
+        );
         assert!(out.iter().all(|&x| x.to_bits() == 0));
         assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
     }
@@ -316,10 +332,20 @@ fn large_group_splits_into_passes() {
         let q = data(g * hd, 3, 3.0);
         let (mut out, mut lse) = (vec![0f32; g * hd], vec![0f32; g]);
         let mut s = GroupScratch::default();
-        attend_group(&q, hd, &chunks, 0.125, &mut s, &mut out, &mut lse);
+        attend_group(
+            Path::Avx2,
+            &q,
+            hd,
+            &chunks,
+            0.125,
+            &mut s,
+            &mut out,
+            &mut lse,
+        );
         for h in 0..g {
             let (mut o, mut l) = (vec![0f32; hd], [0f32]);
             attend_group(
+                Path::Avx2,
                 &q[h * hd..][..hd],
                 hd,
                 &chunks,
@@ -349,6 +375,7 @@ fn malformed_chunk_panics() {
     let bad = KvChunk { n_keys: 5, ..ok };
     let (mut out, mut lse) = (vec![0f32; hd], vec![0f32; 1]);
     attend_group(
+        Path::Avx2,
         &[0.0; 8],
         hd,
         &[ok, bad],
@@ -379,6 +406,7 @@ fn mixed_dtypes_panic() {
     };
     let (mut out, mut lse) = (vec![0f32; hd], vec![0f32; 1]);
     attend_group(
+        Path::Avx2,
         &[0.0; 8],
         hd,
         &[a, b],

@@ -50,7 +50,7 @@ fn naive_quantize_q8_1(x: &[f32]) -> Vec<u8> {
 
 fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut a = vec![0u8; ty.row_bytes(x.len()).unwrap()];
-    quant::quantize_activation_row(ty, x, &mut a);
+    quant::quantize_activation_row_with(Path::detect(), ty, x, &mut a);
     a
 }
 
@@ -64,12 +64,12 @@ fn q8_rounds_half_to_even() {
     x[..vals.len()].copy_from_slice(&vals);
     let want: [i8; 14] = [127, 0, 2, 2, 0, -2, -2, 4, -4, 126, -126, 0, 4, 6];
     let mut q0 = [0u8; 34];
-    quant::quantize_row_q8_0(&x, &mut q0);
+    quant::quantize_row_q8_0_with(Path::detect(), &x, &mut q0);
     let b = BlockQ8_0::read(&q0);
     assert_eq!(b.d, f16::from_f32(1.0));
     assert_eq!(&b.qs[..14], &want);
     let mut q1 = [0u8; 36];
-    quant::quantize_row_q8_1(&x, &mut q1);
+    quant::quantize_row_q8_1_with(Path::detect(), &x, &mut q1);
     let b1 = BlockQ8_1::read(&q1);
     assert_eq!(b1.qs, b.qs);
     let sum: i32 = want.iter().map(|&v| v as i32).sum();
@@ -82,7 +82,7 @@ fn q8_rounds_half_to_even() {
     x[2] = 0.75; // 1.5 -> 2
     x[3] = 1.25; // 2.5 -> 2
     x[4] = -1.25; // -2.5 -> -2
-    quant::quantize_row_q8_0(&x, &mut q0);
+    quant::quantize_row_q8_0_with(Path::detect(), &x, &mut q0);
     let b = BlockQ8_0::read(&q0);
     assert_eq!(&b.qs[..5], &[-127, 0, 2, 2, -2]);
     // d is amax / 127 = 0.5, stored as f16.
@@ -97,7 +97,7 @@ fn q8_1_sum_uses_unrounded_d() {
         *v = if i % 2 == 0 { 1.0 } else { 0.25 };
     }
     let mut q1 = [0u8; 36];
-    quant::quantize_row_q8_1(&x, &mut q1);
+    quant::quantize_row_q8_1_with(Path::detect(), &x, &mut q1);
     let b = BlockQ8_1::read(&q1);
     let d = 1.0f32 / 127.0;
     let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
@@ -109,7 +109,7 @@ fn q8_1_sum_uses_unrounded_d() {
 fn q8_zero_block() {
     let x = [0f32; 64];
     let mut q1 = [0u8; 72];
-    quant::quantize_row_q8_1(&x, &mut q1);
+    quant::quantize_row_q8_1_with(Path::detect(), &x, &mut q1);
     assert!(q1.iter().all(|&b| b == 0));
 }
 
@@ -121,7 +121,7 @@ fn q8_tiny_amax_saturates_like_ggml() {
     x[0] = 2e-37;
     x[1] = -1e-37;
     let mut q0 = [0u8; 34];
-    quant::quantize_row_q8_0(&x, &mut q0);
+    quant::quantize_row_q8_0_with(Path::detect(), &x, &mut q0);
     let b = BlockQ8_0::read(&q0);
     assert!(b.qs.iter().all(|&q| q == -128), "{:?}", b.qs);
 }

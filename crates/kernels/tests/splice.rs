@@ -1,16 +1,12 @@
 //! Splice phases: scores node by node → softmax per vector → P·V node by node → finish equals
-//! `attend_group` / `attend_rows_group` over the concatenated chunks bit for bit, for every node split,
-//! per-vector key limit and KV dtype; every phase's dispatched path equals its scalar reference bit for
-//! bit; scores past a vector's limit are not written; a prefix tree (shared nodes + a tail per sequence)
-//! equals per-sequence `attend_group`. Passes with `EDGEPROMPT_FORCE_SCALAR=1` too.
+//! `attend_group` / `attend_rows_group` over the concatenated chunks bit for bit, for every node
+//! split, per-vector key limit and KV dtype; every phase on `Path::Avx2` (the scalar code where the
+//! CPU lacks AVX2) equals it on `Path::Scalar` bit for bit; scores past a vector's limit are not
+//! written; a prefix tree (shared nodes + a tail per sequence) equals per-sequence `attend_group`.
 
-use ep_kernels::paged::{
-    attend_group, attend_rows_group, scalar_attend_rows_group, GroupScratch, KvChunk, KvDtype,
-};
-use ep_kernels::splice::{
-    scalar_splice_pv, scalar_splice_scores, scalar_splice_softmax, splice_finish, splice_pv,
-    splice_scores, splice_softmax,
-};
+use ep_kernels::paged::{attend_group, attend_rows_group, GroupScratch, KvChunk, KvDtype};
+use ep_kernels::simd::Path;
+use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
 use proptest::prelude::*;
 
 mod common;
@@ -99,7 +95,7 @@ struct Spliced {
 /// first `lims[v]` keys of the path.
 #[allow(clippy::too_many_arguments)]
 fn splice(
-    scalar: bool,
+    path: Path,
     dtype: KvDtype,
     hd: usize,
     nodes: &[Vec<KvChunk<'_>>],
@@ -120,12 +116,17 @@ fn splice(
     for chunks in nodes {
         let n: usize = chunks.iter().map(|c| c.n_keys).sum();
         let nl = node_lims(base, n);
-        let f = if scalar {
-            scalar_splice_scores
-        } else {
-            splice_scores
-        };
-        f(hd, chunks, scale, &qr, &nl, base, &mut scores, row_len);
+        splice_scores(
+            path,
+            hd,
+            chunks,
+            scale,
+            &qr,
+            &nl,
+            base,
+            &mut scores,
+            row_len,
+        );
         base += n;
     }
     // Nothing past a vector's limit was written.
@@ -140,22 +141,14 @@ fn splice(
     let lse: Vec<f32> = lims
         .iter()
         .enumerate()
-        .map(|(v, &l)| {
-            let row = &mut scores[v * row_len..][..l];
-            if scalar {
-                scalar_splice_softmax(dtype, row)
-            } else {
-                splice_softmax(dtype, row)
-            }
-        })
+        .map(|(v, &l)| splice_softmax(path, dtype, &mut scores[v * row_len..][..l]))
         .collect();
     let mut lanes = vec![0f32; m * 8 * hd];
     let mut base = 0;
     for chunks in nodes {
         let n: usize = chunks.iter().map(|c| c.n_keys).sum();
         let nl = node_lims(base, n);
-        let f = if scalar { scalar_splice_pv } else { splice_pv };
-        f(hd, chunks, &scores, row_len, &nl, base, &mut lanes);
+        splice_pv(path, hd, chunks, &scores, row_len, &nl, base, &mut lanes);
         base += n;
     }
     let mut out = vec![0f32; m * hd];
@@ -215,9 +208,9 @@ proptest! {
             let nodes: Vec<Vec<KvChunk<'_>>> = stores.iter().map(Node::chunks).collect();
             let all: Vec<KvChunk<'_>> = nodes.concat();
 
-            let fast = splice(false, dtype, hd, &nodes, &q, &lims, scale, row_len);
-            let slow = splice(true, dtype, hd, &nodes, &q, &lims, scale, row_len);
-            // (b) dispatched == scalar, phase by phase.
+            let fast = splice(Path::Avx2, dtype, hd, &nodes, &q, &lims, scale, row_len);
+            let slow = splice(Path::Scalar, dtype, hd, &nodes, &q, &lims, scale, row_len);
+            // (b) AVX2 == scalar, phase by phase.
             prop_assert_eq!(bits(&fast.scores), bits(&slow.scores), "{} probabilities", dtype);
             prop_assert_eq!(bits(&fast.lanes), bits(&slow.lanes), "{} lanes", dtype);
             prop_assert_eq!(bits(&fast.out), bits(&slow.out), "{} output", dtype);
@@ -226,14 +219,14 @@ proptest! {
             // (a) == attend_rows_group over the concatenated chunks.
             let mut scratch = GroupScratch::default();
             let (mut out, mut lse) = (vec![0f32; m * hd], vec![0f32; m]);
-            attend_rows_group(&q, &n_keys, hd, &all, scale, &mut scratch, &mut out, &mut lse);
+            attend_rows_group(Path::Avx2, &q, &n_keys, hd, &all, scale, &mut scratch, &mut out, &mut lse);
             prop_assert_eq!(bits(&fast.out), bits(&out), "{} output vs attend_rows_group", dtype);
             prop_assert_eq!(bits(&fast.lse), bits(&lse), "{} lse vs attend_rows_group", dtype);
-            scalar_attend_rows_group(&q, &n_keys, hd, &all, scale, &mut scratch, &mut out, &mut lse);
+            attend_rows_group(Path::Scalar, &q, &n_keys, hd, &all, scale, &mut scratch, &mut out, &mut lse);
             prop_assert_eq!(bits(&slow.out), bits(&out), "{} scalar output", dtype);
             prop_assert_eq!(bits(&slow.lse), bits(&lse), "{} scalar lse", dtype);
             if mode == 0 {
-                attend_group(&q, hd, &all, scale, &mut scratch, &mut out, &mut lse);
+                attend_group(Path::Avx2, &q, hd, &all, scale, &mut scratch, &mut out, &mut lse);
                 prop_assert_eq!(bits(&fast.out), bits(&out), "{} output vs attend_group", dtype);
                 prop_assert_eq!(bits(&fast.lse), bits(&lse), "{} lse vs attend_group", dtype);
             }
@@ -271,55 +264,51 @@ proptest! {
                 .collect();
             let shared_ch: Vec<Vec<KvChunk<'_>>> = shared_st.iter().map(Node::chunks).collect();
             let mut results = Vec::new();
-            for scalar in [false, true] {
+            for path in [Path::Avx2, Path::Scalar] {
                 let mut scores = vec![0f32; m * row_len];
                 let mut lanes = vec![0f32; m * 8 * hd];
                 let mut base = 0;
                 for ch in &shared_ch {
                     let n: usize = ch.iter().map(|c| c.n_keys).sum();
                     let lims = vec![n; m];
-                    let f = if scalar { scalar_splice_scores } else { splice_scores };
-                    f(hd, ch, scale, &qr, &lims, base, &mut scores, row_len);
+                    splice_scores(path, hd, ch, scale, &qr, &lims, base, &mut scores, row_len);
                     base += n;
                 }
                 for (s, st) in tail_st.iter().enumerate() {
                     let lims = vec![st.n_keys(); g];
-                    let f = if scalar { scalar_splice_scores } else { splice_scores };
                     let rows = &mut scores[s * g * row_len..][..g * row_len];
-                    f(hd, &st.chunks(), scale, &qr[s * g * hd..][..g * hd], &lims, base, rows, row_len);
+                    splice_scores(path, hd, &st.chunks(), scale, &qr[s * g * hd..][..g * hd], &lims, base, rows, row_len);
                 }
                 let mut lse = vec![0f32; m];
                 for v in 0..m {
                     let n = shared_total + tails[v / g];
                     let row = &mut scores[v * row_len..][..n];
-                    lse[v] = if scalar { scalar_splice_softmax(dtype, row) } else { splice_softmax(dtype, row) };
+                    lse[v] = splice_softmax(path, dtype, row);
                 }
                 let mut base = 0;
                 for ch in &shared_ch {
                     let n: usize = ch.iter().map(|c| c.n_keys).sum();
                     let lims = vec![n; m];
-                    let f = if scalar { scalar_splice_pv } else { splice_pv };
-                    f(hd, ch, &scores, row_len, &lims, base, &mut lanes);
+                    splice_pv(path, hd, ch, &scores, row_len, &lims, base, &mut lanes);
                     base += n;
                 }
                 for (s, st) in tail_st.iter().enumerate() {
                     let lims = vec![st.n_keys(); g];
-                    let f = if scalar { scalar_splice_pv } else { splice_pv };
                     let p = &scores[s * g * row_len..][..g * row_len];
-                    f(hd, &st.chunks(), p, row_len, &lims, base, &mut lanes[s * g * 8 * hd..][..g * 8 * hd]);
+                    splice_pv(path, hd, &st.chunks(), p, row_len, &lims, base, &mut lanes[s * g * 8 * hd..][..g * 8 * hd]);
                 }
                 let mut out = vec![0f32; m * hd];
                 splice_finish(hd, &lanes, &mut out);
                 results.push((out, lse));
             }
-            prop_assert_eq!(bits(&results[0].0), bits(&results[1].0), "{} dispatched vs scalar", dtype);
-            prop_assert_eq!(bits(&results[0].1), bits(&results[1].1), "{} lse dispatched vs scalar", dtype);
+            prop_assert_eq!(bits(&results[0].0), bits(&results[1].0), "{} avx2 vs scalar", dtype);
+            prop_assert_eq!(bits(&results[0].1), bits(&results[1].1), "{} lse avx2 vs scalar", dtype);
             let mut scratch = GroupScratch::default();
             for (s, st) in tail_st.iter().enumerate() {
                 let mut path: Vec<KvChunk<'_>> = shared_ch.concat();
                 path.extend(st.chunks());
                 let (mut out, mut lse) = (vec![0f32; g * hd], vec![0f32; g]);
-                attend_group(&q[s * g * hd..][..g * hd], hd, &path, scale, &mut scratch, &mut out, &mut lse);
+                attend_group(Path::Avx2, &q[s * g * hd..][..g * hd], hd, &path, scale, &mut scratch, &mut out, &mut lse);
                 prop_assert_eq!(bits(&results[0].0[s * g * hd..][..g * hd]), bits(&out), "{} sequence {}", dtype, s);
                 prop_assert_eq!(bits(&results[0].1[s * g..][..g]), bits(&lse), "{} sequence {} lse", dtype, s);
             }
@@ -339,7 +328,7 @@ fn large_shared_node_uses_wide_tiles() {
         let q = data(m * hd, 3, 3.0);
         let lims = vec![n; m];
         let s = splice(
-            false,
+            Path::Avx2,
             dtype,
             hd,
             std::slice::from_ref(&chunks),
@@ -350,6 +339,7 @@ fn large_shared_node_uses_wide_tiles() {
         );
         let (mut out, mut lse) = (vec![0f32; m * hd], vec![0f32; m]);
         attend_group(
+            Path::Avx2,
             &q,
             hd,
             &chunks,
@@ -369,7 +359,7 @@ fn no_keys_leave_lanes_zero() {
     let node = Node::new(KvDtype::F16, &[5], hd, 1);
     let q = data(2 * hd, 2, 1.0);
     let s = splice(
-        false,
+        Path::Avx2,
         KvDtype::F16,
         hd,
         &[node.chunks()],
@@ -382,9 +372,9 @@ fn no_keys_leave_lanes_zero() {
     assert!(s.lse.iter().all(|&x| x == f32::NEG_INFINITY));
     // No chunks at all.
     let mut scores = vec![0f32; 4];
-    splice_scores(hd, &[], 1.0, &q, &[0, 0], 0, &mut scores, 2);
+    splice_scores(Path::Avx2, hd, &[], 1.0, &q, &[0, 0], 0, &mut scores, 2);
     let mut lanes = vec![0f32; 2 * 8 * hd];
-    splice_pv(hd, &[], &scores, 2, &[0, 0], 0, &mut lanes);
+    splice_pv(Path::Avx2, hd, &[], &scores, 2, &[0, 0], 0, &mut lanes);
     assert!(lanes.iter().all(|&x| x.to_bits() == 0));
 }
 
@@ -395,6 +385,7 @@ fn limit_past_node_panics() {
     let node = Node::new(KvDtype::F32, &[5], hd, 1);
     let mut scores = vec![0f32; 2 * 8];
     splice_scores(
+        Path::Avx2,
         hd,
         &node.chunks(),
         1.0,
@@ -412,7 +403,16 @@ fn row_overflow_panics() {
     let hd = 8;
     let node = Node::new(KvDtype::F32, &[5], hd, 1);
     let mut lanes = vec![0f32; 8 * hd];
-    splice_pv(hd, &node.chunks(), &[0.0; 8], 8, &[5], 4, &mut lanes);
+    splice_pv(
+        Path::Avx2,
+        hd,
+        &node.chunks(),
+        &[0.0; 8],
+        8,
+        &[5],
+        4,
+        &mut lanes,
+    );
 }
 
 #[test]
@@ -421,5 +421,14 @@ fn lanes_shape_panics() {
     let hd = 8;
     let node = Node::new(KvDtype::F16, &[5], hd, 1);
     let mut lanes = vec![0f32; 7 * hd];
-    splice_pv(hd, &node.chunks(), &[0.0; 8], 8, &[5], 0, &mut lanes);
+    splice_pv(
+        Path::Avx2,
+        hd,
+        &node.chunks(),
+        &[0.0; 8],
+        8,
+        &[5],
+        0,
+        &mut lanes,
+    );
 }

@@ -8,9 +8,9 @@
 //! * **RoPE layout.** HF stores Q/K projections for the half-split ("NeoX", `rotate_half`) rotation;
 //!   llama.cpp's converter permutes Llama's rows to the adjacent-pair layout and uses "normal" RoPE. The
 //!   weights here are not permuted, so HF models run with `rope_neox = true` (all three architectures).
-//! * **Activations stay f32** in the matmuls ([`ep_kernels::matmul::matmul_f32_act`]): F16 / BF16
-//!   weights are widened exactly and dotted with f32 activations, as `transformers` computes in f32,
-//!   instead of rounding the activations to f16 / bf16 as ggml does for GGUF files.
+//! * **Activations stay f32** in the matmuls ([`ep_kernels::matmul::matmul_f32_act_with`]): F16 /
+//!   BF16 weights are widened exactly and dotted with f32 activations, as `transformers` computes
+//!   in f32, instead of rounding the activations to f16 / bf16 as ggml does for GGUF files.
 //! * **Biases.** Optional Q/K/V (and O) projection biases (Qwen2, Llama with `attention_bias`) are
 //!   added after the matmul.
 //!
@@ -549,6 +549,7 @@ pub(crate) fn load_model(
         output_norm,
         layers,
         f32_activations: true,
+        kernels: ep_kernels::simd::Path::detect(),
     })
 }
 

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use ep_kernels::attention::{attend_head, HeadScratch, KvView};
 use ep_kernels::ops;
+use ep_kernels::simd::Path;
 use half::f16;
 use rayon::prelude::*;
 
@@ -66,11 +67,14 @@ pub fn slice_of_rows(slices: &[SeqSlice], n_rows: usize) -> Vec<usize> {
 
 /// Stores K/V of new tokens and computes attention for their queries.
 pub trait Attention {
-    /// For `layer`: append `k`, `v` (rows × kv_width) for each slice, then write into `out`
-    /// (rows × q_width) each query row's attention over its sequence's KV up to and including its own
-    /// position. `q` rows are already rotated.
+    /// For `layer`: append `k`, `v` (rows × kv_width) for each slice, then write into `out` (rows ×
+    /// q_width) each query row's attention over its sequence's KV up to and including its own
+    /// position. `q` rows are already rotated. The attention kernels run on `kernels` (the model's
+    /// path, [`crate::Model::kernels`]).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &mut self,
+        kernels: Path,
         layer: usize,
         slices: &[SeqSlice],
         q: &[f32],
@@ -217,6 +221,7 @@ impl ContiguousKv {
 impl Attention for ContiguousKv {
     fn attend(
         &mut self,
+        kernels: Path,
         layer: usize,
         slices: &[SeqSlice],
         q: &[f32],
@@ -279,7 +284,7 @@ impl Attention for ContiguousKv {
                     stride: kw,
                     off: kvh * hd,
                 };
-                attend_head(q16, view, sh.scale(), scratch, o);
+                attend_head(kernels, q16, view, sh.scale(), scratch, o);
             },
         );
         Ok(())

@@ -9,7 +9,8 @@
 
 use std::path::Path;
 
-use ep_kernels::matmul::{self, WeightRef};
+use ep_kernels::matmul::{self, KernelError, WeightRef};
+use ep_kernels::simd;
 use ep_kernels::{ops, GgmlType};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -67,6 +68,10 @@ pub struct Model {
     /// Matmuls keep the activations in f32 instead of rounding them to the weight type's vec-dot type
     /// (Hugging Face checkpoints, whose reference computes in f32; GGUF models follow ggml).
     pub(crate) f32_activations: bool,
+    /// The kernel path every matmul, SwiGLU and attention call of this model runs on: chosen once,
+    /// by [`simd::Path::detect`] when the model is loaded ([`Model::kernels`],
+    /// [`Model::set_kernels`]).
+    pub(crate) kernels: simd::Path,
 }
 
 /// What the forward pass does besides the configuration and the weights, as far as it changes the KV
@@ -222,6 +227,7 @@ impl Model {
             output_norm,
             layers,
             f32_activations: false,
+            kernels: simd::Path::detect(),
         })
     }
 
@@ -240,6 +246,23 @@ impl Model {
             Weights::Gguf(g) => Some(g),
             Weights::Files(_) => None,
         }
+    }
+
+    /// The kernel path this model runs on: [`simd::Path::detect`] at load time (AVX2 where the CPU
+    /// has it, unless `EDGEPROMPT_FORCE_SCALAR` is set). Both paths give bit-identical results.
+    pub fn kernels(&self) -> simd::Path {
+        self.kernels
+    }
+
+    /// Runs this model on kernel path `path` from now on (the results do not change, only the
+    /// speed). A path this CPU cannot run is an error ([`KernelError::PathUnavailable`]), and the
+    /// model keeps its path.
+    pub fn set_kernels(&mut self, path: simd::Path) -> Result<(), ModelError> {
+        if !path.is_available() {
+            return Err(KernelError::PathUnavailable(path.name()).into());
+        }
+        self.kernels = path;
+        Ok(())
     }
 
     /// Shape of the attention step.
@@ -368,9 +391,9 @@ impl Model {
     ) -> Result<(), ModelError> {
         let w = self.w(m);
         if self.f32_activations {
-            matmul::matmul_f32_act(&w, x, n, out)?;
+            matmul::matmul_f32_act_with(self.kernels, &w, x, n, out)?;
         } else {
-            matmul::matmul(&w, x, n, out)?;
+            matmul::matmul_with(self.kernels, &w, x, n, out)?;
         }
         if let Some(b) = bias.filter(|_| m.rows > 0) {
             out.par_chunks_mut(m.rows)
@@ -441,7 +464,7 @@ impl Model {
         self.rope_rows(&mut k, &h.pos, c.n_head_kv);
 
         let mut att = vec![0f32; n * qw];
-        attn.attend(il, &h.slices, &q, &k, &v, &mut att)?;
+        attn.attend(self.kernels, il, &h.slices, &q, &k, &v, &mut att)?;
         let mut o = vec![0f32; n * d];
         self.mm(&l.wo, l.bo.as_deref(), &att, n, &mut o)?;
         ops::add_in_place(&mut h.x, &o);
@@ -452,7 +475,7 @@ impl Model {
         self.mm(&l.w_gate, None, &xn, n, &mut gate)?;
         self.mm(&l.w_up, None, &xn, n, &mut up)?;
         let mut act = vec![0f32; n * c.n_ff];
-        ops::swiglu(&gate, &up, &mut act);
+        ops::swiglu(self.kernels, &gate, &up, &mut act);
         self.mm(&l.w_down, None, &act, n, &mut o)?;
         ops::add_in_place(&mut h.x, &o);
         Ok(())

@@ -21,9 +21,10 @@
 
 use std::path::PathBuf;
 
+use ep_kernels::simd::Path;
 use ep_model::chat::ChatMessage;
 use ep_model::kv::ContiguousKv;
-use ep_model::{load_model_dir_or_gguf, BatchSeq, LogitsFor, ModelBundle};
+use ep_model::{load_model_dir_or_gguf, BatchSeq, LogitsFor, Model, ModelBundle};
 use serde::Deserialize;
 
 const TOL: f32 = 5e-3;
@@ -291,6 +292,44 @@ fn hf_batch_invariance() {
     let alone = run(&[(a, LogitsFor::All)]);
     let together = run(&[(c, LogitsFor::None), (a, LogitsFor::All)]);
     assert_eq!(alone, together);
+}
+
+/// A Hugging Face model (f32-activation matmuls over BF16 and F32 weights) gives bit-identical
+/// logits on `Path::Scalar` and `Path::Avx2` (where the CPU has it), in one process.
+#[test]
+fn hf_kernel_path_invariance() {
+    for arch in ["mistral", "qwen2"] {
+        let (mut b, r) = load(arch);
+        assert_eq!(
+            b.model.kernels(),
+            Path::detect(),
+            "{arch}: loaded on the detected path"
+        );
+        let ids = &r.prompts[0].ids;
+        let run = |m: &Model| {
+            let mut kv = ContiguousKv::new(m.attn_shape(), 64);
+            let seq = kv.add_seq();
+            let bs = [BatchSeq {
+                seq,
+                tokens: ids,
+                pos: 0,
+                logits: LogitsFor::All,
+            }];
+            let l = m.forward(&bs, &mut kv).unwrap();
+            l.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        b.model.set_kernels(Path::Scalar).unwrap();
+        let scalar = run(&b.model);
+        if Path::Avx2.is_available() {
+            b.model.set_kernels(Path::Avx2).unwrap();
+            assert!(
+                scalar == run(&b.model),
+                "{arch}: scalar and avx2 logits differ"
+            );
+        } else {
+            assert!(b.model.set_kernels(Path::Avx2).is_err());
+        }
+    }
 }
 
 /// Bad directories are errors naming the file and the problem, never panics.

@@ -94,7 +94,7 @@ pub fn random_weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<
         GgmlType::Q8_K => {
             for b in w.chunks_exact_mut(ty.type_size()) {
                 let x: Vec<f32> = (0..256).map(|_| r.unit()).collect();
-                ep_kernels::kquant::quantize_row_q8_k(&x, b);
+                ep_kernels::kquant::quantize_row_q8_k_with(ep_kernels::simd::Path::Scalar, &x, b);
             }
         }
     }
