@@ -4,8 +4,8 @@
 //! group, dev examples cut or repeated to the exact length), questions come from the MMLU test split;
 //! without a datasets directory both are generated text. The engine runs prompts first, then decode
 //! steps; `decode_tok_s = batch × (gen − 1) / time of the decode steps`. Each point is the median of
-//! `reps` runs, interleaved over points and modes; every run uses a fresh engine (no cache carried
-//! over).
+//! `reps` runs, interleaved over points and modes, the modes' order rotating from rep to rep; every
+//! run uses a fresh engine (no cache carried over).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -396,10 +396,15 @@ pub fn run(
         .map(|_| (0..cfg.modes.len()).map(|_| Vec::new()).collect())
         .collect();
     let mut done = 0;
-    for _ in 0..cfg.reps {
+    // The modes' order rotates from one rep to the next: on a shared machine the mode measured first
+    // at a point can see another machine state than the one after it (measured: ±30% on the ratio).
+    let nm = cfg.modes.len();
+    for rep in 0..cfg.reps {
         for (pi, pt) in points.iter().enumerate() {
-            for (mode, mode_runs) in cfg.modes.iter().zip(runs[pi].iter_mut()) {
-                mode_runs.push(run_point(model, tok, cfg, mode, &pt.3, pool.clone())?);
+            for k in 0..nm {
+                let mi = (k + rep) % nm;
+                let run = run_point(model, tok, cfg, &cfg.modes[mi], &pt.3, pool.clone())?;
+                runs[pi][mi].push(run);
                 done += 1;
                 progress(done, total);
             }

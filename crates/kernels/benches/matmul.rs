@@ -172,18 +172,7 @@ fn bench_decode(threads: usize) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(3000),
     );
-    let mut times = Vec::new();
-    pool.install(|| {
-        token(&mut out);
-        let start = Instant::now();
-        while start.elapsed() < budget || times.len() < 5 {
-            let t = Instant::now();
-            token(&mut out);
-            times.push(t.elapsed());
-        }
-    });
-    let best = *times.iter().min().unwrap();
-    let t = median(times);
+    let (t, best) = timed(&pool, budget, 5, || token(&mut out));
     println!(
         "decode SmolLM2-135M matmuls {:>6} t={} {:>8.3} ms/token (best {:>8.3}) {:>7.2} GB/s  {:>6.1} tok/s (best {:>6.1})",
         path.name(),
@@ -195,6 +184,28 @@ fn bench_decode(threads: usize) {
         1.0 / best.as_secs_f64(),
     );
     std::hint::black_box(&out);
+}
+
+/// Runs `f` once to warm up, then repeatedly on `pool` for at least `budget` and `min_runs` runs:
+/// the median and the best time.
+fn timed(
+    pool: &rayon::ThreadPool,
+    budget: Duration,
+    min_runs: usize,
+    mut f: impl FnMut() + Send,
+) -> (Duration, Duration) {
+    let mut times = Vec::new();
+    pool.install(|| {
+        f();
+        let start = Instant::now();
+        while start.elapsed() < budget || times.len() < min_runs {
+            let t = Instant::now();
+            f();
+            times.push(t.elapsed());
+        }
+    });
+    let best = *times.iter().min().unwrap();
+    (median(times), best)
 }
 
 /// The layer matmuls of one 512-token prefill of SmolLM2-135M, all weights of `ty`.
@@ -237,18 +248,7 @@ fn bench_prefill(ty: GgmlType, threads: usize) {
             }
         }
     };
-    let mut times = Vec::new();
-    pool.install(|| {
-        prefill(&mut out);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(3000) || times.len() < 3 {
-            let t = Instant::now();
-            prefill(&mut out);
-            times.push(t.elapsed());
-        }
-    });
-    let best = *times.iter().min().unwrap();
-    let t = median(times);
+    let (t, best) = timed(&pool, Duration::from_millis(3000), 3, || prefill(&mut out));
     println!(
         "prefill 512 SmolLM2-135M layer matmuls {:>5} {:>6} t={} {:>8.1} ms (best {:>8.1}) {:>6.1} G MAC/s (best {:>6.1})",
         ty.name(),

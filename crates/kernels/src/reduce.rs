@@ -6,7 +6,7 @@
 //! - [`reduce_f32x8x4`]: `GGML_F32x8_REDUCE` of four 8-lane accumulators (`ggml_vec_dot_f32/f16`).
 //! - [`reduce_bf16x8x4`]: the reduction of ggml's AVX2 `ggml_vec_dot_bf16`.
 //!
-//! [`avx2::hsum8`] is [`hsum8`] on a register.
+//! `avx2::hsum8` (crate-internal) is [`hsum8`] on a register.
 
 /// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))` (ggml's `hsum_float_8`).
 #[inline]

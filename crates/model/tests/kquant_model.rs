@@ -150,34 +150,29 @@ fn block32_model_has_q4_0_q5_0_q5_1_and_q8_0_matrices() {
 /// to its F32 dequantisation than the K-quant one (measured 0.013 relative, against 0.031).
 #[test]
 fn block32_model_is_close_to_its_f32_dequantisation() {
-    let dir = tempfile::tempdir().unwrap();
-    let prompt = prompt();
-    let logits = |seed: u64, w: TinyWeights| {
-        let model = load(&dir, seed, w);
-        pool(2).install(|| alone(&model, &prompt, &[], 0))
-    };
-    let q = logits(7, TinyWeights::Block32);
-    let f = logits(7, TinyWeights::Block32AsF32);
-    let other = logits(8, TinyWeights::Block32AsF32);
-    let close = rel_diff(&q, &f);
-    let far = rel_diff(&other, &f);
-    println!("block32 vs its F32 dequantisation: {close}, another model: {far}");
-    assert!(close > 0.0, "Q8 activations should change some bits");
-    assert!(close < 0.03, "block32 vs F32 dequantised: relative {close}");
-    assert!(far > 0.5, "a different model should be far: relative {far}");
+    close_to_f32(TinyWeights::Block32, TinyWeights::Block32AsF32, 0.03);
 }
 
+/// Q8_K has one scale per 256 activations, so each K-quant matmul rounds its input to about 1%
+/// (relative); over the 14 matmuls of the two layers the logits of this random model end up about
+/// 3% (RMS) away from the F32 model's (measured 0.031), and a different random model 140% away.
 #[test]
 fn kquant_model_is_close_to_its_f32_dequantisation() {
+    close_to_f32(TinyWeights::KQuant, TinyWeights::KQuantAsF32, 0.05);
+}
+
+/// The logits of the model with `quant` matrices are within `bound` (relative RMS) of its twin with
+/// them dequantised to F32 (`as_f32`), not equal to them, and far from another random model's.
+fn close_to_f32(quant: TinyWeights, as_f32: TinyWeights, bound: f64) {
     let dir = tempfile::tempdir().unwrap();
     let prompt = prompt();
     let logits = |seed: u64, w: TinyWeights| {
         let model = load(&dir, seed, w);
         pool(2).install(|| alone(&model, &prompt, &[], 0))
     };
-    let kq = logits(7, TinyWeights::KQuant);
-    let f = logits(7, TinyWeights::KQuantAsF32);
-    let other = logits(8, TinyWeights::KQuantAsF32);
+    let q = logits(7, quant);
+    let f = logits(7, as_f32);
+    let other = logits(8, as_f32);
     // The logits are not degenerate: they spread over a range.
     let spread = |r: &[f32]| {
         let (lo, hi) = r
@@ -186,12 +181,16 @@ fn kquant_model_is_close_to_its_f32_dequantisation() {
         hi - lo
     };
     assert!(f.iter().all(|r| spread(r) > 0.5), "flat logits");
-    // Q8_K has one scale per 256 activations, so each K-quant matmul rounds its input to about 1%
-    // (relative); over the 14 matmuls of the two layers the logits of this random model end up about
-    // 3% (RMS) away from the F32 model's (measured 0.031), and a different random model 140% away.
-    let close = rel_diff(&kq, &f);
+    let close = rel_diff(&q, &f);
     let far = rel_diff(&other, &f);
-    assert!(close > 0.0, "Q8_K activations should change some bits");
-    assert!(close < 0.05, "K-quant vs F32 dequantised: relative {close}");
+    println!("{quant:?} vs its F32 dequantisation: {close}, another model: {far}");
+    assert!(
+        close > 0.0,
+        "{quant:?}: the activations' quantisation should change some bits"
+    );
+    assert!(
+        close < bound,
+        "{quant:?} vs F32 dequantised: relative {close}"
+    );
     assert!(far > 0.5, "a different model should be far: relative {far}");
 }
