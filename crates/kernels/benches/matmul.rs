@@ -127,20 +127,22 @@ fn bench(ty: GgmlType, m: usize, k: usize, n: usize, path: Path, threads: usize)
     std::hint::black_box(&out);
 }
 
+/// SmolLM2-135M's layer matmuls (output features, input features): q, k, v, o, gate, up, down.
+const LAYER_SHAPES: [(usize, usize); 7] = [
+    (576, 576),
+    (192, 576),
+    (192, 576),
+    (576, 576),
+    (1536, 576),
+    (1536, 576),
+    (576, 1536),
+];
+
 /// The matmuls of one decode step of SmolLM2-135M (Q4_1 layers, Q8_0 output), at batch 1.
 fn bench_decode(threads: usize) {
     const LAYERS: usize = 30;
-    let layer_shapes = [
-        (576, 576),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
     let mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = (0..LAYERS)
-        .flat_map(|_| layer_shapes)
+        .flat_map(|_| LAYER_SHAPES)
         .map(|(m, k)| (GgmlType::Q4_1, m, k))
         .chain([(GgmlType::Q8_0, 49152, 576)])
         .map(|(ty, m, k)| (ty, m, k, weights(ty, m, k)))
@@ -212,15 +214,7 @@ fn timed(
 fn bench_prefill(ty: GgmlType, threads: usize) {
     const LAYERS: usize = 30;
     const N: usize = 512;
-    let shapes = [
-        (576, 576),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
+    let shapes = LAYER_SHAPES;
     let mats: Vec<(usize, usize, Vec<u8>)> = shapes
         .iter()
         .map(|&(m, k)| (m, k, weights(ty, m, k)))

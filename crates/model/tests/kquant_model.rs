@@ -36,12 +36,9 @@ fn prompt() -> Vec<u32> {
     (0..19).map(|i| (i * 37 % 256) as u32).collect()
 }
 
-#[test]
-fn kquant_model_has_kquant_matrices() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = load(&dir, 7, TinyWeights::KQuant);
-    let ty = |name: &str| model.gguf().unwrap().tensor(name).unwrap().ty;
-    let mut seen = std::collections::BTreeSet::new();
+/// The types of every layer matrix of `model`.
+fn matrix_types(model: &Model) -> Vec<GgmlType> {
+    let mut out = Vec::new();
     for l in 0..testutil::TINY_LAYERS {
         for m in [
             "attn_q",
@@ -52,10 +49,21 @@ fn kquant_model_has_kquant_matrices() {
             "ffn_up",
             "ffn_down",
         ] {
-            let t = ty(&format!("blk.{l}.{m}.weight"));
-            assert!(t.ktype().is_some(), "{m}: {t:?}");
-            seen.insert(t.id());
+            let name = format!("blk.{l}.{m}.weight");
+            out.push(model.gguf().unwrap().tensor(&name).unwrap().ty);
         }
+    }
+    out
+}
+
+#[test]
+fn kquant_model_has_kquant_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&dir, 7, TinyWeights::KQuant);
+    let mut seen = std::collections::BTreeSet::new();
+    for t in matrix_types(&model) {
+        assert!(t.ktype().is_some(), "{t:?}");
+        seen.insert(t.id());
     }
     assert_eq!(seen.len(), 3, "Q4_K, Q5_K and Q6_K all used");
     assert_eq!(model.cfg.n_embd, testutil::TINY_K_EMBD);
@@ -120,26 +128,8 @@ fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 fn block32_model_has_q4_0_q5_0_q5_1_and_q8_0_matrices() {
     let dir = tempfile::tempdir().unwrap();
     let model = load(&dir, 7, TinyWeights::Block32);
-    let mut seen = std::collections::BTreeSet::new();
-    for l in 0..testutil::TINY_LAYERS {
-        for m in [
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ] {
-            let t = model
-                .gguf()
-                .unwrap()
-                .tensor(&format!("blk.{l}.{m}.weight"))
-                .unwrap()
-                .ty;
-            seen.insert(t.name());
-        }
-    }
+    let seen: std::collections::BTreeSet<&str> =
+        matrix_types(&model).iter().map(|t| t.name()).collect();
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
         ["q4_0", "q5_0", "q5_1", "q8_0"]
