@@ -58,9 +58,23 @@ pub(crate) fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/probe", get(probe))
         .fallback(|| async { ApiError::not_found("no such route", "unknown_route") })
         .layer(DefaultBodyLimit::max(cloud.cfg.max_body_bytes))
+        .layer(axum::middleware::map_response(close_after_413))
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), auth))
         .layer(axum::middleware::from_fn_with_state(cloud.clone(), track))
         .with_state(cloud)
+}
+
+/// A body over the limit is answered without being read, so its connection cannot carry another
+/// request: say so (`Connection: close`), or a client that pools connections sends its next request
+/// into one the server is closing.
+async fn close_after_413(mut r: Response) -> Response {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        r.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
 }
 
 /// Routes open without a token.

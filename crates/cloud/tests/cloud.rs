@@ -516,6 +516,12 @@ async fn bad_input_is_refused_with_4xx() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    // The rest of the body was not read: the connection is not reused (the next request below goes
+    // through the same pooled client).
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let e: ErrorBody = r.json().await.unwrap();
     assert_eq!(e.error.code.as_deref(), Some("body_too_large"));
 

@@ -186,7 +186,21 @@ pub fn router(app: Shared) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), header_limit))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::map_response(close_after_413))
         .with_state(app)
+}
+
+/// A body over the limit is answered without being read, so its connection cannot carry another
+/// request: say so (`Connection: close`), or a client that pools connections sends its next request
+/// into one the server is closing.
+async fn close_after_413(mut r: axum::response::Response) -> axum::response::Response {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        r.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
 }
 
 async fn not_found() -> ApiError {

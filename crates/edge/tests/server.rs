@@ -608,6 +608,19 @@ async fn bad_input_gets_clear_errors() {
             assert!(got.starts_with(p), "param {got}, expected {p}: {body}: {v}");
         }
     }
+    // A body over the limit is answered unread, and the connection is closed after it.
+    let r = client()
+        .post(e.url("/v1/completions"))
+        .bearer_auth("t")
+        .json(&json!({"model": "m", "prompt": "x".repeat(5000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     // Malformed JSON and invalid UTF-8.
     for raw in [
         &b"{\"model\": "[..],

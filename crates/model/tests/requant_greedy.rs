@@ -31,12 +31,7 @@ mod greedy;
 const NEAR_TIE: f64 = 1.0;
 
 fn requant_path(ty: &str) -> PathBuf {
-    let home = std::env::var_os("EDGEPROMPT_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/edgeprompt")
-        });
-    home.join(format!("requant/SmolLM2-135M-Instruct.{ty}.gguf"))
+    ep_model::paths::edgeprompt_home().join(format!("requant/SmolLM2-135M-Instruct.{ty}.gguf"))
 }
 
 fn check(ty: &str) {
