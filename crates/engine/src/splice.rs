@@ -33,7 +33,9 @@ use ep_model::ModelError;
 use rayon::prelude::*;
 
 use crate::attn::PagedAttention;
-use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
+use ep_kernels::splice::{
+    splice_finish, splice_pv, splice_scores, splice_softmax, Rows, SpliceNode, Vectors,
+};
 
 /// How the engine computes attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -484,17 +486,16 @@ impl Attention for SpliceAttention<'_> {
             let qv = &a.q;
             tasks.par_iter().zip(pieces).for_each(|(t, sc)| {
                 let (lims, chunks) = inputs(t);
-                splice_scores(
-                    kernels,
-                    hd,
-                    &chunks,
-                    scale,
-                    &qv[t.vecs.start * hd..t.vecs.end * hd],
-                    &lims,
-                    t.item.key_base,
-                    sc,
-                    row_len,
-                );
+                let node = SpliceNode {
+                    chunks: &chunks,
+                    key_base: t.item.key_base,
+                    lims: &lims,
+                };
+                let q = Vectors {
+                    data: &qv[t.vecs.start * hd..t.vecs.end * hd],
+                    head_dim: hd,
+                };
+                splice_scores(kernels, node, q, scale, Rows { data: sc, row_len });
             });
         }
         // Phase 2: one softmax per vector over its whole row.
@@ -513,16 +514,16 @@ impl Attention for SpliceAttention<'_> {
             let probs = &a.scores;
             tasks.par_iter().zip(pieces).for_each(|(t, ln)| {
                 let (lims, chunks) = inputs(t);
-                splice_pv(
-                    kernels,
-                    hd,
-                    &chunks,
-                    &probs[t.vecs.start * row_len..t.vecs.end * row_len],
+                let node = SpliceNode {
+                    chunks: &chunks,
+                    key_base: t.item.key_base,
+                    lims: &lims,
+                };
+                let probs = Rows {
+                    data: &probs[t.vecs.start * row_len..t.vecs.end * row_len],
                     row_len,
-                    &lims,
-                    t.item.key_base,
-                    ln,
-                );
+                };
+                splice_pv(kernels, node, probs, hd, ln);
             });
         }
         // Finish: reduce the lanes and scatter to the output rows.

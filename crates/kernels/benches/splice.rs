@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use ep_kernels::paged::{attend_group, GroupScratch, KvChunk, KvDtype, KvRows};
 use ep_kernels::simd::Path;
-use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
+use ep_kernels::splice::{
+    splice_finish, splice_pv, splice_scores, splice_softmax, Rows, SpliceNode, Vectors,
+};
 use half::f16;
 
 const N_SEQ: usize = 32;
@@ -145,28 +147,40 @@ fn main() {
         st.qr.extend(q.iter().map(|&x| dtype.round(x)));
         splice_scores(
             st.kernels,
-            HD,
-            &shared,
+            SpliceNode {
+                chunks: &shared,
+                key_base: 0,
+                lims: &all,
+            },
+            Vectors {
+                data: &st.qr,
+                head_dim: HD,
+            },
             scale,
-            &st.qr,
-            &all,
-            0,
-            &mut st.scores,
-            ROW,
+            Rows {
+                data: &mut st.scores,
+                row_len: ROW,
+            },
         );
     };
     let tail_scores = |st: &mut Splice| {
         for (s, t) in tails.iter().enumerate() {
             splice_scores(
                 st.kernels,
-                HD,
-                t,
+                SpliceNode {
+                    chunks: t,
+                    key_base: SHARED,
+                    lims: &tail_lims,
+                },
+                Vectors {
+                    data: &st.qr[s * G * HD..][..G * HD],
+                    head_dim: HD,
+                },
                 scale,
-                &st.qr[s * G * HD..][..G * HD],
-                &tail_lims,
-                SHARED,
-                &mut st.scores[s * G * ROW..][..G * ROW],
-                ROW,
+                Rows {
+                    data: &mut st.scores[s * G * ROW..][..G * ROW],
+                    row_len: ROW,
+                },
             );
         }
     };
@@ -179,12 +193,16 @@ fn main() {
         st.lanes.fill(0.0);
         splice_pv(
             st.kernels,
+            SpliceNode {
+                chunks: &shared,
+                key_base: 0,
+                lims: &all,
+            },
+            Rows {
+                data: &st.scores,
+                row_len: ROW,
+            },
             HD,
-            &shared,
-            &st.scores,
-            ROW,
-            &all,
-            0,
             &mut st.lanes,
         );
     };
@@ -192,12 +210,16 @@ fn main() {
         for (s, t) in tails.iter().enumerate() {
             splice_pv(
                 st.kernels,
+                SpliceNode {
+                    chunks: t,
+                    key_base: SHARED,
+                    lims: &tail_lims,
+                },
+                Rows {
+                    data: &st.scores[s * G * ROW..][..G * ROW],
+                    row_len: ROW,
+                },
                 HD,
-                t,
-                &st.scores[s * G * ROW..][..G * ROW],
-                ROW,
-                &tail_lims,
-                SHARED,
                 &mut st.lanes[s * G * 8 * HD..][..G * 8 * HD],
             );
         }

@@ -27,33 +27,60 @@ use crate::ops::{self, hsum8};
 use crate::paged::{check_chunks, dot, KvChunk, KvDtype};
 use crate::simd::{self, Path};
 
-/// Phase 1 for one node, on kernel path `path`. The node's keys are `chunks` (concatenated in
-/// order; one dtype throughout); its first key is key `key_base` of every vector's sequence. `q`
-/// holds `m = lims.len()` query vectors of `head_dim` values, already rounded to the KV dtype;
-/// vector `v` attends the first `lims[v]` keys of the node. Writes the score (dot × `scale`) of
-/// node key `i < lims[v]` into `scores[v * row_len + key_base + i]`; nothing else is written. Both
-/// paths give the same bits; [`Path::Avx2`] on a CPU without it (see [`Path::is_available`]), or
-/// with `head_dim` not a multiple of 8, runs the scalar code (likewise in [`splice_softmax`] and
-/// [`splice_pv`]).
+/// One prefix-tree node as the splice phases see it.
+#[derive(Clone, Copy, Debug)]
+pub struct SpliceNode<'a, 'b> {
+    /// The node's keys: the chunks concatenated in order (one dtype throughout).
+    pub chunks: &'a [KvChunk<'b>],
+    /// Position of the node's first key in every vector's sequence: its column in the rows.
+    pub key_base: usize,
+    /// How many of the node's keys each vector attends (`m = lims.len()` vectors).
+    pub lims: &'a [usize],
+}
+
+/// Per-vector rows of a phase's scores or probabilities: vector `v`'s row is
+/// `data[v * row_len..(v + 1) * row_len]`, indexed by key position.
+#[derive(Debug)]
+pub struct Rows<S> {
+    pub data: S,
+    pub row_len: usize,
+}
+
+/// `m` query vectors of `head_dim` values, one after another.
+#[derive(Clone, Copy, Debug)]
+pub struct Vectors<'a> {
+    pub data: &'a [f32],
+    pub head_dim: usize,
+}
+
+/// Phase 1 for one node, on kernel path `path`. `q` holds the node's `m = node.lims.len()` query
+/// vectors, already rounded to the KV dtype; vector `v` attends the first `node.lims[v]` keys of the
+/// node. Writes the score (dot × `scale`) of node key `i < lims[v]` into row `v` of `scores` at
+/// column `key_base + i`; nothing else is written. Both paths give the same bits; [`Path::Avx2`] on
+/// a CPU without it (see [`Path::is_available`]), or with `head_dim` not a multiple of 8, runs the
+/// scalar code (likewise in [`splice_softmax`] and [`splice_pv`]).
 ///
 /// # Panics
-/// If `head_dim` is 0, `q.len() != m * head_dim`, `scores.len() != m * row_len`, some `lims[v]` exceeds
-/// the node's key count or `key_base + lims[v] > row_len`, a chunk is out of bounds or the chunks mix
+/// If `head_dim` is 0, `q` is not `m` vectors, `scores` is not `m` rows, some `lims[v]` exceeds the
+/// node's key count or `key_base + lims[v] > row_len`, a chunk is out of bounds or the chunks mix
 /// dtypes.
-#[allow(clippy::too_many_arguments)]
 pub fn splice_scores(
     path: Path,
-    head_dim: usize,
-    chunks: &[KvChunk<'_>],
+    node: SpliceNode<'_, '_>,
+    q: Vectors<'_>,
     scale: f32,
-    q: &[f32],
-    lims: &[usize],
-    key_base: usize,
-    scores: &mut [f32],
-    row_len: usize,
+    scores: Rows<&mut [f32]>,
 ) {
     scores_impl(
-        path, head_dim, chunks, scale, q, lims, key_base, scores, row_len,
+        path,
+        q.head_dim,
+        node.chunks,
+        scale,
+        q.data,
+        node.lims,
+        node.key_base,
+        scores.data,
+        scores.row_len,
     )
 }
 
@@ -73,27 +100,30 @@ pub fn splice_softmax(path: Path, dtype: KvDtype, scores: &mut [f32]) -> f32 {
     lse
 }
 
-/// Phase 3 for one node, on kernel path `path` (chunks, `key_base`, `lims` as in
-/// [`splice_scores`]): for each vector `v` and each node key `i < lims[v]` in increasing order, with
-/// `j = key_base + i` and `p = probs[v * row_len + j]`,
+/// Phase 3 for one node, on kernel path `path` (`node` as in [`splice_scores`]): for each vector `v`
+/// and each node key `i < lims[v]` in increasing order, with `j = key_base + i` and `p` the
+/// probability in row `v`, column `j` of `probs`,
 /// `lanes[v * 8 * head_dim + (j % 8) * head_dim + d] = fma(p, V_i[d], lanes[..])` for every `d`.
 /// The lanes carry over between nodes; the caller zeroes them before the first node.
 ///
 /// # Panics
 /// As [`splice_scores`] (with `probs` for `scores`), and if `lanes.len() != m * 8 * head_dim`.
-#[allow(clippy::too_many_arguments)]
 pub fn splice_pv(
     path: Path,
+    node: SpliceNode<'_, '_>,
+    probs: Rows<&[f32]>,
     head_dim: usize,
-    chunks: &[KvChunk<'_>],
-    probs: &[f32],
-    row_len: usize,
-    lims: &[usize],
-    key_base: usize,
     lanes: &mut [f32],
 ) {
     pv_impl(
-        path, head_dim, chunks, probs, row_len, lims, key_base, lanes,
+        path,
+        head_dim,
+        node.chunks,
+        probs.data,
+        probs.row_len,
+        node.lims,
+        node.key_base,
+        lanes,
     )
 }
 

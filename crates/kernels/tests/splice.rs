@@ -6,7 +6,9 @@
 
 use ep_kernels::paged::{attend_group, attend_rows_group, GroupScratch, KvChunk, KvDtype};
 use ep_kernels::simd::Path;
-use ep_kernels::splice::{splice_finish, splice_pv, splice_scores, splice_softmax};
+use ep_kernels::splice::{
+    splice_finish, splice_pv, splice_scores, splice_softmax, Rows, SpliceNode, Vectors,
+};
 use proptest::prelude::*;
 
 mod common;
@@ -118,14 +120,20 @@ fn splice(
         let nl = node_lims(base, n);
         splice_scores(
             path,
-            hd,
-            chunks,
+            SpliceNode {
+                chunks,
+                key_base: base,
+                lims: &nl,
+            },
+            Vectors {
+                data: &qr,
+                head_dim: hd,
+            },
             scale,
-            &qr,
-            &nl,
-            base,
-            &mut scores,
-            row_len,
+            Rows {
+                data: &mut scores,
+                row_len,
+            },
         );
         base += n;
     }
@@ -148,7 +156,20 @@ fn splice(
     for chunks in nodes {
         let n: usize = chunks.iter().map(|c| c.n_keys).sum();
         let nl = node_lims(base, n);
-        splice_pv(path, hd, chunks, &scores, row_len, &nl, base, &mut lanes);
+        splice_pv(
+            path,
+            SpliceNode {
+                chunks,
+                key_base: base,
+                lims: &nl,
+            },
+            Rows {
+                data: &scores,
+                row_len,
+            },
+            hd,
+            &mut lanes,
+        );
         base += n;
     }
     let mut out = vec![0f32; m * hd];
@@ -271,13 +292,13 @@ proptest! {
                 for ch in &shared_ch {
                     let n: usize = ch.iter().map(|c| c.n_keys).sum();
                     let lims = vec![n; m];
-                    splice_scores(path, hd, ch, scale, &qr, &lims, base, &mut scores, row_len);
+                    splice_scores(path, SpliceNode { chunks: ch, key_base: base, lims: &lims }, Vectors { data: &qr, head_dim: hd }, scale, Rows { data: &mut scores, row_len });
                     base += n;
                 }
                 for (s, st) in tail_st.iter().enumerate() {
                     let lims = vec![st.n_keys(); g];
                     let rows = &mut scores[s * g * row_len..][..g * row_len];
-                    splice_scores(path, hd, &st.chunks(), scale, &qr[s * g * hd..][..g * hd], &lims, base, rows, row_len);
+                    splice_scores(path, SpliceNode { chunks: &st.chunks(), key_base: base, lims: &lims }, Vectors { data: &qr[s * g * hd..][..g * hd], head_dim: hd }, scale, Rows { data: rows, row_len });
                 }
                 let mut lse = vec![0f32; m];
                 for v in 0..m {
@@ -289,13 +310,13 @@ proptest! {
                 for ch in &shared_ch {
                     let n: usize = ch.iter().map(|c| c.n_keys).sum();
                     let lims = vec![n; m];
-                    splice_pv(path, hd, ch, &scores, row_len, &lims, base, &mut lanes);
+                    splice_pv(path, SpliceNode { chunks: ch, key_base: base, lims: &lims }, Rows { data: &scores, row_len }, hd, &mut lanes);
                     base += n;
                 }
                 for (s, st) in tail_st.iter().enumerate() {
                     let lims = vec![st.n_keys(); g];
                     let p = &scores[s * g * row_len..][..g * row_len];
-                    splice_pv(path, hd, &st.chunks(), p, row_len, &lims, base, &mut lanes[s * g * 8 * hd..][..g * 8 * hd]);
+                    splice_pv(path, SpliceNode { chunks: &st.chunks(), key_base: base, lims: &lims }, Rows { data: p, row_len }, hd, &mut lanes[s * g * 8 * hd..][..g * 8 * hd]);
                 }
                 let mut out = vec![0f32; m * hd];
                 splice_finish(hd, &lanes, &mut out);
@@ -372,9 +393,38 @@ fn no_keys_leave_lanes_zero() {
     assert!(s.lse.iter().all(|&x| x == f32::NEG_INFINITY));
     // No chunks at all.
     let mut scores = vec![0f32; 4];
-    splice_scores(Path::Avx2, hd, &[], 1.0, &q, &[0, 0], 0, &mut scores, 2);
+    splice_scores(
+        Path::Avx2,
+        SpliceNode {
+            chunks: &[],
+            key_base: 0,
+            lims: &[0, 0],
+        },
+        Vectors {
+            data: &q,
+            head_dim: hd,
+        },
+        1.0,
+        Rows {
+            data: &mut scores,
+            row_len: 2,
+        },
+    );
     let mut lanes = vec![0f32; 2 * 8 * hd];
-    splice_pv(Path::Avx2, hd, &[], &scores, 2, &[0, 0], 0, &mut lanes);
+    splice_pv(
+        Path::Avx2,
+        SpliceNode {
+            chunks: &[],
+            key_base: 0,
+            lims: &[0, 0],
+        },
+        Rows {
+            data: &scores,
+            row_len: 2,
+        },
+        hd,
+        &mut lanes,
+    );
     assert!(lanes.iter().all(|&x| x.to_bits() == 0));
 }
 
@@ -386,14 +436,20 @@ fn limit_past_node_panics() {
     let mut scores = vec![0f32; 2 * 8];
     splice_scores(
         Path::Avx2,
-        hd,
-        &node.chunks(),
+        SpliceNode {
+            chunks: &node.chunks(),
+            key_base: 0,
+            lims: &[5, 6],
+        },
+        Vectors {
+            data: &[0.0; 16],
+            head_dim: hd,
+        },
         1.0,
-        &[0.0; 16],
-        &[5, 6],
-        0,
-        &mut scores,
-        8,
+        Rows {
+            data: &mut scores,
+            row_len: 8,
+        },
     );
 }
 
@@ -405,12 +461,16 @@ fn row_overflow_panics() {
     let mut lanes = vec![0f32; 8 * hd];
     splice_pv(
         Path::Avx2,
+        SpliceNode {
+            chunks: &node.chunks(),
+            key_base: 4,
+            lims: &[5],
+        },
+        Rows {
+            data: &[0.0; 8],
+            row_len: 8,
+        },
         hd,
-        &node.chunks(),
-        &[0.0; 8],
-        8,
-        &[5],
-        4,
         &mut lanes,
     );
 }
@@ -423,12 +483,16 @@ fn lanes_shape_panics() {
     let mut lanes = vec![0f32; 7 * hd];
     splice_pv(
         Path::Avx2,
+        SpliceNode {
+            chunks: &node.chunks(),
+            key_base: 0,
+            lims: &[5],
+        },
+        Rows {
+            data: &[0.0; 8],
+            row_len: 8,
+        },
         hd,
-        &node.chunks(),
-        &[0.0; 8],
-        8,
-        &[5],
-        0,
         &mut lanes,
     );
 }
