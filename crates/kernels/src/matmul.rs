@@ -178,25 +178,39 @@ pub fn matmul_with(
         gs: &gs,
     };
 
-    // A task owns weight rows (output columns) j0..j0+len and writes out[i * m + j] for them.
-    let serial =
-        n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
-    let chunk = chunk_rows(m, rayon::current_num_threads());
+    // SAFETY: `split_columns` gives every task a column range of its own.
+    split_columns(m, n, k, out, |j0, len, dst| unsafe {
+        job.rows(j0, len, dst)
+    });
+    Ok(())
+}
+
+/// Runs `task(j0, len, out)` for column (weight-row) ranges that cover `0..m` of the `n x m`
+/// output `out`, each range given to one task alone; on the current rayon pool, or on this thread
+/// when the work (`n m k` multiply-adds) is small.
+fn split_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    task: impl Fn(usize, usize, OutPtr) + Sync,
+) {
+    debug_assert_eq!(out.len(), n * m);
     let dst = OutPtr {
         p: out.as_mut_ptr(),
         m,
     };
+    let serial =
+        n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
     if serial {
-        // SAFETY: one task owns every column.
-        unsafe { job.rows(0, m, dst) };
+        task(0, m, dst);
     } else {
+        let chunk = chunk_rows(m, rayon::current_num_threads());
         (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let j0 = c * chunk;
-            // SAFETY: the tasks' column ranges `j0..j0 + len` are disjoint and within `0..m`.
-            unsafe { job.rows(j0, chunk.min(m - j0), dst) };
+            task(j0, chunk.min(m - j0), dst);
         });
     }
-    Ok(())
 }
 
 fn check_len(what: &'static str, got: usize, expected: Option<usize>) -> Result<(), KernelError> {
@@ -387,52 +401,22 @@ pub fn matmul_f32_act_with(
     for (dst, src) in act.chunks_mut(4 * k).zip(x.chunks(k)) {
         quantize_activation_row_with(path, GgmlType::F32, src, dst);
     }
-    // A task owns weight rows j0..j0+len: each row is widened once, then dotted with every activation
-    // row, into `t[(j - j0) * n + i]`.
-    let rows = |j0: usize, t: &mut [f32], wf: &mut Vec<f32>, wb: &mut Vec<u8>| {
-        wf.resize(k, 0.0);
-        wb.resize(4 * k, 0);
-        for (jr, col) in t.chunks_mut(n).enumerate() {
-            let j = j0 + jr;
-            dequantize_row(w.ty, w.row(j, wrb), wf);
+    // Each weight row is widened once, then dotted with every activation row.
+    split_columns(m, n, k, out, |j0, len, dst| {
+        let (mut wf, mut wb) = (vec![0f32; k], vec![0u8; 4 * k]);
+        for j in j0..j0 + len {
+            dequantize_row(w.ty, w.row(j, wrb), &mut wf);
             for (b, v) in wb.chunks_exact_mut(4).zip(wf.iter()) {
                 b.copy_from_slice(&v.to_le_bytes());
             }
-            for (i, o) in col.iter_mut().enumerate() {
-                *o = quant::vec_dot_with(
-                    path,
-                    GgmlType::F32,
-                    k,
-                    wb,
-                    &act[i * 4 * k..(i + 1) * 4 * k],
-                );
+            for i in 0..n {
+                let a = &act[i * 4 * k..(i + 1) * 4 * k];
+                let v = quant::vec_dot_with(path, GgmlType::F32, k, &wb, a);
+                // SAFETY: column `j` is this task's (`split_columns`), `i < n`.
+                unsafe { dst.put(i, j, v) };
             }
         }
-    };
-    let serial =
-        n.saturating_mul(m).saturating_mul(k) < SERIAL_WORK || rayon::current_num_threads() <= 1;
-    let chunk = chunk_rows(m, rayon::current_num_threads());
-    let run = |dst: &mut [f32]| {
-        if serial {
-            rows(0, dst, &mut Vec::new(), &mut Vec::new());
-        } else {
-            dst.par_chunks_mut(chunk * n).enumerate().for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(wf, wb), (c, t)| rows(c * chunk, t, wf, wb),
-            );
-        }
-    };
-    if n == 1 {
-        run(out);
-    } else {
-        let mut t = vec![0f32; m * n];
-        run(&mut t);
-        for (i, orow) in out.chunks_mut(m).enumerate() {
-            for (j, o) in orow.iter_mut().enumerate() {
-                *o = t[j * n + i];
-            }
-        }
-    }
+    });
     Ok(())
 }
 

@@ -196,7 +196,7 @@ unsafe fn panel<T: Block32>(
     out: &mut [[f32; 4]],
 ) {
     let t = f16_table();
-    let (_, aq) = act_layout::<T>();
+    let (ab_bytes, aq) = act_layout::<T>();
     let codes = if T::SIGNED { 2 } else { 1 };
     // Layout: codes (nb x 32 bytes, then |codes| for signed), dw (nb f32), mw (nb f32),
     // pair scales (4 nb f32).
@@ -245,11 +245,7 @@ unsafe fn panel<T: Block32>(
             let ap: [*const u8; 4] = std::array::from_fn(|c| act.add((4 * g + c) * arb + aq));
             let mut acc = [_mm256_setzero_ps(); 4];
             for b in 0..nb {
-                let ab = b * if T::SIGNED {
-                    BlockQ8_0::BYTES
-                } else {
-                    BlockQ8_1::BYTES
-                };
+                let ab = b * ab_bytes;
                 let qx = _mm256_loadu_si256(base.add(32 * b) as *const __m256i);
                 let dp = ddp.add(4 * b);
                 if T::SIGNED {
