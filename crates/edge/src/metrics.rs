@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use ep_engine::EngineStats;
+use ep_engine::{EngineStats, StepTotals};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +40,31 @@ pub struct Metrics {
     pub link_rate: Gauge<f64, AtomicU64>,
     /// 1 once the adaptive policy's start-up measurements are done.
     pub planner_ready: Gauge,
+    /// The engine's steps, their tokens and where their time went, by kind of step.
+    steps: Family<StepLabel, Counter>,
+    step_tokens: Family<StepTokensLabel, Counter>,
+    step_seconds: Family<StepPhaseLabel, Counter<f64, AtomicU64>>,
+}
+
+/// `step`: `decode` (decode rows only) or `prefill` (with prompt rows).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
+}
+
+/// `kind`: `prefill` or `decode` rows.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StepTokensLabel {
+    step: &'static str,
+    kind: &'static str,
+}
+
+/// `phase`: `weights` (weight products, logits included), `attention`, `other` (the rest of the
+/// forward pass) or `scheduler`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StepPhaseLabel {
+    step: &'static str,
+    phase: &'static str,
 }
 
 /// The label of [`Metrics::kv_decisions`].
@@ -85,6 +110,9 @@ impl Metrics {
             link_rtt: Gauge::default(),
             link_rate: Gauge::default(),
             planner_ready: Gauge::default(),
+            steps: Family::default(),
+            step_tokens: Family::default(),
+            step_seconds: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics lock");
@@ -194,6 +222,21 @@ impl Metrics {
                 "1 once the link was probed and this edge's prefill speed measured",
                 m.planner_ready.clone()
             );
+            reg!(
+                "engine_steps",
+                "Engine steps, by kind: decode rows only, or with prompt rows",
+                m.steps.clone()
+            );
+            reg!(
+                "engine_step_tokens",
+                "Rows of the engine's steps: prompt (prefill) or decode tokens",
+                m.step_tokens.clone()
+            );
+            reg!(
+                "engine_step_seconds",
+                "Time of the engine's steps by phase: weights, attention, other, scheduler",
+                m.step_seconds.clone()
+            );
         }
         m
     }
@@ -218,6 +261,33 @@ impl Metrics {
         }
     }
 
+    /// Brings the step counters of one kind up to the engine's totals.
+    fn set_steps(&self, step: &'static str, t: &StepTotals) {
+        let c = self.steps.get_or_create(&StepLabel { step });
+        c.inc_by(t.steps.saturating_sub(c.get()));
+        for (kind, n) in [("prefill", t.prefill_tokens), ("decode", t.decode_tokens)] {
+            let c = self
+                .step_tokens
+                .get_or_create(&StepTokensLabel { step, kind });
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        let other = t.secs - t.sched_secs - t.weights_secs - t.attention_secs;
+        for (phase, v) in [
+            ("weights", t.weights_secs),
+            ("attention", t.attention_secs),
+            ("other", other),
+            ("scheduler", t.sched_secs),
+        ] {
+            let c = self
+                .step_seconds
+                .get_or_create(&StepPhaseLabel { step, phase });
+            let d = v - c.get();
+            if d > 0.0 {
+                c.inc_by(d);
+            }
+        }
+    }
+
     /// Brings the gauges and cloud counters up to date and encodes everything.
     pub fn render(&self, engine: &EngineStats, traffic: Option<TrafficStats>) -> String {
         self.running.set(engine.running as i64);
@@ -236,6 +306,12 @@ impl Metrics {
             self.cloud_up
                 .inc_by(t.bytes_up.saturating_sub(self.cloud_up.get()));
             drop(r);
+        }
+        for (step, t) in [
+            ("decode", &engine.decode_steps),
+            ("prefill", &engine.prefill_steps),
+        ] {
+            self.set_steps(step, t);
         }
         let mut out = String::new();
         let r = self.registry.lock().expect("metrics lock");
@@ -277,5 +353,48 @@ mod tests {
         assert!(s.contains("edgeprompt:cloud_bytes_received_total 7"), "{s}");
         let s = m.render(&stats, Some(t));
         assert!(s.contains("edgeprompt:cloud_bytes_received_total 7"), "{s}");
+    }
+
+    #[test]
+    fn step_profile_counters_follow_the_engine_totals() {
+        let m = Metrics::new();
+        let mut stats = EngineStats {
+            prefill_steps: StepTotals {
+                steps: 3,
+                prefill_tokens: 300,
+                decode_tokens: 12,
+                secs: 1.5,
+                sched_secs: 0.25,
+                weights_secs: 0.75,
+                attention_secs: 0.25,
+            },
+            ..EngineStats::default()
+        };
+        let s = m.render(&stats, None);
+        for line in [
+            r#"edgeprompt:engine_steps_total{step="prefill"} 3"#,
+            r#"edgeprompt:engine_steps_total{step="decode"} 0"#,
+            r#"edgeprompt:engine_step_tokens_total{step="prefill",kind="prefill"} 300"#,
+            r#"edgeprompt:engine_step_tokens_total{step="prefill",kind="decode"} 12"#,
+            r#"edgeprompt:engine_step_seconds_total{step="prefill",phase="weights"} 0.75"#,
+            r#"edgeprompt:engine_step_seconds_total{step="prefill",phase="other"} 0.25"#,
+            r#"edgeprompt:engine_step_seconds_total{step="prefill",phase="scheduler"} 0.25"#,
+        ] {
+            assert!(s.lines().any(|l| l == line), "{line} not in\n{s}");
+        }
+        // Counters only go up, by what the engine added since the last scrape.
+        stats.prefill_steps.steps = 5;
+        stats.prefill_steps.weights_secs = 1.0;
+        let s = m.render(&stats, None);
+        assert!(
+            s.lines()
+                .any(|l| l == r#"edgeprompt:engine_steps_total{step="prefill"} 5"#),
+            "{s}"
+        );
+        assert!(
+            s.lines().any(|l| l
+                == r#"edgeprompt:engine_step_seconds_total{step="prefill",phase="weights"} 1.0"#),
+            "{s}"
+        );
     }
 }

@@ -177,6 +177,13 @@ impl Drop for Proc {
     }
 }
 
+/// The last 15 lines of a log file (empty if unreadable), for error messages.
+pub(crate) fn tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -393,7 +400,10 @@ async fn one_edge(
                 break;
             }
             if t0.elapsed() > Duration::from_secs(120) {
-                bail!("the edge's start-up measurements did not finish");
+                bail!(
+                    "the edge's start-up measurements did not finish within 120 s; its log ends:\n{}",
+                    tail(log)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -27,7 +27,7 @@ use ep_model::chat::ChatMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::netbench::{free_port, wait_http, Proc};
+use crate::netbench::{free_port, tail, wait_http, Proc};
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -87,6 +87,10 @@ pub(crate) struct ServeArgs {
     /// llama-server settings instead of the sweep, e.g. "-np 4 -kvu".
     #[arg(long, allow_hyphen_values = true)]
     llama_args: Option<String>,
+    /// Repetitions of the non-interactive (batch) part, the modes' order rotated each time; the
+    /// report gives the median. Default: 1 at the quick size (its 40-minute budget), 3 at full.
+    #[arg(long)]
+    batch_reps: Option<usize>,
     /// Skip the non-interactive (batch) part.
     #[arg(long)]
     no_batch: bool,
@@ -116,6 +120,88 @@ pub(crate) struct Record {
     pub config: String,
     #[serde(flatten)]
     pub stats: PointStats,
+    /// The edge's engine steps during the point (from its `/metrics`); absent for llama-server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_profile: Option<StepProfile>,
+}
+
+/// Where an edge's engine steps spent their time during one point, per kind of step: means per step.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct StepProfile {
+    /// Steps of decode rows only.
+    pub decode: StepPhases,
+    /// Steps with prompt rows (the user turns' prefill chunks), usually with decode rows beside them.
+    pub prefill: StepPhases,
+}
+
+/// Means per step of one kind.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct StepPhases {
+    pub steps: u64,
+    pub prefill_tokens: f64,
+    pub decode_tokens: f64,
+    pub step_ms: f64,
+    /// Weight products (the layers' and the logits').
+    pub weights_ms: f64,
+    pub attention_ms: f64,
+    /// Norms, RoPE, SwiGLU, embedding.
+    pub other_ms: f64,
+    pub scheduler_ms: f64,
+}
+
+/// The `edgeprompt:engine_step*` samples of a `/metrics` text, by name and labels.
+fn step_counters(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("edgeprompt:engine_step"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The profile of the steps between two scrapes of an edge's `/metrics`.
+fn step_profile(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> StepProfile {
+    let d =
+        |k: String| after.get(&k).copied().unwrap_or(0.0) - before.get(&k).copied().unwrap_or(0.0);
+    let phases = |step: &str| {
+        let n = d(format!("edgeprompt:engine_steps_total{{step=\"{step}\"}}"));
+        let per = |v: f64| if n > 0.0 { v / n } else { 0.0 };
+        let tok = |kind: &str| {
+            per(d(format!(
+                "edgeprompt:engine_step_tokens_total{{step=\"{step}\",kind=\"{kind}\"}}"
+            )))
+        };
+        let ms = |phase: &str| {
+            per(d(format!(
+                "edgeprompt:engine_step_seconds_total{{step=\"{step}\",phase=\"{phase}\"}}"
+            ))) * 1e3
+        };
+        let (weights_ms, attention_ms, other_ms, scheduler_ms) =
+            (ms("weights"), ms("attention"), ms("other"), ms("scheduler"));
+        StepPhases {
+            steps: n.max(0.0).round() as u64,
+            prefill_tokens: tok("prefill"),
+            decode_tokens: tok("decode"),
+            step_ms: weights_ms + attention_ms + other_ms + scheduler_ms,
+            weights_ms,
+            attention_ms,
+            other_ms,
+            scheduler_ms,
+        }
+    };
+    StepProfile {
+        decode: phases("decode"),
+        prefill: phases("prefill"),
+    }
+}
+
+/// An edge's step counters now (`None` for a server without them, or when `/metrics` fails).
+async fn scrape_steps(s: &Server) -> Option<BTreeMap<String, f64>> {
+    let url = format!("{}/metrics", s.target.base_url);
+    let text = s.client.get(url).send().await.ok()?.text().await.ok()?;
+    let c = step_counters(&text);
+    (!c.is_empty()).then_some(c)
 }
 
 /// A batch-scenario record (the engine's `bench batch` or llama-batched-bench).
@@ -362,12 +448,6 @@ fn spawn(mut cmd: Command, log: &Path) -> Result<Proc> {
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     Ok(Proc(child))
-}
-
-fn tail(log: &Path) -> String {
-    let s = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 struct Cloud {
@@ -791,6 +871,7 @@ async fn sweep_llama(
             output_tokens: outputs,
             config: s.config.clone(),
             stats: st,
+            step_profile: None,
         };
         sink.point(r)?;
         if best.as_ref().is_none_or(|b| score < b.1) {
@@ -824,7 +905,10 @@ fn batch_part(env: &Env<'_>, l: crate::Loaded, shared: &[usize], sink: &mut Sink
             batches: vec![batch],
             groups: groups.clone(),
             gen,
-            reps: 1,
+            reps: a
+                .batch_reps
+                .unwrap_or(if a.size == "full" { 3 } else { 1 })
+                .max(1),
             datasets: Some(dir.to_path_buf()),
             engine: ep_engine::EngineConfig {
                 max_seq_len: (prefix.iter().max().copied().unwrap_or(0) + 512)
@@ -848,7 +932,7 @@ fn batch_part(env: &Env<'_>, l: crate::Loaded, shared: &[usize], sink: &mut Sink
                 groups: r.groups,
                 gen_tokens: r.gen_tokens,
                 decode_tok_s: r.decode_tok_s,
-                config: format!("bench batch --modes {}", r.mode),
+                config: format!("bench batch --modes {} --reps {}", r.mode, cfg.reps),
             };
             sink.batch(b)?;
         }
@@ -1108,6 +1192,7 @@ async fn interactive(
                 let Some(rate) = rate else { break };
                 let (jobs, arr) = point_jobs(case, system, inp, p, rate, k);
                 k += 1;
+                let before = scrape_steps(&server).await;
                 let (_, s) = serve::run_point(
                     &server.client,
                     &server.target,
@@ -1134,6 +1219,10 @@ async fn interactive(
                 let saturated = s.completed == 0
                     || s.ttft_p90_ms
                         .is_some_and(|t| t > 4.0 * slo.ttft_p90_s * 1e3);
+                let step_profile = match (before, scrape_steps(&server).await) {
+                    (Some(b), Some(a)) => Some(step_profile(&b, &a)),
+                    _ => None,
+                };
                 let met = s.slo_met;
                 if let Some(b) = &mut bis {
                     b.record(rate, met);
@@ -1153,6 +1242,7 @@ async fn interactive(
                     output_tokens: if outputs.len() == 1 { outputs[0] } else { 0 },
                     config: server.config.clone(),
                     stats: s,
+                    step_profile,
                 };
                 sink.point(r)?;
                 if saturated && bis.is_none() {
@@ -1609,6 +1699,44 @@ fn report(
             s.failure.clone().unwrap_or_default()
         ));
     }
+    let profiled: Vec<(&Record, &StepProfile)> = pts
+        .iter()
+        .filter_map(|r| Some((*r, r.step_profile.as_ref()?)))
+        .collect();
+    if !profiled.is_empty() {
+        md.push_str("\n## Interactive: where an edge's step time goes\n\nMeans per engine step during each point, from the edge's `edgeprompt:engine_step*` counters. *Decode* steps carry only decode rows; *prefill* steps carry a user turn's prompt rows (up to the step's token budget), usually beside decode rows — every decoding sequence waits for them. Weights: the weight products (logits included); attention: KV writes and attention kernels; other: norms, RoPE, SwiGLU, embedding; sched: the scheduler.\n\n| case | system | rate | decode steps: n, rows, ms (weights / attention / other / sched) | prefill steps: n, prompt + decode rows, ms (weights / attention / other / sched) | share of time in prefill steps |\n|---|---|---:|---|---|---:|\n");
+        for (r, p) in profiled {
+            let (d, f) = (&p.decode, &p.prefill);
+            let (td, tf) = (d.steps as f64 * d.step_ms, f.steps as f64 * f.step_ms);
+            md.push_str(&format!(
+                "| {} ({}) | {} | {:.2} | {}, {:.1}, {:.1} ({:.1} / {:.1} / {:.1} / {:.1}) | {}, {:.0} + {:.1}, {:.1} ({:.1} / {:.1} / {:.1} / {:.1}) | {} |\n",
+                r.case,
+                r.shared_tokens,
+                r.system,
+                r.rate,
+                d.steps,
+                d.decode_tokens,
+                d.step_ms,
+                d.weights_ms,
+                d.attention_ms,
+                d.other_ms,
+                d.scheduler_ms,
+                f.steps,
+                f.prefill_tokens,
+                f.decode_tokens,
+                f.step_ms,
+                f.weights_ms,
+                f.attention_ms,
+                f.other_ms,
+                f.scheduler_ms,
+                if td + tf > 0.0 {
+                    format!("{:.0}%", 100.0 * tf / (td + tf))
+                } else {
+                    "–".into()
+                }
+            ));
+        }
+    }
     let sweep: Vec<&Record> = recs.iter().filter(|r| r.scenario == "sweep").collect();
     if !sweep.is_empty() {
         md.push_str("\n## llama-server's settings sweep\n\n| case | settings | rate | done | TTFT p90 ms | TPOT p90 ms |\n|---|---|---:|---:|---:|---:|\n");
@@ -1808,7 +1936,87 @@ mod tests {
                 loadgen_cpu_pct: Some(3.0),
                 ..PointStats::default()
             },
+            step_profile: (system != "llama.cpp").then(|| StepProfile {
+                decode: StepPhases {
+                    steps: 100,
+                    decode_tokens: 4.0,
+                    step_ms: 30.0,
+                    weights_ms: 20.0,
+                    attention_ms: 6.0,
+                    other_ms: 3.0,
+                    scheduler_ms: 1.0,
+                    ..StepPhases::default()
+                },
+                prefill: StepPhases {
+                    steps: 40,
+                    prefill_tokens: 120.0,
+                    decode_tokens: 3.0,
+                    step_ms: 150.0,
+                    weights_ms: 120.0,
+                    attention_ms: 20.0,
+                    other_ms: 8.0,
+                    scheduler_ms: 2.0,
+                },
+            }),
         }
+    }
+
+    #[test]
+    fn the_step_profile_is_read_from_the_edges_metrics() {
+        use ep_engine::{EngineStats, StepTotals};
+        let m = ep_edge::metrics::Metrics::new();
+        let mut st = EngineStats {
+            decode_steps: StepTotals {
+                steps: 10,
+                decode_tokens: 40,
+                secs: 0.5,
+                sched_secs: 0.05,
+                weights_secs: 0.25,
+                attention_secs: 0.125,
+                ..StepTotals::default()
+            },
+            ..EngineStats::default()
+        };
+        let before = step_counters(&m.render(&st, None));
+        st.decode_steps.steps = 30;
+        st.decode_steps.decode_tokens = 100;
+        st.decode_steps.secs = 1.5;
+        st.decode_steps.weights_secs = 1.0;
+        st.prefill_steps = StepTotals {
+            steps: 4,
+            prefill_tokens: 1000,
+            decode_tokens: 8,
+            secs: 2.0,
+            sched_secs: 0.5,
+            weights_secs: 1.0,
+            attention_secs: 0.25,
+        };
+        let after = step_counters(&m.render(&st, None));
+        let p = step_profile(&before, &after);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let d = &p.decode;
+        assert_eq!(d.steps, 20);
+        assert!(
+            close(d.decode_tokens, 3.0) && close(d.prefill_tokens, 0.0),
+            "{d:?}"
+        );
+        // 1 s over 20 steps, of which weights 0.75 s; attention unchanged; other 0.25 s.
+        assert!(close(d.step_ms, 50.0) && close(d.weights_ms, 37.5), "{d:?}");
+        assert!(
+            close(d.attention_ms, 0.0) && close(d.other_ms, 12.5),
+            "{d:?}"
+        );
+        let f = &p.prefill;
+        assert_eq!(f.steps, 4);
+        assert!(
+            close(f.prefill_tokens, 250.0) && close(f.decode_tokens, 2.0),
+            "{f:?}"
+        );
+        assert!(
+            close(f.step_ms, 500.0) && close(f.scheduler_ms, 125.0),
+            "{f:?}"
+        );
+        assert!(close(f.other_ms, 62.5), "{f:?}");
     }
 
     #[test]
@@ -1871,6 +2079,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("timeout (×40)"), "{md}");
+        // 40 prefill steps of 150 ms against 100 decode steps of 30 ms: 6 of 9 s.
+        assert!(
+            md.contains("| single (2048) | splice | 1.00 | 100, 4.0, 30.0 (20.0 / 6.0 / 3.0 / 1.0) | 40, 120 + 3.0, 150.0 (120.0 / 20.0 / 8.0 / 2.0) | 67% |"),
+            "{md}"
+        );
         assert!(
             md.contains("| 2048 | 1 | 16 | splice | 200.0 | 1.25 |"),
             "{md}"

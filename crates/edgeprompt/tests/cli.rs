@@ -1095,6 +1095,20 @@ fn bench_serve_runs_the_interactive_scenario_on_a_tiny_model() {
         }
         assert_eq!(r["completed"], 4, "{r}");
         assert!(r["throughput_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+        // The edge's steps during the point: 4 requests of 4 tokens each, their prompts prefilled.
+        let p = &r["step_profile"];
+        let n = |k: &str, f: &str| p[k][f].as_f64().unwrap_or_else(|| panic!("{k}.{f}: {r}"));
+        assert!(n("prefill", "steps") >= 1.0, "{r}");
+        assert!(n("prefill", "prefill_tokens") > 1.0, "{r}");
+        assert!(n("prefill", "weights_ms") > 0.0, "{r}");
+        let decoded = n("decode", "steps") * n("decode", "decode_tokens")
+            + n("prefill", "steps") * n("prefill", "decode_tokens");
+        // 3 decode rows per request (its first token comes from the prefill), and at most one more
+        // where a prompt's last chunk was a single token (a one-row step counts as decode).
+        assert!(
+            (12.0 - 1e-6..=16.0 + 1e-6).contains(&decoded),
+            "3 decode rows per request: {r}"
+        );
     }
     let single: Vec<&Value> = recs.iter().filter(|r| r["case"] == "single").collect();
     assert!(

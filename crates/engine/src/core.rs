@@ -32,7 +32,7 @@ use ep_model::kv::SeqSlice;
 use ep_model::llama::Hidden;
 use ep_model::sampling::{Sampler, StopMatcher};
 use ep_model::tokenizer::{StreamDecoder, Tokenizer};
-use ep_model::{BatchSeq, LogitsFor, Model};
+use ep_model::{BatchSeq, LayerTimes, LogitsFor, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::attn::PagedAttention;
@@ -270,6 +270,8 @@ pub struct Core<'a> {
     arena: SpliceArena,
     /// Jointly attended nodes and keys of the last forward pass.
     last_shared: (usize, usize),
+    /// Where the last step's forward pass spent its time (weights include the logits' product).
+    last_times: LayerTimes,
     imports: HashMap<ImportId, Import>,
     /// Imports with a partial last block, by the hash of their last full block (or the root).
     import_tails: HashMap<BlockHash, ImportId>,
@@ -335,6 +337,7 @@ impl<'a> Core<'a> {
             preemptions: 0,
             arena: SpliceArena::default(),
             last_shared: (0, 0),
+            last_times: LayerTimes::default(),
             imports: HashMap::new(),
             import_tails: HashMap::new(),
             next_import: 1,
@@ -704,6 +707,7 @@ impl<'a> Core<'a> {
     pub fn step(&mut self) -> Option<StepStat> {
         let t0 = Instant::now();
         self.last_shared = (0, 0);
+        self.last_times = LayerTimes::default();
         self.admit();
         if self.running.is_empty() {
             return None;
@@ -807,6 +811,8 @@ impl<'a> Core<'a> {
             shared_nodes: self.last_shared.0,
             shared_keys: self.last_shared.1,
             layer_calls,
+            weights_secs: self.last_times.weights.as_secs_f64(),
+            attention_secs: self.last_times.attention.as_secs_f64(),
             secs,
             sched_secs: secs - forward_secs,
         })
@@ -922,7 +928,7 @@ impl<'a> Core<'a> {
                         pool: &mut self.pool,
                         tables: &self.tables,
                     };
-                    model.layer(l, &mut cur, &mut attn)?;
+                    model.layer_timed(l, &mut cur, &mut attn, &mut self.last_times)?;
                 }
                 mode => {
                     let mut attn = SpliceAttention {
@@ -933,7 +939,7 @@ impl<'a> Core<'a> {
                         arena: &mut self.arena,
                         plan: p,
                     };
-                    model.layer(l, &mut cur, &mut attn)?;
+                    model.layer_timed(l, &mut cur, &mut attn, &mut self.last_times)?;
                 }
             }
             layer_calls += 1;
@@ -967,7 +973,9 @@ impl<'a> Core<'a> {
         }
         let mut out = Vec::with_capacity(rows.len());
         if !rows.is_empty() {
+            let t = Instant::now();
             let logits = model.logits(&cur, &logit_rows)?;
+            self.last_times.weights += t.elapsed();
             let nv = model.cfg.n_vocab;
             for (j, id) in rows.into_iter().enumerate() {
                 self.export_if_asked(id);

@@ -260,14 +260,47 @@ pub struct StepStat {
     pub shared_keys: usize,
     /// `Model::layer` calls in the step (one per layer for the whole batch; 0 when nothing ran).
     pub layer_calls: usize,
+    /// Of the forward pass: its weight products (the layers' and the logits') and its attention calls
+    /// (KV writes and kernels); the rest of `secs − sched_secs` is norms, RoPE, SwiGLU, embedding.
+    pub weights_secs: f64,
+    pub attention_secs: f64,
     pub secs: f64,
     /// The scheduler's own share of `secs` (everything but the forward pass).
     pub sched_secs: f64,
 }
 
+/// Steps of one kind summed since the engine started (see [`EngineStats::decode_steps`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTotals {
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub secs: f64,
+    pub sched_secs: f64,
+    pub weights_secs: f64,
+    pub attention_secs: f64,
+}
+
+impl StepTotals {
+    /// Adds one step.
+    pub fn add(&mut self, st: &StepStat) {
+        self.steps += 1;
+        self.prefill_tokens += st.prefill_tokens as u64;
+        self.decode_tokens += st.decode_tokens as u64;
+        self.secs += st.secs;
+        self.sched_secs += st.sched_secs;
+        self.weights_secs += st.weights_secs;
+        self.attention_secs += st.attention_secs;
+    }
+}
+
 /// Engine-wide counters.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EngineStats {
+    /// Steps that ran only decode rows, and steps with prompt rows (with or without decode rows):
+    /// what a step costs, where its time goes, and what the prompt chunks add to the decode steps.
+    pub decode_steps: StepTotals,
+    pub prefill_steps: StepTotals,
     pub kv_budget_bytes: usize,
     pub kv_used_bytes: usize,
     pub cached_blocks: usize,
@@ -696,6 +729,7 @@ fn engine_loop(
         }
     };
     let mut steps = 0u64;
+    let mut totals = (StepTotals::default(), StepTotals::default());
     let mut idle = false;
     loop {
         // Take every queued command; block for one when there is nothing to run (or only requests
@@ -758,11 +792,20 @@ fn engine_loop(
         if let Some(st) = stepped {
             steps += 1;
             idle = st.layer_calls == 0;
+            if st.layer_calls > 0 {
+                if st.prefill_tokens > 0 {
+                    totals.1.add(&st);
+                } else {
+                    totals.0.add(&st);
+                }
+            }
             if sh.steps.len() < 1 << 20 {
                 sh.steps.push(st);
             }
         }
         sh.stats = EngineStats {
+            decode_steps: totals.0,
+            prefill_steps: totals.1,
             kv_budget_bytes: core.pool().budget_bytes(),
             kv_used_bytes: core.pool().used_bytes(),
             cached_blocks: core.cache().len(),

@@ -228,7 +228,28 @@ fn preemption_recomputes_to_identical_output_inside_the_budget() {
     assert!(!steps.is_empty());
     let max_used = steps.iter().map(|s| s.kv_used_bytes).max().unwrap();
     assert!(max_used <= budget, "KV used {max_used} > budget {budget}");
-    assert_eq!(e.stats().kv_budget_bytes, budget);
+    let stats = e.stats();
+    assert_eq!(stats.kv_budget_bytes, budget);
+    // The step profile sums the same steps, split by whether they carried prompt rows.
+    let ran: Vec<_> = steps.iter().filter(|s| s.layer_calls > 0).collect();
+    let (pre, dec) = (&stats.prefill_steps, &stats.decode_steps);
+    assert_eq!(pre.steps + dec.steps, ran.len() as u64);
+    assert_eq!(
+        pre.steps,
+        ran.iter().filter(|s| s.prefill_tokens > 0).count() as u64
+    );
+    assert_eq!(
+        pre.prefill_tokens + dec.prefill_tokens,
+        ran.iter().map(|s| s.prefill_tokens as u64).sum::<u64>()
+    );
+    assert_eq!(dec.prefill_tokens, 0);
+    for t in [pre, dec] {
+        assert!(t.weights_secs > 0.0, "{t:?}");
+        assert!(
+            t.weights_secs + t.attention_secs + t.sched_secs <= t.secs,
+            "the phases are parts of the step: {t:?}"
+        );
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use hf::{load_model_dir_or_gguf, ModelBundle};
-pub use llama::{BatchSeq, IdentityFacts, LogitsFor, Model};
+pub use llama::{BatchSeq, IdentityFacts, LayerTimes, LogitsFor, Model};
 
 /// Errors of the model layer. Messages name the file or the value at fault.
 #[derive(Debug, thiserror::Error)]

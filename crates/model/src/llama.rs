@@ -8,6 +8,7 @@
 //! prompt is chunked, or on the thread count.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ep_kernels::matmul::{self, KernelError, WeightRef};
 use ep_kernels::simd;
@@ -103,6 +104,15 @@ pub enum LogitsFor {
     All,
 }
 
+/// Where a layer's time went: its weight products (Q/K/V, output, gate/up, down) and its attention
+/// (the [`Attention`] call: KV writes and the attention kernels). The rest — norms, RoPE, SwiGLU,
+/// residuals — is the difference to the layer's whole time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerTimes {
+    pub weights: Duration,
+    pub attention: Duration,
+}
+
 /// Activations of a batch between layers.
 pub struct Hidden {
     /// rows × n_embd.
@@ -116,9 +126,17 @@ impl Model {
     /// Opens a GGUF model. `progress` is called with (tensors checked, total).
     pub fn load(
         path: impl AsRef<Path>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        Self::from_gguf(Gguf::open(path)?, progress)
+    }
+
+    /// A model over an opened GGUF file: its configuration and every tensor's type and shape
+    /// checked. `progress` as in [`Model::load`].
+    pub fn from_gguf(
+        gguf: Gguf,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
-        let gguf = Gguf::open(path)?;
         let cfg = ModelConfig::from_gguf(&gguf)?;
         let n_tensors = 2 + 9 * cfg.n_layer;
         let mut done = 0usize;
@@ -445,6 +463,17 @@ impl Model {
         h: &mut Hidden,
         attn: &mut dyn Attention,
     ) -> Result<(), ModelError> {
+        self.layer_timed(il, h, attn, &mut LayerTimes::default())
+    }
+
+    /// [`Model::layer`], adding the time its weight products and its attention took to `times`.
+    pub fn layer_timed(
+        &self,
+        il: usize,
+        h: &mut Hidden,
+        attn: &mut dyn Attention,
+        times: &mut LayerTimes,
+    ) -> Result<(), ModelError> {
         let c = &self.cfg;
         let l = &self.layers[il];
         let n = h.pos.len();
@@ -457,26 +486,36 @@ impl Model {
         let mut q = vec![0f32; n * qw];
         let mut k = vec![0f32; n * kvw];
         let mut v = vec![0f32; n * kvw];
+        let t = Instant::now();
         self.mm(&l.wq, l.bq.as_deref(), &xn, n, &mut q)?;
         self.mm(&l.wk, l.bk.as_deref(), &xn, n, &mut k)?;
         self.mm(&l.wv, l.bv.as_deref(), &xn, n, &mut v)?;
+        times.weights += t.elapsed();
         self.rope_rows(&mut q, &h.pos, c.n_head);
         self.rope_rows(&mut k, &h.pos, c.n_head_kv);
 
         let mut att = vec![0f32; n * qw];
+        let t = Instant::now();
         attn.attend(self.kernels, il, &h.slices, &q, &k, &v, &mut att)?;
+        times.attention += t.elapsed();
         let mut o = vec![0f32; n * d];
+        let t = Instant::now();
         self.mm(&l.wo, l.bo.as_deref(), &att, n, &mut o)?;
+        times.weights += t.elapsed();
         ops::add_in_place(&mut h.x, &o);
 
         norm_rows(&h.x, &l.ffn_norm, c.rms_eps, &mut xn, d);
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
+        let t = Instant::now();
         self.mm(&l.w_gate, None, &xn, n, &mut gate)?;
         self.mm(&l.w_up, None, &xn, n, &mut up)?;
+        times.weights += t.elapsed();
         let mut act = vec![0f32; n * c.n_ff];
         ops::swiglu(self.kernels, &gate, &up, &mut act);
+        let t = Instant::now();
         self.mm(&l.w_down, None, &act, n, &mut o)?;
+        times.weights += t.elapsed();
         ops::add_in_place(&mut h.x, &o);
         Ok(())
     }
