@@ -70,6 +70,18 @@ TOKENIZE_TEXTS: list[str] = [
     "She sells sea shells by the sea shore, or so the rumour goes.",
     "Edge devices rarely have more than a few gigabytes of memory.",
     "A tokenizer should never lose a single byte of its input.",
+    # ASCII control characters: llama.cpp drops U+001D after a letter (found by fuzzing the
+    # tokenizer); others stay
+    "oX\x1dy",
+    "a\x1cb\x1dc\x1ed\x1fe",
+    "x\x00y\x7fz",
+    "\x1d",
+    " \x1dword",
+    # code points of planes 4-13 (unassigned): llama.cpp gives the last UTF-8 byte three times
+    # (found by fuzzing the tokenizer); planes 3, 14-16 round-trip
+    "ail\U00074d34ing",
+    "\U00040000",
+    "\U00030000 \U000323b0 \U000f0000 \U0010fffd \U000e0001",
     # leading / trailing whitespace
     " leading space",
     "trailing space ",
@@ -490,6 +502,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("fixtures/smollm2"))
     ap.add_argument("--greedy-only", type=Path, metavar="FILE",
                     help="write only the greedy fixture, to FILE (for other quantizations of the model)")
+    ap.add_argument("--tokenize-only", action="store_true",
+                    help="write only tokenize.json")
     ap.add_argument("--no-repack", action="store_true",
                     help="load with llama.cpp's weight repacking off (use_extra_bufts = false), so "
                          "Q4_0 / Q4_K weights run ggml's vec_dot path")
@@ -553,6 +567,8 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "tokenize.json", make_tokenize(llm, generator, model_sha))
+    if args.tokenize_only:
+        return 0
     write_json(args.out / "chat.json", make_chat(llm, llama_cpp, generator))
     write_json(args.out / "greedy.json", make_greedy(llm, llama_cpp, generator, model_sha))
     return 0

@@ -265,6 +265,38 @@ pub struct UpstreamRequest {
     seq: u64,
 }
 
+/// What is wrong with a manifest's frame table for a model of `n_layer` layers and frames of `codec`:
+/// `None` when its frames follow the header contiguously, layer-major with ascending token ranges,
+/// each non-empty and of `codec`, and cover every token of every layer and the whole stream.
+pub fn frame_table_problem(m: &ep_proto::Manifest, n_layer: usize, codec: u8) -> Option<String> {
+    let mut off = m.header_bytes;
+    let mut covered = vec![0u32; n_layer];
+    for f in &m.frames {
+        if f.offset != off || f.layer as usize >= n_layer || covered[f.layer as usize] != f.start {
+            return Some("its frame table is not a contiguous layer-major stream".into());
+        }
+        if f.codec != codec {
+            return Some(format!(
+                "its frames are encoded with {}, not the {} asked for",
+                ep_kv::codec::codec_name(f.codec).unwrap_or("an unknown codec"),
+                ep_kv::codec::codec_name(codec).unwrap_or("?")
+            ));
+        }
+        if f.end <= f.start || f.bytes < ep_kv::wire::FRAME_HEADER_BYTES as u64 {
+            return Some("its frame table has an empty frame".into());
+        }
+        covered[f.layer as usize] = f.end;
+        off = match off.checked_add(f.bytes) {
+            Some(o) => o,
+            None => return Some("its frame table runs past 2^64 bytes".into()),
+        };
+    }
+    if off != m.stream_bytes || covered.iter().any(|&c| c as usize != m.tokens.len()) {
+        return Some("its frame table does not cover the stream".into());
+    }
+    None
+}
+
 #[cfg(test)]
 impl UpstreamRequest {
     pub(crate) fn for_test(line: &str) -> Self {
@@ -1128,32 +1160,10 @@ impl Inner {
                 return r("it was rendered with another chat template than this edge's".into());
             }
         }
-        let mut off = m.header_bytes;
-        let mut covered = vec![0u32; l.n_layer];
-        for f in &m.frames {
-            if f.offset != off
-                || f.layer as usize >= l.n_layer
-                || covered[f.layer as usize] != f.start
-            {
-                return r("its frame table is not a contiguous layer-major stream".into());
-            }
-            if f.codec != codec {
-                return r(format!(
-                    "its frames are encoded with {}, not the {} asked for",
-                    ep_kv::codec::codec_name(f.codec).unwrap_or("an unknown codec"),
-                    ep_kv::codec::codec_name(codec).unwrap_or("?")
-                ));
-            }
-            if f.end <= f.start || f.bytes < ep_kv::wire::FRAME_HEADER_BYTES as u64 {
-                return r("its frame table has an empty frame".into());
-            }
-            covered[f.layer as usize] = f.end;
-            off += f.bytes;
+        match frame_table_problem(m, l.n_layer, codec) {
+            Some(why) => r(why),
+            None => Ok(()),
         }
-        if off != m.stream_bytes || covered.iter().any(|&c| c as usize != m.tokens.len()) {
-            return r("its frame table does not cover the stream".into());
-        }
-        Ok(())
     }
 
     /// Checks a decoded header against the manifest.

@@ -304,6 +304,24 @@ impl Gguf {
         Self::parse(path, mmap)
     }
 
+    /// Reads a GGUF file held in memory (copied into an anonymous map); `name` stands for its path
+    /// in errors. For files that arrive by other means than the file system, and for the fuzzer.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: &[u8]) -> Result<Gguf, GgufError> {
+        let path = name.into();
+        if bytes.len() < 4 || &bytes[..4] != MAGIC {
+            let found = String::from_utf8_lossy(&bytes[..bytes.len().min(4)]).into_owned();
+            return Err(GgufError::BadMagic { path, found });
+        }
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        map.copy_from_slice(bytes);
+        let mmap = map.make_read_only().map_err(io)?;
+        Self::parse(path, mmap)
+    }
+
     fn parse(path: PathBuf, mmap: Mmap) -> Result<Gguf, GgufError> {
         let buf: &[u8] = &mmap;
         if buf.len() < 4 || &buf[..4] != MAGIC {
@@ -387,7 +405,13 @@ impl Gguf {
                     ),
                 });
             }
-            let size = n / bs * ty.type_size() as u64;
+            let size =
+                (n / bs)
+                    .checked_mul(ty.type_size() as u64)
+                    .ok_or_else(|| GgufError::Invalid {
+                        path: path.clone(),
+                        what: format!("tensor '{name}' has an overflowing size {dims:?}"),
+                    })?;
             if offset.checked_add(size).is_none_or(|end| end > data_len) {
                 return Err(GgufError::Truncated {
                     path: path.clone(),

@@ -490,7 +490,8 @@ pub(crate) fn load_model(
     step();
     let output_norm = files.vector(dir, "model.norm.weight", c.n_embd)?;
     step();
-    let mut layers = Vec::with_capacity(c.n_layer);
+    // `num_hidden_layers` is the file's word: no more layers are reserved than it has tensors for.
+    let mut layers = Vec::with_capacity(c.n_layer.min(files.tensors.len() / 9));
     for i in 0..c.n_layer {
         let p = format!("model.layers.{i}");
         let mut mat = |s: &str, r: usize, k: usize| {

@@ -202,7 +202,8 @@ impl Model {
         };
         let output_norm = vector("output_norm.weight", c.n_embd)?;
         step(&mut done);
-        let mut layers = Vec::with_capacity(c.n_layer);
+        // `n_layer` is the file's word: no more layers are reserved than it has tensors for.
+        let mut layers = Vec::with_capacity(c.n_layer.min(gguf.tensors.len() / 9));
         for i in 0..c.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let mut get = |s: &str, r: usize, k: usize| {
