@@ -196,10 +196,22 @@ fn step_profile(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -
     }
 }
 
-/// An edge's step counters now (`None` for a server without them, or when `/metrics` fails).
+/// An edge's step counters once its engine runs no request (the engine publishes a step's counters
+/// together with its running count, just after the step's last tokens went out; waited for at most
+/// 2 s). `None` for a server without them, or when `/metrics` fails.
 async fn scrape_steps(s: &Server) -> Option<BTreeMap<String, f64>> {
     let url = format!("{}/metrics", s.target.base_url);
-    let text = s.client.get(url).send().await.ok()?.text().await.ok()?;
+    let mut text = String::new();
+    for _ in 0..40 {
+        text = s.client.get(&url).send().await.ok()?.text().await.ok()?;
+        let idle = text
+            .lines()
+            .any(|l| l == "edgeprompt:num_requests_running 0");
+        if idle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let c = step_counters(&text);
     (!c.is_empty()).then_some(c)
 }
