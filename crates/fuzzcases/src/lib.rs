@@ -272,6 +272,18 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
+/// The one-layer KV layout the `codec` target's second byte picks: dtype (bits 6–7), head size
+/// (bits 2–3), KV heads − 1 (bits 0–1).
+pub fn codec_layout(bits: u8) -> WireLayout {
+    WireLayout {
+        n_layer: 1,
+        n_head_kv: 1 + u32::from(bits & 3),
+        head_dim: [8, 16, 32, 64][usize::from(bits >> 2) & 3],
+        block_tokens: 16,
+        dtype: [KvDtype::F16, KvDtype::F32, KvDtype::Bf16][usize::from(bits >> 6) % 3],
+    }
+}
+
 /// The codecs' decoders on arbitrary payloads, for a layout and token count taken from the input's
 /// first bytes. A decoded payload has exactly the rows the range implies; raw payloads round-trip.
 pub fn codec(data: &[u8]) {
@@ -279,14 +291,7 @@ pub fn codec(data: &[u8]) {
         return;
     }
     let c = CODECS[usize::from(data[0]) % CODECS.len()];
-    let dtype = [KvDtype::F16, KvDtype::F32, KvDtype::Bf16][usize::from(data[1] >> 6) % 3];
-    let layout = WireLayout {
-        n_layer: 1,
-        n_head_kv: 1 + u32::from(data[1] & 3),
-        head_dim: [8, 16, 32, 64][usize::from(data[1] >> 2) & 3],
-        block_tokens: 16,
-        dtype,
-    };
+    let layout = codec_layout(data[1]);
     let n_tokens = usize::from(data[2]) + 1;
     let payload = &data[4..];
     if let Ok((k, v)) = codec::decode(c, &layout, n_tokens, payload) {

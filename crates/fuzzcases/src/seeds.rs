@@ -7,7 +7,6 @@ use std::sync::{Arc, OnceLock};
 
 use ep_engine::{Engine, EngineConfig, PromptKv};
 use ep_kv::codec::{self, CODECS};
-use ep_kv::wire::WireLayout;
 use ep_kv::KvDtype;
 use ep_proto::{PromptContent, SignedManifest};
 use ep_testutil::TinyWeights;
@@ -215,14 +214,8 @@ fn payloads() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for (ci, &c) in CODECS.iter().enumerate() {
         for (bits, n_tokens) in [(0u8, 1usize), (0b0000_1101, 33), (0b0100_0110, 17)] {
-            let dtype = [KvDtype::F16, KvDtype::F32, KvDtype::Bf16][usize::from(bits >> 6) % 3];
-            let layout = WireLayout {
-                n_layer: 1,
-                n_head_kv: 1 + u32::from(bits & 3),
-                head_dim: [8, 16, 32, 64][usize::from(bits >> 2) & 3],
-                block_tokens: 16,
-                dtype,
-            };
+            let layout = crate::codec_layout(bits);
+            let dtype = layout.dtype;
             let rows = n_tokens * layout.row_bytes() as usize;
             let vals = layout.kv_width() as usize * n_tokens;
             let row_vals: Vec<f32> = (0..vals)
