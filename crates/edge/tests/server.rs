@@ -1031,7 +1031,17 @@ async fn chat_with_smollm2_streams_caches_conversations_and_bounds_the_queue() {
         .await
         .unwrap();
     let mut text = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
-    assert_eq!(e.engine.stats().running, 1, "the request is still running");
+    // The engine publishes its counters just after the step whose token this chunk carries, so
+    // the first chunk can arrive before `running` says 1; 48 tokens take far longer than that.
+    let t0 = std::time::Instant::now();
+    while e.engine.stats().running != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the request is not running: {:?}",
+            e.engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let mut e = e;
     let _ = e.stop.take().unwrap().send(());
     while let Some(c) = resp.chunk().await.unwrap() {
