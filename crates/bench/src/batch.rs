@@ -266,6 +266,8 @@ fn run_point(
     let engine_cfg = EngineConfig {
         prefill_first: true,
         attn_mode,
+        // The outputs are read one request after another: none may pause for its reader.
+        max_unread_events: 0,
         ..cfg.engine.clone()
     };
     let engine = Engine::start(model.clone(), tok.clone(), engine_cfg, pool)?;

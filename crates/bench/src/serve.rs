@@ -17,13 +17,17 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 /// One chat request to send.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Job {
     /// The model id to name (`model` or `model:cloud-prompt`).
     pub model: String,
     /// `(role, content)` in order.
     pub messages: Vec<(String, String)>,
     pub max_tokens: usize,
+    /// The bearer token of this request, instead of the target's (a tenant of its own).
+    pub api_key: Option<String>,
+    /// EdgePrompt's `edge_prompt` field: one of the tenant's edge prompts by name.
+    pub edge_prompt: Option<String>,
 }
 
 /// Where to send requests.
@@ -35,7 +39,7 @@ pub struct Target {
 }
 
 /// What became of one request.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Outcome {
     /// Seconds after the point's start when it was sent.
     pub sent_s: f64,
@@ -45,6 +49,21 @@ pub struct Outcome {
     pub e2e_s: f64,
     pub output_tokens: usize,
     pub tpot_s: Option<f64>,
+    /// The response's HTTP status (0: no response).
+    #[serde(default)]
+    pub status: u16,
+    /// Its `Retry-After` header, when it had one.
+    #[serde(default)]
+    pub retry_after: Option<String>,
+    /// The stream ended as a finished response does: a `finish_reason`, then `[DONE]`.
+    #[serde(default)]
+    pub finished: bool,
+    /// The generated text (the deltas' content in order); never written to records.
+    #[serde(skip)]
+    pub text: String,
+    /// The response's `X-Served-By` header: which server behind a router answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
 }
 
 /// The objective a rate must meet: p90 TTFT and p90 TPOT at most these.
@@ -211,6 +230,17 @@ pub fn process_cpu_s() -> Option<f64> {
     Some((ut + st) / 100.0)
 }
 
+/// Sends one streaming chat request and times it (`run_point` sends its jobs through this; a driver
+/// with its own schedule or retries calls it directly).
+pub async fn send(
+    client: &reqwest::Client,
+    target: &Target,
+    job: &Job,
+    timeout: Duration,
+) -> Outcome {
+    one(client, target, job, timeout, Instant::now()).await
+}
+
 /// Sends one streaming chat request and times it.
 async fn one(
     client: &reqwest::Client,
@@ -221,7 +251,7 @@ async fn one(
 ) -> Outcome {
     let sent = Instant::now();
     let sent_s = sent.duration_since(start).as_secs_f64();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "model": job.model,
         "messages": job.messages.iter().map(|(r, c)| serde_json::json!({"role": r, "content": c})).collect::<Vec<_>>(),
         "max_tokens": job.max_tokens,
@@ -230,27 +260,35 @@ async fn one(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let fail = |e: String| Outcome {
-        sent_s,
-        ok: false,
-        error: Some(e),
-        ttft_s: None,
-        e2e_s: sent.elapsed().as_secs_f64(),
-        output_tokens: 0,
-        tpot_s: None,
-    };
+    if let Some(e) = &job.edge_prompt {
+        body["edge_prompt"] = e.as_str().into();
+    }
+    // What the response said besides its tokens (written by `run`, read after it).
+    let (mut status, mut retry_after, mut finished) = (0u16, None::<String>, false);
+    let (mut text, mut served_by) = (String::new(), None::<String>);
     let run = async {
         let mut req = client
             .post(format!("{}/v1/chat/completions", target.base_url))
             .json(&body);
-        if let Some(k) = &target.api_key {
+        if let Some(k) = job.api_key.as_ref().or(target.api_key.as_ref()) {
             req = req.bearer_auth(k);
         }
         let resp = req.send().await.map_err(|e| format!("connect: {e}"))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(format!("HTTP {}", status.as_u16()));
+        status = resp.status().as_u16();
+        retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        served_by = resp
+            .headers()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status().as_u16()));
         }
+        let mut saw_reason = false;
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let (mut first, mut last) = (None, None);
@@ -269,6 +307,7 @@ async fn one(
                     };
                     let data = data.trim_ascii();
                     if data == b"[DONE]" {
+                        finished = saw_reason;
                         continue;
                     }
                     let v: serde_json::Value =
@@ -276,14 +315,14 @@ async fn one(
                     if let Some(e) = v.get("error") {
                         return Err(format!("error event: {}", e["message"]));
                     }
-                    let content = v["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .is_some_and(|c| !c.is_empty());
-                    if content {
+                    let delta = v["choices"][0]["delta"]["content"].as_str();
+                    text.push_str(delta.unwrap_or(""));
+                    if delta.is_some_and(|c| !c.is_empty()) {
                         chunks += 1;
                         first.get_or_insert(now);
                         last = Some(now);
                     }
+                    saw_reason |= v["choices"][0]["finish_reason"].is_string();
                     if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                         usage = Some(n as usize);
                     }
@@ -292,7 +331,22 @@ async fn one(
         }
         Ok((first, last, usage.unwrap_or(chunks)))
     };
-    match tokio::time::timeout(timeout, run).await {
+    let result = tokio::time::timeout(timeout, run).await;
+    let fail = |e: String| Outcome {
+        sent_s,
+        ok: false,
+        error: Some(e),
+        ttft_s: None,
+        e2e_s: sent.elapsed().as_secs_f64(),
+        output_tokens: 0,
+        tpot_s: None,
+        status,
+        retry_after: retry_after.clone(),
+        finished: false,
+        text: String::new(),
+        served_by: served_by.clone(),
+    };
+    match result {
         Err(_) => fail("timeout".into()),
         Ok(Err(e)) => fail(e),
         Ok(Ok((first, last, n))) => {
@@ -312,6 +366,11 @@ async fn one(
                 e2e_s,
                 output_tokens: n,
                 tpot_s,
+                status,
+                retry_after: None,
+                finished,
+                text,
+                served_by,
             }
         }
     }
@@ -367,6 +426,7 @@ pub async fn run_point(
                 e2e_s: 0.0,
                 output_tokens: 0,
                 tpot_s: None,
+                ..Outcome::default()
             }),
             Err(_) => {
                 abort.abort();
@@ -378,6 +438,7 @@ pub async fn run_point(
                     e2e_s: start.elapsed().as_secs_f64() - at,
                     output_tokens: 0,
                     tpot_s: None,
+                    ..Outcome::default()
                 });
             }
         }
@@ -615,6 +676,7 @@ mod tests {
             e2e_s: e2e,
             output_tokens: if ok { n } else { 0 },
             tpot_s: ok.then(|| (e2e - ttft) / (n - 1) as f64),
+            ..Outcome::default()
         }
     }
 

@@ -12,6 +12,13 @@ use ep_kv::KvDtype;
 use ep_model::chat::ChatTemplate;
 
 async fn tiny_edge() -> (String, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
+    tiny_edge_queue(64).await
+}
+
+/// The tiny edge holding `max_seqs` (8) + `max_queue` requests at once.
+async fn tiny_edge_queue(
+    max_queue: usize,
+) -> (String, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
     let (model, tok, dir) = ep_testutil::load_tiny(3);
     let template = ChatTemplate::from_gguf(model.gguf().unwrap(), &tok).unwrap();
     let tok = Arc::new(tok);
@@ -40,6 +47,7 @@ async fn tiny_edge() -> (String, tokio::sync::oneshot::Sender<()>, tempfile::Tem
         listener,
         EdgeConfig {
             model_id: "tiny".into(),
+            max_queue,
             ..EdgeConfig::default()
         },
         engine,
@@ -65,6 +73,7 @@ fn jobs(n: usize, max_tokens: usize) -> Vec<Job> {
                 ),
             ],
             max_tokens,
+            ..Job::default()
         })
         .collect()
 }
@@ -184,7 +193,7 @@ async fn points_where_nothing_completes_are_reported() {
         model: "no-such-model".into(),
         ..jobs(1, 4).remove(0)
     };
-    let (_, s) = run_point(
+    let (bad_out, s) = run_point(
         &client,
         &Target {
             base_url: base,
@@ -198,6 +207,79 @@ async fn points_where_nothing_completes_are_reported() {
     )
     .await;
     assert_eq!(s.failure.as_deref(), Some("HTTP 404 (×1)"));
+    assert_eq!((bad_out[0].status, bad_out[0].finished), (404, false));
     let _ = stop.send(());
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_its_queue_the_edge_answers_429_with_retry_after_and_completes_the_rest() {
+    // 8 sequences and no queue: of 200 requests sent at once, those beyond the 8 in flight are
+    // refused at once, and every accepted one runs to its end.
+    let (base, stop, _dir) = tiny_edge_queue(0).await;
+    let client = reqwest::Client::new();
+    let target = Target {
+        base_url: base.clone(),
+        api_key: None,
+    };
+    let n = 200;
+    let (out, _) = run_point(
+        &client,
+        &target,
+        &jobs(n, 48),
+        &vec![0.0; n],
+        Duration::from_secs(120),
+        Duration::from_secs(120),
+        Slo::default(),
+    )
+    .await;
+    let accepted: Vec<_> = out.iter().filter(|o| o.status == 200).collect();
+    let refused: Vec<_> = out.iter().filter(|o| o.status == 429).collect();
+    assert_eq!(accepted.len() + refused.len(), n, "{out:?}");
+    assert!(
+        accepted.len() >= 8 && !refused.is_empty(),
+        "{} accepted, {} refused",
+        accepted.len(),
+        refused.len()
+    );
+    assert!(
+        accepted
+            .iter()
+            .all(|o| o.ok && o.finished && o.output_tokens == 48),
+        "{accepted:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|o| o.retry_after.as_deref() == Some("1")),
+        "{refused:?}"
+    );
+    // The edge counted exactly the refusals the clients saw, and serves on.
+    let m = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected: f64 = m
+        .lines()
+        .find(|l| l.starts_with("edgeprompt:request_rejected_queue_full_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(rejected as usize, refused.len());
+    let (again, _) = run_point(
+        &client,
+        &target,
+        &jobs(1, 4),
+        &[0.0],
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+        Slo::default(),
+    )
+    .await;
+    assert!(again[0].ok && again[0].finished, "{again:?}");
+    let _ = stop.send(());
 }

@@ -33,6 +33,10 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         r
     }
 }
@@ -173,8 +177,54 @@ pub fn openapi_json() -> String {
         .unwrap_or_else(|_| "{}".into())
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+async fn openapi(State(c): State<Arc<Cloud>>) -> Response {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    describe_limits(&mut doc, &c);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Writes what the derived description cannot know into this cloud's OpenAPI document: the codecs
+/// it serves, the lease bounds, the name syntax ([`ep_proto::valid_name`]) and that a registration
+/// has exactly one of `messages` and `text`, neither empty.
+fn describe_limits(doc: &mut serde_json::Value, c: &Cloud) {
+    use serde_json::json;
+    let codecs: Vec<&str> = c
+        .cfg
+        .codecs
+        .iter()
+        .filter_map(|&k| ep_kv::codec::codec_name(k))
+        .collect();
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for op in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+            for o in op.values_mut() {
+                let Some(params) = o.get_mut("parameters").and_then(|p| p.as_array_mut()) else {
+                    continue;
+                };
+                for p in params.iter_mut().filter(|p| p["name"] == "codec") {
+                    p["schema"]["enum"] = json!(codecs);
+                }
+            }
+        }
+    }
+    let Some(r) = doc.pointer_mut("/components/schemas/RegisterCloudPrompt") else {
+        return;
+    };
+    let p = &mut r["properties"];
+    p["name"]["pattern"] = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$".into();
+    p["text"]["minLength"] = 1.into();
+    p["messages"]["minItems"] = 1.into();
+    p["lease_secs"]["minimum"] = 1.into();
+    p["lease_secs"]["maximum"] = c.cfg.max_lease_secs.into();
+    r["oneOf"] = json!([
+        {"required": ["text"], "properties": {"text": {"type": "string"}},
+         "not": {"required": ["messages"], "properties": {"messages": {"type": "array"}}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}},
+         "not": {"required": ["text"], "properties": {"text": {"type": "string"}}}},
+    ]);
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
@@ -223,8 +273,12 @@ async fn register(
         };
         ApiError::new(status, r.body_text(), None, code)
     })?;
-    let req: RegisterCloudPrompt = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}"), None, "invalid_json"))?;
+    let bad = |e: serde_json::Error| {
+        ApiError::bad(format!("invalid JSON body: {e}"), None, "invalid_json")
+    };
+    let mut v: serde_json::Value = serde_json::from_slice(&body).map_err(bad)?;
+    integral_numbers(&mut v);
+    let req: RegisterCloudPrompt = serde_json::from_value(v).map_err(bad)?;
     let (info, new) = c.register(req).await?;
     let status = if new {
         StatusCode::ACCEPTED
@@ -232,6 +286,23 @@ async fn register(
         StatusCode::OK
     };
     Ok((status, Json(info)).into_response())
+}
+
+/// Writes numbers with a zero fraction (`5.0`) as integers, as JSON Schema counts them.
+fn integral_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && (0.0..1.844_674_407_370_955_2e19).contains(&f) {
+                *v = (f as u64).into();
+            } else if f.fract() == 0.0 && (-9.223_372_036_854_776e18..0.0).contains(&f) {
+                *v = (f as i64).into();
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(o) => o.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
 }
 
 #[utoipa::path(get, path = "/v1/cloud-prompts", responses((status = 200, body = CloudPromptList)))]
@@ -373,7 +444,11 @@ fn not_modified_response(etag: &str) -> Response {
 
 #[utoipa::path(
     get, path = "/v1/kv/{id}/manifest", params(("id" = String, Path), KvQuery),
-    responses((status = 200, body = SignedManifest), (status = 304), (status = 404, body = ErrorBody))
+    responses(
+        (status = 200, body = SignedManifest), (status = 304),
+        (status = 400, description = "a bad query (`codec`)", body = ErrorBody),
+        (status = 404, body = ErrorBody)
+    )
 )]
 async fn manifest(
     State(c): State<Arc<Cloud>>,
@@ -439,10 +514,19 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, 
 
 /// A body of bytes `start..end` of the stream made of `segs` (byte ranges of the stored stream of
 /// `key`, in order), read from the store a chunk at a time.
-fn stream_body(c: Arc<Cloud>, key: String, segs: Vec<(u64, u64)>, start: u64, end: u64) -> Body {
+/// `frame_offsets` (sorted) are where the stored stream's frames begin: a frame counts as served when
+/// its first byte is sent, so a whole stream counts each frame once however it is split in ranges.
+fn stream_body(
+    c: Arc<Cloud>,
+    key: String,
+    segs: Vec<(u64, u64)>,
+    frame_offsets: Arc<Vec<u64>>,
+    start: u64,
+    end: u64,
+) -> Body {
     let s = futures_util::stream::try_unfold(start, move |pos| {
         let (c, key) = (c.clone(), key.clone());
-        let segs = segs.clone();
+        let (segs, frame_offsets) = (segs.clone(), frame_offsets.clone());
         async move {
             if pos >= end {
                 return Ok::<_, std::io::Error>(None);
@@ -472,6 +556,10 @@ fn stream_body(c: Arc<Cloud>, key: String, segs: Vec<(u64, u64)>, start: u64, en
                 ));
             }
             c.metrics.kv_bytes.inc_by(b.len() as u64);
+            let (a, z) = (stored_pos, stored_pos + b.len() as u64);
+            let frames = frame_offsets.partition_point(|&o| o < z)
+                - frame_offsets.partition_point(|&o| o < a);
+            c.metrics.frames.inc_by(frames as u64);
             let next = pos + b.len() as u64;
             Ok(Some((b, next)))
         }
@@ -483,7 +571,9 @@ fn stream_body(c: Arc<Cloud>, key: String, segs: Vec<(u64, u64)>, start: u64, en
     get, path = "/v1/kv/{id}/stream", params(("id" = String, Path), KvQuery),
     responses(
         (status = 200, description = "the whole EPKV stream", content_type = "application/octet-stream"),
-        (status = 206, description = "the requested byte range"), (status = 304),
+        (status = 206, description = "the requested byte range", content_type = "application/octet-stream"),
+        (status = 304),
+        (status = 400, description = "a bad query (`codec`, `from`)", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 416)
     )
 )]
@@ -506,6 +596,9 @@ async fn stream(
     })?;
     let len: u64 = segs.iter().map(|(s, e)| e - s).sum();
     let key = crate::kv_key(&id, codec);
+    let mut offsets: Vec<u64> = m.signed.manifest.frames.iter().map(|f| f.offset).collect();
+    offsets.sort_unstable();
+    let offsets = Arc::new(offsets);
     let etag = kv_etag(&id, codec, from);
     if not_modified(&headers, &etag) {
         return Ok(not_modified_response(&etag));
@@ -519,15 +612,19 @@ async fn stream(
             .status(StatusCode::RANGE_NOT_SATISFIABLE)
             .header(header::CONTENT_RANGE, format!("bytes */{len}"))
             .body(Body::empty()),
-        Ok(None) => {
-            b.header(header::CONTENT_LENGTH, len)
-                .body(stream_body(c.clone(), key, segs, 0, len))
-        }
+        Ok(None) => b.header(header::CONTENT_LENGTH, len).body(stream_body(
+            c.clone(),
+            key,
+            segs,
+            offsets,
+            0,
+            len,
+        )),
         Ok(Some((s, e))) => b
             .status(StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_RANGE, format!("bytes {s}-{}/{len}", e - 1))
             .header(header::CONTENT_LENGTH, e - s)
-            .body(stream_body(c.clone(), key, segs, s, e)),
+            .body(stream_body(c.clone(), key, segs, offsets, s, e)),
     };
     r.map_err(ApiError::internal)
 }
@@ -537,7 +634,9 @@ async fn stream(
     params(("id" = String, Path), ("layer" = u32, Path), ("start" = u32, Path), KvQuery),
     responses(
         (status = 200, description = "one EPKF frame", content_type = "application/octet-stream"),
-        (status = 304), (status = 404, body = ErrorBody)
+        (status = 304),
+        (status = 400, description = "a bad query (`codec`)", body = ErrorBody),
+        (status = 404, body = ErrorBody)
     )
 )]
 async fn frame(
@@ -580,6 +679,7 @@ async fn frame(
         )));
     }
     c.metrics.kv_bytes.inc_by(b.len() as u64);
+    c.metrics.frames.inc();
     cached_headers(Response::builder(), &etag)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, b.len())
@@ -624,6 +724,7 @@ mod tests {
 #[into_params(parameter_in = Query)]
 pub(crate) struct ProbeQuery {
     /// Bytes to send, 1 to 16 MiB.
+    #[param(minimum = 1, maximum = 16777216)]
     bytes: u64,
 }
 

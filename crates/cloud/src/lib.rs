@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use render::{render_cloud_prompt, template_digest, RenderError};
-pub use store::{open_store, DirStore, RedisStore, Store, StoreError};
+pub use store::{open_store, DirStore, Lease, RedisStore, Store, StoreError};
 
 /// The model a cloud computes KV with.
 pub struct CloudModel {
@@ -77,6 +77,13 @@ pub struct CloudConfig {
     pub max_body_bytes: usize,
     /// How often expired superseded versions are collected.
     pub gc_interval: Duration,
+    /// How long a replica's claim on a computation lasts unless renewed (it renews every third of
+    /// it while it computes): a replica that dies mid-computation leaves the job to another after
+    /// this long.
+    pub job_lease: Duration,
+    /// How often a replica looks for unfinished computations nobody holds (a replica that died,
+    /// or this one restarted) and takes them over.
+    pub takeover_interval: Duration,
 }
 
 impl Default for CloudConfig {
@@ -91,6 +98,8 @@ impl Default for CloudConfig {
             max_lease_secs: 7 * 24 * 3600,
             max_body_bytes: 4 << 20,
             gc_interval: Duration::from_secs(30),
+            job_lease: Duration::from_secs(15),
+            takeover_interval: Duration::from_secs(5),
         }
     }
 }
@@ -163,7 +172,10 @@ pub(crate) struct Metrics {
     pub registered: Counter,
     pub computed: Counter,
     pub failed: Counter,
+    pub taken_over: Counter,
+    pub elsewhere: Counter,
     pub kv_bytes: Counter,
+    pub frames: Counter,
     pub requests: Family<RouteLabels, Counter>,
 }
 
@@ -174,7 +186,10 @@ impl Metrics {
             registered: Counter::default(),
             computed: Counter::default(),
             failed: Counter::default(),
+            taken_over: Counter::default(),
+            elsewhere: Counter::default(),
             kv_bytes: Counter::default(),
+            frames: Counter::default(),
             requests: Family::default(),
             registry: Default::default(),
         };
@@ -192,6 +207,21 @@ impl Metrics {
             "prompts_failed",
             "Cloud prompt KV computations that failed",
             m.failed.clone(),
+        );
+        registry.register(
+            "prompt_jobs_taken_over",
+            "Unfinished computations nobody held that this replica took over (leased and ran)",
+            m.taken_over.clone(),
+        );
+        registry.register(
+            "prompt_jobs_elsewhere",
+            "Computations this replica left to the replica holding their lease",
+            m.elsewhere.clone(),
+        );
+        registry.register(
+            "kv_frames_served",
+            "KV frames whose first byte this replica sent (stream or frame route)",
+            m.frames.clone(),
         );
         registry.register(
             "kv_bytes_served",
@@ -218,6 +248,8 @@ struct Job {
     id: String,
     tokens: Vec<u32>,
     content: PromptContent,
+    /// Queued by a sweep: an unfinished computation nobody held.
+    takeover: bool,
 }
 
 /// Errors the HTTP layer reports: a status and an OpenAI-style body.
@@ -225,6 +257,8 @@ struct Job {
 pub(crate) struct ApiError {
     pub status: axum::http::StatusCode,
     pub body: ep_proto::ErrorBody,
+    /// Seconds for a `Retry-After` header (a store that is down for now).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -243,6 +277,7 @@ impl ApiError {
         ApiError {
             status,
             body: ep_proto::ErrorBody::new(message, kind, param, Some(code)),
+            retry_after: None,
         }
     }
     pub fn bad(message: impl Into<String>, param: Option<&str>, code: &str) -> Self {
@@ -264,6 +299,19 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            // Redis restarting or out of reach: the request may succeed shortly, so say so.
+            tracing::warn!("the store is unavailable: {e}");
+            return ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store is unavailable; retry later ({e})"),
+                    None,
+                    "store_unavailable",
+                )
+            };
+        }
         ApiError::internal(e)
     }
 }
@@ -280,9 +328,42 @@ pub(crate) struct Cloud {
     jobs: mpsc::UnboundedSender<Job>,
     /// Ids queued or computing in this process.
     inflight: Mutex<HashSet<String>>,
-    /// Serialises this process's read-modify-write of records.
+    /// Serialises this process's read-modify-write of records (the store's [`Lease::Registry`]
+    /// serialises the replicas').
     registry_lock: tokio::sync::Mutex<()>,
+    /// This replica's name in leases (random per process).
+    pub replica: String,
+    /// Numbers the registry leases this replica takes.
+    lock_seq: std::sync::atomic::AtomicU64,
     pub metrics: Metrics,
+}
+
+/// How long the registry lease lasts if its holder dies holding it.
+const REGISTRY_LEASE: Duration = Duration::from_secs(10);
+/// How long a registry operation waits for the lease before answering 503.
+const REGISTRY_WAIT: Duration = Duration::from_secs(10);
+
+/// The registry held by this replica: the process's lock and the store's lease (released when
+/// dropped, in the background).
+pub(crate) struct RegistryGuard<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    store: Arc<dyn Store>,
+    token: String,
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        let (store, token) = (self.store.clone(), std::mem::take(&mut self.token));
+        // Drop cannot await: the release runs as a task. Each acquisition has its own token, so a
+        // later one of this replica waits for this release instead of taking it over.
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Err(e) = store.release_lease(&Lease::Registry, &token).await {
+                    tracing::warn!("releasing the registry lease: {e}");
+                }
+            });
+        }
+    }
 }
 
 /// Unix seconds now.
@@ -372,6 +453,44 @@ impl Cloud {
         hex(self.key.verifying_key().as_bytes())
     }
 
+    /// Takes the registry for a read-modify-write of records: this process's lock, then the store's
+    /// lease (waited for, else 503 with `Retry-After`).
+    async fn registry(&self) -> Result<RegistryGuard<'_>, ApiError> {
+        let local = self.registry_lock.lock().await;
+        let n = self
+            .lock_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = format!("{}:{n}", self.replica);
+        let t0 = Instant::now();
+        let mut wait = Duration::from_millis(2);
+        loop {
+            if self
+                .store
+                .try_lease(&Lease::Registry, &token, REGISTRY_LEASE)
+                .await?
+            {
+                return Ok(RegistryGuard {
+                    _local: local,
+                    store: self.store.clone(),
+                    token,
+                });
+            }
+            if t0.elapsed() > REGISTRY_WAIT {
+                return Err(ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "the registry is held by another replica; retry later",
+                        None,
+                        "registry_busy",
+                    )
+                });
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+    }
+
     async fn load_record(&self, name: &str) -> Result<Option<NameRecord>, ApiError> {
         match self.store.get_record(name).await? {
             None => Ok(None),
@@ -459,7 +578,7 @@ impl Cloud {
             ));
         }
         let id = ep_proto::prompt_id(&self.identity_digest, &tokens);
-        let _g = self.registry_lock.lock().await;
+        let _g = self.registry().await?;
         let now = now_secs();
         let mut rec = self.load_record(&req.name).await?.unwrap_or(NameRecord {
             name: req.name.clone(),
@@ -470,11 +589,13 @@ impl Cloud {
                 let stale = match cur.status {
                     PromptStatus::Ready => false,
                     PromptStatus::Failed => true,
-                    _ => !self.inflight.lock().expect("inflight").contains(&id),
+                    // Queued or computing: stale when neither this replica has it in hand nor any
+                    // replica holds its lease.
+                    _ => !self.in_hand(&id).await?,
                 };
                 let info = cur.info(&rec.name);
                 if stale {
-                    self.enqueue(&mut rec, &id, tokens, content).await?;
+                    self.enqueue(&mut rec, &id, tokens, content, false).await?;
                     let info = rec.versions.last().expect("current").info(&rec.name);
                     return Ok((info, false));
                 }
@@ -507,7 +628,7 @@ impl Cloud {
             tokens = tokens.len(),
             "cloud prompt registered"
         );
-        self.enqueue(&mut rec, &id, tokens, content).await?;
+        self.enqueue(&mut rec, &id, tokens, content, false).await?;
         let info = rec.versions.last().expect("current").info(&rec.name);
         Ok((info, true))
     }
@@ -519,6 +640,7 @@ impl Cloud {
         id: &str,
         tokens: Vec<u32>,
         content: PromptContent,
+        takeover: bool,
     ) -> Result<(), ApiError> {
         let v = rec.versions.last_mut().expect("a current version");
         v.status = PromptStatus::Queued;
@@ -534,6 +656,7 @@ impl Cloud {
             id: id.to_string(),
             tokens,
             content,
+            takeover,
         });
         Ok(())
     }
@@ -549,7 +672,7 @@ impl Cloud {
         kv: Vec<ep_proto::KvVariant>,
     ) -> Result<(), ApiError> {
         let stream_bytes = kv.iter().find(|v| v.codec == "raw").map_or(0, |v| v.bytes);
-        let _g = self.registry_lock.lock().await;
+        let _g = self.registry().await?;
         let Some(mut rec) = self.load_record(name).await? else {
             return Ok(());
         };
@@ -571,6 +694,45 @@ impl Cloud {
     }
 
     async fn run_job(&self, job: Job) {
+        let done = || {
+            self.inflight.lock().expect("inflight").remove(&job.id);
+        };
+        // One replica computes: the one that holds the job's lease.
+        let lease = Lease::Job(job.id.clone());
+        let ttl = self.cfg.job_lease;
+        match self.store.try_lease(&lease, &self.replica, ttl).await {
+            Ok(true) if job.takeover => {
+                self.metrics.taken_over.inc();
+                tracing::info!(name = %job.name, id = short(&job.id), "took over an unfinished computation");
+            }
+            Ok(true) => {}
+            Ok(false) => {
+                self.metrics.elsewhere.inc();
+                tracing::info!(name = %job.name, id = short(&job.id), "another replica holds the computation");
+                return done();
+            }
+            Err(e) => {
+                // Left unfinished in the record: a sweep takes it up again.
+                tracing::warn!(name = %job.name, id = short(&job.id), "cannot take the computation's lease: {e}");
+                return done();
+            }
+        }
+        let renewer = {
+            let (store, lease, owner) = (self.store.clone(), lease.clone(), self.replica.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match store.renew_lease(&lease, &owner, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("the computation's lease was lost; another replica may compute it too");
+                            break;
+                        }
+                        Err(e) => tracing::warn!("renewing the computation's lease: {e}"),
+                    }
+                }
+            })
+        };
         let t0 = Instant::now();
         let r = self.compute(&job).await;
         let (status, progress, error, kv) = match r {
@@ -598,7 +760,14 @@ impl Cloud {
         {
             tracing::error!(name = %job.name, "cannot record the prompt's status: {:?}", e.body);
         }
-        self.inflight.lock().expect("inflight").remove(&job.id);
+        renewer.abort();
+        if let Err(e) = self.store.release_lease(&lease, &self.replica).await {
+            tracing::warn!(
+                id = short(&job.id),
+                "releasing the computation's lease: {e}"
+            );
+        }
+        done();
     }
 
     /// The encodings of `id`'s KV in the store, with their stream sizes.
@@ -734,7 +903,7 @@ impl Cloud {
         if !valid_name(name) {
             return Err(unknown());
         }
-        let _g = self.registry_lock.lock().await;
+        let _g = self.registry().await?;
         let rec = self.load_record(name).await?.ok_or_else(unknown)?;
         self.store.delete_record(name).await?;
         let ids: HashSet<String> = rec.versions.iter().map(|v| v.id.clone()).collect();
@@ -771,7 +940,7 @@ impl Cloud {
         if !valid_id(id) {
             return Err(unknown());
         }
-        let _g = self.registry_lock.lock().await;
+        let _g = self.registry().await?;
         let now = now_secs();
         let mut until = None;
         for name in self.store.list_names().await? {
@@ -810,7 +979,7 @@ impl Cloud {
 
     /// Removes superseded versions whose lease has run out, and their KV; returns how many.
     pub async fn gc(&self) -> Result<usize, ApiError> {
-        let _g = self.registry_lock.lock().await;
+        let _g = self.registry().await?;
         let now = now_secs();
         let mut expired = HashSet::new();
         for name in self.store.list_names().await? {
@@ -861,39 +1030,69 @@ impl Cloud {
         Ok(ep_proto::PrefetchHints { ids })
     }
 
-    /// Queues again the current versions a store holds as queued or computing without their KV (a
-    /// cloud that stopped while computing).
-    async fn resume_unfinished(&self) -> Result<(), ApiError> {
+    /// Whether the computation of `id` is in hand: queued or running in this replica, or its job
+    /// lease held by some replica.
+    async fn in_hand(&self, id: &str) -> Result<bool, ApiError> {
+        if self.inflight.lock().expect("inflight").contains(id) {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .lease_holder(&Lease::Job(id.to_string()))
+            .await?
+            .is_some())
+    }
+
+    /// Takes over the unfinished computations nobody holds: current versions the store records as
+    /// queued or computing whose job lease no replica holds (a replica died computing it, or this
+    /// one stopped) and that this replica does not have in hand; returns how many it queued.
+    async fn sweep(&self) -> Result<usize, ApiError> {
+        let mut queued = 0;
         for name in self.store.list_names().await? {
-            let _g = self.registry_lock.lock().await;
+            let unfinished = |rec: &NameRecord| {
+                rec.versions
+                    .last()
+                    .filter(|v| matches!(v.status, PromptStatus::Queued | PromptStatus::Computing))
+                    .map(|v| (v.id.clone(), v.content.clone()))
+            };
+            // Read first without the registry: most records are finished.
+            let Some((id, _)) = self.load_record(&name).await?.as_ref().and_then(unfinished) else {
+                continue;
+            };
+            if self.in_hand(&id).await? {
+                continue;
+            }
+            let _g = self.registry().await?;
             let Some(mut rec) = self.load_record(&name).await? else {
                 continue;
             };
-            let Some(v) = rec.versions.last() else {
+            let Some((id, content)) = unfinished(&rec) else {
                 continue;
             };
-            if matches!(v.status, PromptStatus::Queued | PromptStatus::Computing) {
-                let (id, content) = (v.id.clone(), v.content.clone());
-                let tok = self.model.tok.clone();
-                let template = self.model.template.clone();
-                let c = content.clone();
-                let tokens = tokio::task::spawn_blocking(move || {
-                    render_cloud_prompt(&tok, template.as_deref(), &c)
-                })
-                .await
-                .map_err(ApiError::internal)?;
-                match tokens {
-                    Ok(t) if ep_proto::prompt_id(&self.identity_digest, &t) == id => {
-                        tracing::info!(name = %name, id = short(&id), "resuming an unfinished computation");
-                        self.enqueue(&mut rec, &id, t, content).await?;
-                    }
-                    _ => {
-                        tracing::warn!(name = %name, "an unfinished version no longer renders to its id; left as it is")
-                    }
+            // Again under the registry: another replica's sweep may have queued it meanwhile.
+            if self.in_hand(&id).await? {
+                continue;
+            }
+            let tok = self.model.tok.clone();
+            let template = self.model.template.clone();
+            let c = content.clone();
+            let tokens = tokio::task::spawn_blocking(move || {
+                render_cloud_prompt(&tok, template.as_deref(), &c)
+            })
+            .await
+            .map_err(ApiError::internal)?;
+            match tokens {
+                Ok(t) if ep_proto::prompt_id(&self.identity_digest, &t) == id => {
+                    tracing::info!(name = %name, id = short(&id), "an unfinished computation nobody holds");
+                    self.enqueue(&mut rec, &id, t, content, true).await?;
+                    queued += 1;
+                }
+                _ => {
+                    tracing::warn!(name = %name, "an unfinished version no longer renders to its id; left as it is")
                 }
             }
         }
-        Ok(())
+        Ok(queued)
     }
 }
 
@@ -967,6 +1166,24 @@ pub async fn stored_public_key(store: &dyn Store) -> Result<Option<String>, Stor
         .map(|seed| hex(SigningKey::from_bytes(&seed).verifying_key().as_bytes())))
 }
 
+/// Runs `f` every `every` (the first time at once) until aborted, logging its errors as `what`.
+fn periodic<F, Fut>(every: Duration, what: &'static str, f: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<usize, ApiError>> + Send,
+{
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            if let Err(e) = f().await {
+                tracing::warn!("{what}: {:?}", e.body);
+            }
+        }
+    })
+}
+
 /// Starts a cloud: the signing key from the store (generated when absent), the compute worker, the
 /// collector of expired versions and the HTTP(S) server.
 pub async fn serve(
@@ -1012,6 +1229,8 @@ pub async fn serve(
         jobs: jtx,
         inflight: Mutex::new(HashSet::new()),
         registry_lock: tokio::sync::Mutex::new(()),
+        replica: format!("{}-{}", std::process::id(), &hex(&generate_seed())[..12]),
+        lock_seq: Default::default(),
         metrics: Metrics::new(),
     });
     let key_hex = cloud.public_key_hex();
@@ -1025,20 +1244,23 @@ pub async fn serve(
     };
     let gc = {
         let c = cloud.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(cfg.gc_interval);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                t.tick().await;
-                if let Err(e) = c.gc().await {
-                    tracing::warn!("collecting expired versions: {:?}", e.body);
-                }
-            }
+        periodic(cfg.gc_interval, "collecting expired versions", move || {
+            let c = c.clone();
+            async move { c.gc().await }
         })
     };
-    if let Err(e) = cloud.resume_unfinished().await {
-        tracing::warn!("resuming unfinished computations: {:?}", e.body);
-    }
+    // The sweep's first tick is at once: what this replica left unfinished when it stopped.
+    let sweeper = {
+        let c = cloud.clone();
+        periodic(
+            cfg.takeover_interval,
+            "looking for unfinished computations",
+            move || {
+                let c = c.clone();
+                async move { c.sweep().await }
+            },
+        )
+    };
     let app = http::router(cloud.clone());
     let std_listener = std::net::TcpListener::bind(cfg.listen)?;
     std_listener.set_nonblocking(true)?;
@@ -1089,6 +1311,6 @@ pub async fn serve(
         key_hex,
         stop: Some(stop_tx),
         server,
-        tasks: vec![worker, gc],
+        tasks: vec![worker, gc, sweeper],
     })
 }

@@ -1,10 +1,21 @@
 //! Where the cloud keeps its state, behind one async trait ([`Store`]): the signing key, the registry's
 //! records (one JSON document per prompt name) and, per content id, the encoded KV stream and its signed
-//! manifest. [`DirStore`] is a directory (every write a temporary file renamed into place);
-//! [`RedisStore`] is a Redis server several cloud replicas share (the stream one value, read by
-//! `GETRANGE`; the key created with `SET NX` so replicas agree on it).
+//! manifest, and the leases replicas coordinate with. [`DirStore`] is a directory (every write a
+//! temporary file renamed into place; its leases live in the process, one replica per directory);
+//! [`RedisStore`] is a Redis server or a Redis Cluster several cloud replicas share (the stream one
+//! value, read by `GETRANGE`; the key created with `SET NX` so replicas agree on it; leases are keys
+//! set with `NX PX` and renewed or released only by their owner).
+//!
+//! **Keys in a cluster.** Every key carries a hash tag, so what one operation touches lies in one
+//! slot: the registry (`ep:{reg}:…`, the records, the set of names, the signing key and the registry
+//! lease) on one node, and each stored KV (`ep:{kv:ID}:stream`, `…:manifest`, `…:job`, one tag per
+//! id and codec) on whichever node its tag hashes to, so a prompt's frames are read by range from one
+//! node and prompts spread over the masters.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,6 +30,22 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("store: {0}")]
     Bad(String),
+}
+
+impl StoreError {
+    /// The store cannot be reached now (connection refused, dropped or timed out), as opposed to an
+    /// error in what it holds or was asked.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+            }
+            _ => false,
+        }
+    }
 }
 
 fn io(path: &Path, err: std::io::Error) -> StoreError {
@@ -57,11 +84,81 @@ pub trait Store: Send + Sync {
     async fn get_stream_range(&self, id: &str, start: u64, end: u64) -> Result<Bytes, StoreError>;
     /// Removes the KV of `id` (absent is not an error).
     async fn delete_kv(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Takes `lease` for `owner` for `ttl` unless another owner holds it; returns whether `owner`
+    /// holds it now (taking one it already holds renews it).
+    async fn try_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Extends `lease` by `ttl` if `owner` still holds it; returns whether it did.
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Gives `lease` up if `owner` holds it.
+    async fn release_lease(&self, lease: &Lease, owner: &str) -> Result<(), StoreError>;
+    /// Who holds `lease` now, if anyone.
+    async fn lease_holder(&self, lease: &Lease) -> Result<Option<String>, StoreError>;
 }
 
-/// Opens a store from its spec: `redis://HOST:PORT[/DB]` or a directory path (created if missing).
+/// A lease replicas coordinate with: held by one owner at a time until it expires or is released.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Lease {
+    /// Read-modify-write of the registry's records.
+    Registry,
+    /// The computation of the KV of this content id.
+    Job(String),
+}
+
+/// Leases held in the process (a directory store's: one replica per directory).
+#[derive(Debug, Default)]
+struct LocalLeases(Mutex<HashMap<Lease, (String, Instant)>>);
+
+impl LocalLeases {
+    fn try_take(&self, lease: &Lease, owner: &str, ttl: Duration, renew_only: bool) -> bool {
+        let mut m = self.0.lock().expect("leases");
+        let now = Instant::now();
+        let holder = m
+            .get(lease)
+            .filter(|(_, until)| *until > now)
+            .map(|(o, _)| o.as_str());
+        let ok = match holder {
+            Some(o) => o == owner,
+            None => !renew_only,
+        };
+        if ok {
+            m.insert(lease.clone(), (owner.to_string(), now + ttl));
+        }
+        ok
+    }
+    fn release(&self, lease: &Lease, owner: &str) {
+        let mut m = self.0.lock().expect("leases");
+        if m.get(lease).is_some_and(|(o, _)| o == owner) {
+            m.remove(lease);
+        }
+    }
+    fn holder(&self, lease: &Lease) -> Option<String> {
+        let m = self.0.lock().expect("leases");
+        m.get(lease)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(o, _)| o.clone())
+    }
+}
+
+/// Opens a store from its spec: `redis://HOST:PORT[/DB]` (one server),
+/// `redis-cluster://HOST:PORT[,HOST:PORT…]` (a Redis Cluster, reached through any of its nodes) or a
+/// directory path (created if missing).
 pub async fn open_store(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+    if spec.starts_with("redis-cluster://") {
+        Ok(std::sync::Arc::new(
+            RedisStore::connect_cluster(spec).await?,
+        ))
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         Ok(std::sync::Arc::new(RedisStore::connect(spec).await?))
     } else {
         Ok(std::sync::Arc::new(DirStore::open(spec)?))
@@ -73,6 +170,7 @@ pub async fn open_store(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreEr
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
+    leases: std::sync::Arc<LocalLeases>,
 }
 
 impl DirStore {
@@ -82,7 +180,10 @@ impl DirStore {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
         }
-        Ok(DirStore { root })
+        Ok(DirStore {
+            root,
+            leases: Default::default(),
+        })
     }
 
     /// The directory.
@@ -266,39 +367,151 @@ impl Store for DirStore {
         })
         .await
     }
+
+    async fn try_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.leases.try_take(lease, owner, ttl, false))
+    }
+
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.leases.try_take(lease, owner, ttl, true))
+    }
+
+    async fn release_lease(&self, lease: &Lease, owner: &str) -> Result<(), StoreError> {
+        self.leases.release(lease, owner);
+        Ok(())
+    }
+
+    async fn lease_holder(&self, lease: &Lease) -> Result<Option<String>, StoreError> {
+        Ok(self.leases.holder(lease))
+    }
 }
 
-/// A store in Redis: `ep:key`, `ep:names` (a set), `ep:rec:NAME`, `ep:kv:ID:stream` (one value, read
-/// with `GETRANGE`) and `ep:kv:ID:manifest`. One multiplexed connection that reconnects by itself.
+/// A store in Redis, one server or a Redis Cluster: `ep:{reg}:key`, `ep:{reg}:names` (a set),
+/// `ep:{reg}:rec:NAME`, `ep:{reg}:lease`, and per stored KV `ep:{kv:ID}:stream` (one value, read with
+/// `GETRANGE`), `ep:{kv:ID}:manifest` and `ep:{kv:ID}:job` (the computation's lease). One
+/// multiplexed connection that reconnects by itself, or the cluster client's connections to every
+/// master, which follow the cluster's slots through failovers.
 #[derive(Clone)]
 pub struct RedisStore {
     url: String,
-    conn: redis::aio::ConnectionManager,
+    conn: Conn,
+}
+
+/// A connection to one server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl RedisStore {
+    /// A store on one Redis server (`redis://HOST:PORT[/DB]`).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let conn = client.get_connection_manager().await?;
         Ok(RedisStore {
             url: url.to_string(),
-            conn,
+            conn: Conn::Single(conn),
+        })
+    }
+
+    /// A store on a Redis Cluster: `redis-cluster://HOST:PORT[,HOST:PORT…]`, any of its nodes (the
+    /// client learns the rest and the slots from them).
+    pub async fn connect_cluster(spec: &str) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = spec
+            .strip_prefix("redis-cluster://")
+            .unwrap_or(spec)
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("redis://{n}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err(StoreError::Bad(format!(
+                "'{spec}' names no node: redis-cluster://HOST:PORT[,HOST:PORT…]"
+            )));
+        }
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(4)
+            .build()?;
+        let conn = client.get_async_connection().await?;
+        Ok(RedisStore {
+            url: spec.to_string(),
+            conn: Conn::Cluster(conn),
         })
     }
 }
 
-const R_KEY: &str = "ep:key";
-const R_NAMES: &str = "ep:names";
+const R_KEY: &str = "ep:{reg}:key";
+const R_NAMES: &str = "ep:{reg}:names";
 
 fn r_rec(name: &str) -> String {
-    format!("ep:rec:{name}")
+    format!("ep:{{reg}}:rec:{name}")
 }
 fn r_stream(id: &str) -> String {
-    format!("ep:kv:{id}:stream")
+    format!("ep:{{kv:{id}}}:stream")
 }
 fn r_manifest(id: &str) -> String {
-    format!("ep:kv:{id}:manifest")
+    format!("ep:{{kv:{id}}}:manifest")
 }
+fn r_lease(lease: &Lease) -> String {
+    match lease {
+        Lease::Registry => "ep:{reg}:lease".to_string(),
+        Lease::Job(id) => format!("ep:{{kv:{id}}}:job"),
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+/// Extends the key's expiry if it holds the owner.
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Deletes the key if it holds the owner.
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+return redis.call('DEL', KEYS[1]) else return 0 end";
 
 #[async_trait]
 impl Store for RedisStore {
@@ -395,5 +608,58 @@ impl Store for RedisStore {
         let mut c = self.conn.clone();
         let _: () = c.del(&[r_manifest(id), r_stream(id)]).await?;
         Ok(())
+    }
+
+    async fn try_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let key = r_lease(lease);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async(&mut c)
+            .await?;
+        if set.is_some() {
+            return Ok(true);
+        }
+        self.renew_lease(lease, owner, ttl).await
+    }
+
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let n: i64 = redis::Script::new(RENEW)
+            .key(r_lease(lease))
+            .arg(owner)
+            .arg(ttl_ms(ttl))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn release_lease(&self, lease: &Lease, owner: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::Script::new(RELEASE)
+            .key(r_lease(lease))
+            .arg(owner)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    async fn lease_holder(&self, lease: &Lease) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(c.get(r_lease(lease)).await?)
     }
 }

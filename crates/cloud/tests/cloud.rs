@@ -140,6 +140,16 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    /// The Prometheus text of `/metrics`.
+    async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
     async fn manifest(&self, id: &str) -> reqwest::Response {
         self.get(&format!("/v1/kv/{id}/manifest"))
             .send()
@@ -407,14 +417,7 @@ async fn register_compute_and_serve_kv_over_http() {
         .iter()
         .any(|h| h.id == m.id && h.stream_bytes == m.stream_bytes));
 
-    let metrics = api
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("edgeprompt_cloud_prompts_registered_total 2"),
         "{metrics}"
@@ -441,14 +444,7 @@ async fn register_compute_and_serve_kv_over_http() {
     assert_eq!(s2.public_key(), key);
     ep_proto::verify(&key, &sm2).unwrap();
     assert_eq!(api2.stream(&m.id).await, full);
-    let metrics = api2
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api2.metrics().await;
     assert!(metrics.contains("edgeprompt_cloud_prompts_computed_total 0"));
     s2.shutdown().await.unwrap();
 }
@@ -647,6 +643,25 @@ async fn smollm2_messages_prompt_is_rendered_with_its_template() {
     s.shutdown().await.unwrap();
 }
 
+/// Waits (at most 10 s) until a `redis-server` accepts connections on loopback `port`.
+fn wait_port(port: u16) {
+    assert!(
+        port_opens(port, Instant::now() + Duration::from_secs(10)),
+        "redis-server did not start on port {port}"
+    );
+}
+
+/// Whether loopback `port` accepts a connection before `deadline`.
+fn port_opens(port: u16, deadline: Instant) -> bool {
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 /// A `redis-server` on a free loopback port, killed on drop.
 struct Redis {
     child: Child,
@@ -667,14 +682,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (scripts/test.sh installs it)");
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(port);
         Redis { child, port }
     }
     fn url(&self) -> String {
@@ -687,6 +695,25 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Replica `b` serves `id`'s manifest signed with `key` and a stream that checks against it, the
+/// same bytes as replica `a`'s, and a range of it; returns the manifest and the stream.
+async fn served_alike(key: &str, a: &Api, b: &Api, id: &str) -> (SignedManifest, Vec<u8>) {
+    let sm: SignedManifest = b.manifest(id).await.json().await.unwrap();
+    ep_proto::verify(key, &sm).unwrap();
+    let full = b.stream(id).await;
+    check_stream(&sm.manifest, &full);
+    assert_eq!(full, a.stream(id).await);
+    let r = b
+        .get(&format!("/v1/kv/{id}/stream"))
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &full[100..]);
+    (sm, full)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,19 +733,7 @@ async fn two_replicas_share_one_redis_store() {
     // Served by the other replica: record, manifest, stream, ranges, frames.
     let ib = api_b.wait_ready("shared").await;
     assert_eq!(ia.id, ib.id);
-    let sm: SignedManifest = api_b.manifest(&ib.id).await.json().await.unwrap();
-    ep_proto::verify(a.public_key(), &sm).unwrap();
-    let full = api_b.stream(&ib.id).await;
-    check_stream(&sm.manifest, &full);
-    assert_eq!(full, api_a.stream(&ia.id).await);
-    let r = api_b
-        .get(&format!("/v1/kv/{}/stream", ib.id))
-        .header("range", "bytes=100-")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 206);
-    assert_eq!(&r.bytes().await.unwrap()[..], &full[100..]);
+    let (sm, full) = served_alike(a.public_key(), &api_a, &api_b, &ib.id).await;
     let fr = &sm.manifest.frames[1];
     let r = api_b
         .get(&format!(
@@ -751,4 +766,326 @@ async fn two_replicas_share_one_redis_store() {
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A Redis Cluster of three masters, each with a replica, on free loopback ports (`redis-server
+/// --cluster-enabled` nodes joined by `redis-cli --cluster create`); killed on drop.
+struct RedisCluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts the cluster, trying again (on fresh ports) when a node could not start or the
+    /// cluster would not form: another test's process can take a reserved port between the check
+    /// and the node's bind.
+    fn start() -> RedisCluster {
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match RedisCluster::try_start() {
+                Ok(c) => return c,
+                Err(e) => errors.push(e),
+            }
+        }
+        panic!("no Redis Cluster in three tries: {errors:#?}");
+    }
+
+    fn try_start() -> Result<RedisCluster, String> {
+        let dir = tempfile::tempdir().unwrap();
+        // Each node takes a client port and a cluster-bus port (`--cluster-port`; by default it
+        // would be port + 10000, which nothing reserved and another process may hold).
+        let listeners: Vec<_> = (0..12)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let all: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(listeners);
+        let (ports, bus) = all.split_at(6);
+        let mut c = RedisCluster {
+            nodes: Vec::new(),
+            ports: ports.to_vec(),
+            _dir: dir,
+        };
+        for (p, b) in ports.iter().zip(bus) {
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-port", &b.to_string()])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(c._dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/test.sh installs it)");
+            c.nodes.push(child);
+        }
+        let t0 = Instant::now();
+        for &p in &c.ports {
+            if !port_opens(p, t0 + Duration::from_secs(10)) {
+                return Err(format!("no redis-server on port {p}"));
+            }
+        }
+        // A node binds its bus port after its client port, and exits if it cannot.
+        std::thread::sleep(Duration::from_millis(100));
+        for (n, p) in c.nodes.iter_mut().zip(&c.ports) {
+            if let Ok(Some(status)) = n.try_wait() {
+                return Err(format!("redis-server on port {p} exited: {status}"));
+            }
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        while !c.ports.iter().all(|&p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        }) {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err("the cluster did not form in 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(c)
+    }
+    /// The store spec naming two of its nodes.
+    fn spec(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{},127.0.0.1:{}",
+            self.ports[0], self.ports[3]
+        )
+    }
+    /// How many keys each master holds.
+    fn keys_per_master(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .filter_map(|p| {
+                let role = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "role"])
+                    .output()
+                    .unwrap();
+                if !String::from_utf8_lossy(&role.stdout).starts_with("master") {
+                    return None;
+                }
+                let n = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "dbsize"])
+                    .output()
+                    .unwrap();
+                Some(String::from_utf8_lossy(&n.stdout).trim().parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `edgeprompt_cloud_NAME_total` in a replica's `/metrics`.
+async fn counter(api: &Api, name: &str) -> u64 {
+    let text = api.metrics().await;
+    let key = format!("edgeprompt_cloud_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn replica_config() -> CloudConfig {
+    CloudConfig {
+        job_lease: Duration::from_secs(3),
+        takeover_interval: Duration::from_millis(200),
+        ..config(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_a_redis_cluster_compute_each_prompt_once() {
+    let cluster = RedisCluster::start();
+    let l = tiny();
+    let (sa, sb) = (
+        ep_cloud::open_store(&cluster.spec()).await.unwrap(),
+        ep_cloud::open_store(&cluster.spec()).await.unwrap(),
+    );
+    let (a, b) = tokio::join!(
+        ep_cloud::serve(replica_config(), sa, cloud_model(&l)),
+        ep_cloud::serve(replica_config(), sb, cloud_model(&l))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.public_key(), b.public_key(), "replicas agree on one key");
+    let (api_a, api_b) = (Api::new(&a, None), Api::new(&b, None));
+    // Each prompt registered at the same moment through both replicas.
+    let names = ["p0", "p1", "p2", "p3"];
+    for (i, name) in names.iter().enumerate() {
+        let body = json!({"name": name, "text": text_prompt(60 + 10 * i)});
+        let ((st_a, ja), (st_b, jb)) =
+            tokio::join!(api_a.register(body.clone()), api_b.register(body));
+        assert!(st_a.is_success() && st_b.is_success(), "{ja} {jb}");
+        assert_eq!(ja["id"], jb["id"]);
+    }
+    for name in names {
+        let (ia, ib) = (api_a.wait_ready(name).await, api_b.wait_ready(name).await);
+        assert_eq!((ia.id.clone(), ia.version), (ib.id.clone(), ib.version));
+        // Served whole and by range from either replica, from whichever master holds its slot.
+        served_alike(a.public_key(), &api_a, &api_b, &ib.id).await;
+    }
+    let sum = |n: &'static str| {
+        let (api_a, api_b) = (&api_a, &api_b);
+        async move { counter(api_a, n).await + counter(api_b, n).await }
+    };
+    assert_eq!(sum("prompts_registered").await, 4, "one version per name");
+    assert_eq!(
+        sum("prompts_computed").await,
+        4,
+        "each prompt computed once"
+    );
+    // Both replicas list the same registry.
+    let list = |api: &Api| api.get("/v1/cloud-prompts").send();
+    let la: ep_proto::CloudPromptList = list(&api_a).await.unwrap().json().await.unwrap();
+    let lb: ep_proto::CloudPromptList = list(&api_b).await.unwrap().json().await.unwrap();
+    assert_eq!(la.data.len(), 4);
+    assert_eq!(
+        la.data.iter().map(|i| (&i.name, &i.id)).collect::<Vec<_>>(),
+        lb.data.iter().map(|i| (&i.name, &i.id)).collect::<Vec<_>>()
+    );
+    // The KV of different prompts spreads over the masters (12 hash tags: 4 prompts × 3 codecs).
+    let per_master = cluster.keys_per_master();
+    assert_eq!(per_master.len(), 3, "{per_master:?}");
+    assert!(
+        per_master.iter().filter(|&&n| n > 0).count() >= 2,
+        "{per_master:?}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_computation_whose_replica_died_is_taken_over() {
+    let cluster = RedisCluster::start();
+    let l = tiny();
+    let text = text_prompt(90);
+    let tokens =
+        ep_cloud::render_cloud_prompt(&l.tok, None, &PromptContent::Text(text.clone())).unwrap();
+    let digest = ep_kv::identity::ContentIdentity::of(&l.model, &l.tok).digest();
+    let id = ep_proto::prompt_id(&digest, &tokens);
+    // A replica that took the job and died: its lease runs out after 1.5 s, never renewed.
+    let store = ep_cloud::open_store(&cluster.spec()).await.unwrap();
+    let job = ep_cloud::Lease::Job(id.clone());
+    assert!(store
+        .try_lease(&job, "dead-replica", Duration::from_millis(1500))
+        .await
+        .unwrap());
+    assert!(!store
+        .try_lease(&job, "other", Duration::from_secs(1))
+        .await
+        .unwrap());
+    let (a, b) = tokio::join!(
+        ep_cloud::serve(replica_config(), store, cloud_model(&l)),
+        ep_cloud::serve(
+            replica_config(),
+            ep_cloud::open_store(&cluster.spec()).await.unwrap(),
+            cloud_model(&l)
+        )
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (api_a, api_b) = (Api::new(&a, None), Api::new(&b, None));
+    let t0 = Instant::now();
+    let (st, j) = api_a
+        .register(json!({"name": "orphan", "text": text}))
+        .await;
+    assert_eq!(st, 202, "{j}");
+    assert_eq!(j["id"], id.as_str());
+    // While the dead replica's lease lasts nobody computes it, and both replicas say so.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ia, ib) = (api_a.info("orphan").await, api_b.info("orphan").await);
+    assert_eq!(ia.status, PromptStatus::Queued);
+    assert_eq!((ia.status, ia.progress), (ib.status, ib.progress));
+    assert_eq!(counter(&api_a, "prompt_jobs_elsewhere").await, 1);
+    // Then one of them takes it over and finishes it.
+    let ready = api_b.wait_ready("orphan").await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(ready.id, id);
+    assert_eq!(api_a.info("orphan").await.status, PromptStatus::Ready);
+    let taken = counter(&api_a, "prompt_jobs_taken_over").await
+        + counter(&api_b, "prompt_jobs_taken_over").await;
+    let computed =
+        counter(&api_a, "prompts_computed").await + counter(&api_b, "prompts_computed").await;
+    assert_eq!((taken, computed), (1, 1));
+    let sm: SignedManifest = api_a.manifest(&id).await.json().await.unwrap();
+    check_stream(&sm.manifest, &api_b.stream(&id).await);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn leases_are_held_by_one_owner_until_released_or_expired() {
+    // The same rules in every store: one server, a cluster, a directory.
+    let redis = Redis::start();
+    let cluster = RedisCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<Arc<dyn Store>> = vec![
+        ep_cloud::open_store(&redis.url()).await.unwrap(),
+        ep_cloud::open_store(&cluster.spec()).await.unwrap(),
+        Arc::new(DirStore::open(dir.path()).unwrap()),
+    ];
+    for s in stores {
+        let l = ep_cloud::Lease::Job("ab".repeat(32));
+        let ttl = Duration::from_millis(400);
+        assert_eq!(s.lease_holder(&l).await.unwrap(), None);
+        assert!(
+            !s.renew_lease(&l, "a", ttl).await.unwrap(),
+            "nothing to renew"
+        );
+        assert!(s.try_lease(&l, "a", ttl).await.unwrap());
+        assert!(!s.try_lease(&l, "b", ttl).await.unwrap());
+        assert!(!s.renew_lease(&l, "b", ttl).await.unwrap());
+        assert_eq!(s.lease_holder(&l).await.unwrap().as_deref(), Some("a"));
+        s.release_lease(&l, "b").await.unwrap();
+        assert_eq!(
+            s.lease_holder(&l).await.unwrap().as_deref(),
+            Some("a"),
+            "only its owner releases it"
+        );
+        assert!(s.renew_lease(&l, "a", ttl).await.unwrap());
+        s.release_lease(&l, "a").await.unwrap();
+        assert!(s.try_lease(&l, "b", ttl).await.unwrap(), "released: free");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(s.lease_holder(&l).await.unwrap(), None, "expired");
+        assert!(s.try_lease(&l, "a", ttl).await.unwrap(), "expired: free");
+        assert!(
+            s.try_lease(&ep_cloud::Lease::Registry, "b", ttl)
+                .await
+                .unwrap(),
+            "leases are separate"
+        );
+    }
 }

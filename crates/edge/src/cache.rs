@@ -1,9 +1,10 @@
 //! The edge's disk cache of cloud prompt KV: per content id the signed manifest and the whole stream as
 //! received (`kv/ID.manifest.json`, `kv/ID.stream`), an index of the last id seen per name
 //! (`names.json`, for serving while the cloud is down) and the cloud key remembered on first use
-//! (`cloud-key`). Every write is a temporary file renamed into place. The streams stay within a byte
-//! budget, the least recently used evicted first (use is the file's modification time). Nothing read
-//! from here is trusted: the fetcher checks signature and every digest again on load.
+//! (`cloud-key`). Every write is a temporary file renamed into place (one a killed process left is
+//! removed on open). The streams stay within a byte budget, the least recently used evicted first
+//! (use is the file's modification time), room made before an entry is written. Nothing read from
+//! here is trusted: the fetcher checks signature and every digest again on load.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -53,6 +54,22 @@ impl DiskCache {
     pub fn open(dir: impl Into<PathBuf>, budget: u64) -> std::io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(dir.join("kv"))?;
+        // A process killed while writing leaves its temporary file behind: incomplete, never read
+        // as an entry, but it would hold disk outside the budget for good.
+        for d in [dir.clone(), dir.join("kv")] {
+            for e in std::fs::read_dir(&d)?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp")
+                    && e.file_type().is_ok_and(|t| t.is_file())
+                    && std::fs::remove_file(e.path()).is_ok()
+                {
+                    tracing::warn!(
+                        file = %e.path().display(),
+                        "removed an incomplete file left in the KV disk cache"
+                    );
+                }
+            }
+        }
         Ok(DiskCache {
             dir,
             budget,
@@ -129,9 +146,11 @@ impl DiskCache {
             return Ok(false);
         }
         let _g = self.lock.lock().expect("cache lock");
+        // Room first, so the directory stays within the budget while the entry is written.
+        let _ = std::fs::remove_file(self.stream_path(id));
+        self.evict(size, id)?;
         write_atomic(&self.stream_path(id), stream)?;
         write_atomic(&self.manifest_path(id), manifest)?;
-        self.evict(size, id)?;
         Ok(true)
     }
 
@@ -182,16 +201,15 @@ impl DiskCache {
         Ok(e.into_iter().map(|e| e.0).collect())
     }
 
-    fn evict(&self, _new: u64, keep: &str) -> std::io::Result<()> {
+    /// Evicts the least recently used entries but `keep` until they and `new` more bytes fit.
+    fn evict(&self, new: u64, keep: &str) -> std::io::Result<()> {
         let mut e = self.entries()?;
-        let mut total: u64 = e.iter().map(|e| e.1).sum();
+        e.retain(|e| e.0 != keep);
+        let mut total: u64 = e.iter().map(|e| e.1).sum::<u64>() + new;
         e.sort_by_key(|a| a.2);
         for (id, bytes, _) in e {
             if total <= self.budget {
                 break;
-            }
-            if id == keep {
-                continue;
             }
             let _ = std::fs::remove_file(self.manifest_path(&id));
             let _ = std::fs::remove_file(self.stream_path(&id));

@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod conn;
 pub mod error;
 pub mod fetch;
 pub mod metrics;
@@ -58,6 +59,12 @@ pub struct EdgeConfig {
     /// Largest edge prompt (bytes of content) and most edge prompts per tenant.
     pub max_edge_prompt_bytes: usize,
     pub max_edge_prompts: usize,
+    /// Largest `max_tokens` a request may ask for (400 beyond; also the OpenAPI maximum); `None`:
+    /// whatever the context leaves.
+    pub max_tokens_limit: Option<usize>,
+    /// How long a response write may wait for a client that reads nothing before the connection
+    /// is closed and its request cancelled ([`conn`]).
+    pub write_stall: std::time::Duration,
 }
 
 impl Default for EdgeConfig {
@@ -74,6 +81,8 @@ impl Default for EdgeConfig {
             max_stop_bytes: 256,
             max_edge_prompt_bytes: 256 << 10,
             max_edge_prompts: 64,
+            max_tokens_limit: None,
+            write_stall: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -104,6 +113,8 @@ pub async fn serve_on(
 ) -> std::io::Result<()> {
     let app = Arc::new(App::new(cfg, engine, tok, template, fetcher));
     tracing::info!(addr = %listener.local_addr()?, "edge listening");
+    let listener =
+        conn::StallListener::new(listener, app.cfg.write_stall, app.metrics.stalled.clone());
     axum::serve(listener, server::router(app))
         .with_graceful_shutdown(shutdown)
         .await

@@ -32,7 +32,9 @@ pub struct Metrics {
     pub success: Counter,
     pub errors: Counter,
     pub rejected_queue_full: Counter,
+    pub stalled: Counter,
     pub cloud_down: Counter,
+    pub frames_refetched: Counter,
     pub cloud_up: Counter,
     /// How cloud prompts' KV was obtained, per strategy (`fetch-f16`, `split`, `recompute`, …).
     pub kv_decisions: Family<StrategyLabel, Counter>,
@@ -104,7 +106,9 @@ impl Metrics {
             success: Counter::default(),
             errors: Counter::default(),
             rejected_queue_full: Counter::default(),
+            stalled: Counter::default(),
             cloud_down: Counter::default(),
+            frames_refetched: Counter::default(),
             cloud_up: Counter::default(),
             kv_decisions: Family::default(),
             link_rtt: Gauge::default(),
@@ -193,9 +197,19 @@ impl Metrics {
                 m.rejected_queue_full.clone()
             );
             reg!(
+                "connections_write_stalled",
+                "Connections closed because the client read nothing for the write-stall timeout (their requests cancelled)",
+                m.stalled.clone()
+            );
+            reg!(
                 "cloud_bytes_received",
                 "Bytes received from the cloud",
                 m.cloud_down.clone()
+            );
+            reg!(
+                "kv_frames_refetched",
+                "KV frames that failed their digest or checks as received and were fetched again alone",
+                m.frames_refetched.clone()
             );
             reg!(
                 "cloud_bytes_sent",
@@ -305,6 +319,10 @@ impl Metrics {
                 .inc_by(t.bytes_down.saturating_sub(self.cloud_down.get()));
             self.cloud_up
                 .inc_by(t.bytes_up.saturating_sub(self.cloud_up.get()));
+            self.frames_refetched.inc_by(
+                t.frames_refetched
+                    .saturating_sub(self.frames_refetched.get()),
+            );
             drop(r);
         }
         for (step, t) in [

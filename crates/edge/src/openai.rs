@@ -16,16 +16,53 @@ pub enum Content {
 /// One part of a message's content.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct ContentPart {
+    /// Only `text` is supported.
     #[serde(rename = "type")]
+    #[schema(value_type = TextPartType)]
     pub kind: String,
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     pub text: Option<String>,
+}
+
+/// The one supported type of content part (schema only).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum TextPartType {
+    Text,
+}
+
+/// The role of a client's chat message (schema only).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum ChatRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+/// The role of an edge prompt's message (schema only).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum EdgeRole {
+    System,
+    User,
+    Assistant,
+}
+
+/// `response_format`: only `{"type": "text"}` (schema only).
+#[derive(ToSchema)]
+pub struct ResponseFormat {
+    #[schema(rename = "type")]
+    pub kind: TextPartType,
 }
 
 /// A chat message as a client sends it.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct RequestMessage {
     /// `system`, `developer` (rendered as `system`), `user` or `assistant`.
+    #[schema(value_type = ChatRole)]
     pub role: String,
     pub content: Content,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,12 +100,15 @@ pub struct SamplingFields {
     pub max_tokens: Option<u64>,
     /// 0 to 2; 0 is greedy. Default 1.
     #[serde(default)]
-    pub temperature: Option<f32>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
     /// In (0, 1]. Default 1.
     #[serde(default)]
-    pub top_p: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
     /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -80,19 +120,24 @@ pub struct SamplingFields {
     pub seed: Option<i64>,
     /// -2 to 2.
     #[serde(default)]
-    pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f64>,
     /// -2 to 2.
     #[serde(default)]
-    pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f64>,
     /// vLLM: keep the k most likely tokens (-1 or 0: off).
     #[serde(default)]
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
     /// vLLM: drop tokens below this fraction of the top probability, in [0, 1].
     #[serde(default)]
-    pub min_p: Option<f32>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub min_p: Option<f64>,
     /// vLLM: repetition penalty, in (0, 2]; 1 is off.
     #[serde(default)]
-    pub repetition_penalty: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 2.0)]
+    pub repetition_penalty: Option<f64>,
     /// vLLM: keep generating past end-of-generation tokens.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
@@ -130,6 +175,7 @@ impl SamplingFields {
 pub struct ChatCompletionRequest {
     /// The model id, or `"<model>:<cloud-prompt-name>"` to continue a cloud prompt.
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<RequestMessage>,
     /// Preferred over `max_tokens` when both are given.
     #[serde(default)]
@@ -137,16 +183,17 @@ pub struct ChatCompletionRequest {
     /// Return log-probabilities of the generated tokens.
     #[serde(default)]
     pub logprobs: Option<bool>,
-    /// 0 to 20 alternatives per token (needs `logprobs`).
+    /// 0 to 20 alternatives per token (more than 0 needs `logprobs`).
     #[serde(default)]
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u64>,
     /// Not supported (must be absent, null or empty).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
     pub tools: Option<serde_json::Value>,
     /// Only `{"type": "text"}` is supported.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -170,15 +217,18 @@ pub struct CompletionRequest {
     pub prompt: PromptInput,
     /// Log-probabilities of this many alternatives per token (0 to 20).
     #[serde(default)]
+    #[schema(maximum = 20)]
     pub logprobs: Option<u64>,
     /// Only false is supported.
     #[serde(default)]
     pub echo: Option<bool>,
     /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub best_of: Option<u64>,
-    /// Not supported.
+    /// Not supported (must be absent, null or empty).
     #[serde(default)]
+    #[schema(max_length = 0)]
     pub suffix: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -321,6 +371,7 @@ pub struct ModelList {
 /// A chat message of an edge prompt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EdgeMessage {
+    #[schema(value_type = EdgeRole)]
     pub role: String,
     pub content: String,
 }
@@ -330,10 +381,18 @@ pub struct EdgeMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEdgePrompt {
+    /// 1 to 128 characters (surrounding white space trimmed), without `/`, `:` or control
+    /// characters.
+    #[schema(
+        pattern = r"^[^/:\x00-\x1f\x7f-\x9f]*[^/:\s\x00-\x1f\x7f-\x9f][^/:\x00-\x1f\x7f-\x9f]*$",
+        max_length = 128
+    )]
     pub name: String,
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub text: Option<String>,
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub messages: Option<Vec<EdgeMessage>>,
 }
 

@@ -274,10 +274,11 @@ fn parse<T: DeserializeOwned>(
         }
     })?;
     let n = body.len();
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
             .code("invalid_json")
     })?;
+    integral_numbers(&mut value);
     let v = match serde_path_to_error::deserialize::<_, T>(&value) {
         Ok(v) => v,
         Err(e) => {
@@ -298,6 +299,27 @@ fn parse<T: DeserializeOwned>(
         }
     };
     Ok((v, n))
+}
+
+/// Writes numbers with a zero fraction (`5.0`) as integers, as JSON Schema counts them: an integer
+/// field takes them as its value (a float field takes integers anyway).
+fn integral_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Exactly representable both ways: |f| < 2^63 (2^64 for unsigned).
+            if f.fract() == 0.0
+                && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f)
+            {
+                *v = (f as i64).into();
+            } else if f.fract() == 0.0 && (0.0..1.844_674_407_370_955_2e19).contains(&f) {
+                *v = (f as u64).into();
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(o) => o.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
 }
 
 /// The base model and the cloud prompt a model id names.
@@ -352,10 +374,16 @@ fn edge_prompt(
     })
 }
 
-fn range(v: f32, lo: f32, hi: f32, lo_open: bool, param: &str) -> Result<f32, ApiError> {
+/// `v` checked against its range as sent (f64, so that no value the range admits rounds out of it,
+/// nor one outside rounds in), then made the sampler's f32. Open lower bounds are all 0: a positive
+/// value below f32's smallest normal number becomes that number (not 0, nor a subnormal whose
+/// reciprocal overflows).
+fn range(v: f64, lo: f64, hi: f64, lo_open: bool, param: &str) -> Result<f32, ApiError> {
+    debug_assert!(!lo_open || lo == 0.0);
     let ok = v.is_finite() && v <= hi && (if lo_open { v > lo } else { v >= lo });
     if ok {
-        Ok(v)
+        let x = v as f32;
+        Ok(if lo_open { x.max(f32::MIN_POSITIVE) } else { x })
     } else {
         let l = if lo_open { "(" } else { "[" };
         Err(
@@ -454,7 +482,17 @@ fn params(
                 "max_tokens must be at least 1",
             ))
         }
-        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if let Some(limit) = app.cfg.max_tokens_limit.filter(|&l| n > l) {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("max_tokens = {n} is more than this server allows ({limit})"),
+                )
+                .code("invalid_value"));
+            }
+            n
+        }
         None => usize::MAX,
     };
     let seed = match f.seed {
@@ -617,7 +655,7 @@ fn fit_context(
     }
     let room = ctx - n;
     if p.params.max_tokens == usize::MAX {
-        p.params.max_tokens = room;
+        p.params.max_tokens = room.min(app.cfg.max_tokens_limit.unwrap_or(usize::MAX));
     } else if explicit_max && p.params.max_tokens > room {
         return Err(ApiError::invalid(
             "max_tokens",
@@ -696,11 +734,16 @@ fn note_salt(app: &App, tenant: &str, cache_salt: Option<&str>) -> Result<Vec<u8
     path = "/v1/chat/completions",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "A completion (or an SSE stream of chunks with `stream`)", body = ChatCompletion),
+        (status = 200, description = "A completion (or an SSE stream of chunks with `stream`)", content(
+            (ChatCompletion = "application/json"),
+            (String = "text/event-stream")
+        )),
         (status = 400, body = ep_proto::ErrorBody),
         (status = 401, body = ep_proto::ErrorBody),
         (status = 404, body = ep_proto::ErrorBody),
-        (status = 429, body = ep_proto::ErrorBody),
+        (status = 413, body = ep_proto::ErrorBody),
+        (status = 429, description = "the queue is full (`Retry-After`)", body = ep_proto::ErrorBody),
+        (status = 503, description = "the cloud is unreachable and nothing is cached (`Retry-After`)", body = ep_proto::ErrorBody),
     )
 )]
 async fn chat_completions(
@@ -783,11 +826,16 @@ async fn chat_completions(
     path = "/v1/completions",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "A completion (or an SSE stream of chunks with `stream`)", body = Completion),
+        (status = 200, description = "A completion (or an SSE stream of chunks with `stream`)", content(
+            (Completion = "application/json"),
+            (String = "text/event-stream")
+        )),
         (status = 400, body = ep_proto::ErrorBody),
         (status = 401, body = ep_proto::ErrorBody),
         (status = 404, body = ep_proto::ErrorBody),
-        (status = 429, body = ep_proto::ErrorBody),
+        (status = 413, body = ep_proto::ErrorBody),
+        (status = 429, description = "the queue is full (`Retry-After`)", body = ep_proto::ErrorBody),
+        (status = 503, description = "the cloud is unreachable and nothing is cached (`Retry-After`)", body = ep_proto::ErrorBody),
     )
 )]
 async fn completions(
@@ -846,7 +894,11 @@ async fn completions(
         let params = params(
             &app,
             &req.sampling,
-            Some(req.sampling.max_tokens.unwrap_or(16)),
+            // OpenAI's default of 16, within this server's limit (only an explicit value is refused).
+            Some(req.sampling.max_tokens.unwrap_or_else(|| {
+                let limit = app.cfg.max_tokens_limit.unwrap_or(16);
+                16.min(u64::try_from(limit).unwrap_or(u64::MAX))
+            })),
             logprobs,
         )?;
         let edge = edge_prompt(&app, &tenant, req.sampling.edge_prompt.as_deref())?;
@@ -1475,7 +1527,7 @@ async fn create_edge_prompt(
     let (req, _): (CreateEdgePrompt, usize) = parse(body, app.cfg.max_body_bytes)?;
     let name = req.name.trim();
     if name.is_empty()
-        || name.len() > 128
+        || name.chars().count() > 128
         || name.contains(['/', ':'])
         || name.chars().any(char::is_control)
     {
@@ -1669,10 +1721,115 @@ async fn metrics(State(app): State<Shared>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
+async fn openapi(State(app): State<Shared>) -> Response {
+    let limit = app
+        .cfg
+        .max_tokens_limit
+        .unwrap_or(app.engine.config().max_seq_len.saturating_sub(1));
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    bound_max_tokens(&mut doc, limit);
+    describe_limits(&mut doc, &app);
     (
         [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
     )
         .into_response()
+}
+
+/// Writes this server's bounds of `max_tokens` / `max_completion_tokens` into every schema that
+/// has them (the generated description knows only their type).
+fn bound_max_tokens(v: &mut serde_json::Value, limit: usize) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::Object(props)) = o.get_mut("properties") {
+                for name in ["max_tokens", "max_completion_tokens"] {
+                    if let Some(serde_json::Value::Object(p)) = props.get_mut(name) {
+                        p.insert("minimum".into(), 1.into());
+                        p.insert("maximum".into(), limit.into());
+                    }
+                }
+            }
+            o.values_mut().for_each(|c| bound_max_tokens(c, limit));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| bound_max_tokens(c, limit)),
+        _ => {}
+    }
+}
+
+/// Writes what the derived description cannot know into the edge's OpenAPI document: this server's
+/// limits (messages, stop sequences, the vocabulary of token prompts), the constraints across fields
+/// the handlers check (`echo`, `top_logprobs` needs `logprobs`, exactly one of an edge prompt's
+/// `text` and `messages`, a non-empty cloud prompt name) and the model ids as examples.
+fn describe_limits(doc: &mut serde_json::Value, app: &App) {
+    use serde_json::json;
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(|v| v.as_object_mut())
+    else {
+        return;
+    };
+    let cfg = &app.cfg;
+    let model = json!({
+        "type": "string",
+        "description": "The model id, or `\"<model>:<cloud-prompt-name>\"` to continue a cloud prompt.",
+        "pattern": "^[^:]*(:.+)?$",
+        "examples": [cfg.model_id],
+    });
+    if let Some(c) = schemas.get_mut("SamplingFields") {
+        own_properties(c)["logit_bias"]["maxProperties"] = 0.into();
+    }
+    if let Some(c) = schemas.get_mut("ChatCompletionRequest") {
+        let p = own_properties(c);
+        p["model"] = model.clone();
+        p["messages"]["maxItems"] = cfg.max_messages.into();
+        c["if"] = json!({"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                         "required": ["top_logprobs"]});
+        c["then"] = json!({"properties": {"logprobs": {"const": true}}, "required": ["logprobs"]});
+    }
+    if let Some(c) = schemas.get_mut("CompletionRequest") {
+        let p = own_properties(c);
+        p["model"] = model;
+        p["echo"] = json!({"type": ["boolean", "null"], "enum": [false, null],
+                                         "description": "Only false is supported."});
+    }
+    let stop = json!({"type": "string", "minLength": 1, "maxLength": cfg.max_stop_bytes});
+    schemas.insert(
+        "Stop".into(),
+        json!({
+            "description": format!("`stop`: one string or a list of at most {}, each of 1 to {} bytes.",
+                                   cfg.max_stop, cfg.max_stop_bytes),
+            "oneOf": [stop, {"type": "array", "items": stop, "maxItems": cfg.max_stop}],
+        }),
+    );
+    let ids = json!({"type": "array", "minItems": 1,
+                     "items": {"type": "integer", "minimum": 0, "maximum": app.tok.vocab_size() - 1}});
+    let text = json!({"type": "string", "minLength": 1});
+    schemas.insert(
+        "PromptInput".into(),
+        json!({
+            "description": "One prompt: text, a list of one text, token ids, or a list of one list of token ids.",
+            "oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
+                      ids, {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}],
+        }),
+    );
+    if let Some(c) = schemas.get_mut("CreateEdgePrompt") {
+        c["oneOf"] = json!([
+            {"required": ["text"], "properties": {"text": {"type": "string"}},
+             "not": {"required": ["messages"], "properties": {"messages": {"type": "array"}}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}},
+             "not": {"required": ["text"], "properties": {"text": {"type": "string"}}}},
+        ]);
+    }
+}
+
+/// The properties a schema declares itself (beside the `allOf` a flattened struct makes).
+fn own_properties(schema: &mut serde_json::Value) -> &mut serde_json::Value {
+    let flat = schema
+        .get("allOf")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.iter().position(|s| s.get("properties").is_some()));
+    match flat {
+        Some(i) => &mut schema["allOf"][i]["properties"],
+        None => &mut schema["properties"],
+    }
 }

@@ -1079,3 +1079,96 @@ async fn shutdown_finishes_running_requests_and_stops_taking_new_ones() {
         .await
         .is_err());
 }
+
+/// A metric's value in the edge's Prometheus text.
+async fn metric(e: &Edge, name: &str) -> f64 {
+    let t = client()
+        .get(e.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    t.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_its_request_cancelled() {
+    let e = tiny(
+        EdgeConfig {
+            write_stall: Duration::from_millis(500),
+            ..edge_cfg()
+        },
+        EngineConfig {
+            max_seq_len: 4096,
+            ..engine_cfg()
+        },
+    )
+    .await;
+    // A client with a 4 KiB receive buffer that sends a long streaming request (log-probabilities
+    // make each token's event ~1 KB) and never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(e.addr).await.unwrap();
+    let body = json!({"model": "m", "prompt": "the sea", "max_tokens": 4000, "ignore_eos": true,
+        "temperature": 0, "stream": true, "logprobs": 5})
+    .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, req.as_bytes())
+        .await
+        .unwrap();
+    // The edge closes the connection once its writes stall, and the request stops running long
+    // before its 4,000 tokens.
+    let t0 = std::time::Instant::now();
+    while metric(&e, "edgeprompt:connections_write_stalled_total").await < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the stalled connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while metric(&e, "edgeprompt:num_requests_running").await > 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(150),
+            "the stalled request kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&e, "edgeprompt:request_success_total").await, 0.0);
+    assert!(metric(&e, "edgeprompt:generation_tokens_total").await < 4000.0);
+    // What the client can still read is what the kernel had buffered, then the end.
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut got),
+    )
+    .await
+    .expect("the closed connection ends");
+    assert!(r.is_ok() || got.len() < 4 << 20, "{r:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(!text.contains("[DONE]"));
+    // Other clients are served as before.
+    let events = sse(
+        &e,
+        "/v1/completions",
+        None,
+        json!({"model": "m", "prompt": "the sea", "max_tokens": 4, "stream": true}),
+    )
+    .await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    e.shutdown().await;
+}

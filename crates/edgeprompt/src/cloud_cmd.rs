@@ -27,7 +27,7 @@ enum CloudCommand {
 
 #[derive(Args)]
 struct CloudKeyArgs {
-    /// The store: a directory, or redis://HOST:PORT.
+    /// The store: a directory, redis://HOST:PORT or redis-cluster://HOST:PORT[,HOST:PORT…].
     #[arg(long)]
     store: String,
 }
@@ -37,7 +37,9 @@ struct CloudServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8400")]
     listen: SocketAddr,
-    /// The store: a directory (created if missing), or redis://HOST:PORT shared by several replicas.
+    /// The store: a directory (created if missing), or redis://HOST:PORT (one Redis server) or
+    /// redis-cluster://HOST:PORT[,HOST:PORT…] (a Redis Cluster, any of its nodes) shared by several
+    /// replicas.
     #[arg(long)]
     store: Option<String>,
     /// Bearer token required on every route but /health and /openapi.json.
@@ -59,6 +61,14 @@ struct CloudServeArgs {
     /// when its registration gives none.
     #[arg(long, default_value_t = 600)]
     lease_secs: u64,
+    /// How long a replica's claim on a computation lasts unless renewed (seconds): a replica that
+    /// dies computing leaves the job to another after this long.
+    #[arg(long, default_value_t = 15)]
+    job_lease_secs: u64,
+    /// How often a replica looks for unfinished computations nobody holds and takes them over
+    /// (seconds).
+    #[arg(long, default_value_t = 5)]
+    takeover_secs: u64,
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
@@ -114,8 +124,14 @@ async fn shutdown_signal() {
 
 fn serve_cloud(a: CloudServeArgs) -> Result<()> {
     let Some(store_spec) = a.store.clone() else {
-        bail!("--store DIR|redis://HOST:PORT is required");
+        bail!("--store DIR|redis://HOST:PORT|redis-cluster://HOST:PORT[,…] is required");
     };
+    if a.job_lease_secs < 3 {
+        bail!("--job-lease-secs must be at least 3 (it is renewed every third of it)");
+    }
+    if a.takeover_secs == 0 {
+        bail!("--takeover-secs must be at least 1");
+    }
     if a.frame_tokens == 0 {
         bail!("--frame-tokens must be at least 1");
     }
@@ -142,6 +158,8 @@ fn serve_cloud(a: CloudServeArgs) -> Result<()> {
         frame_tokens: a.frame_tokens,
         codecs,
         default_lease_secs: a.lease_secs,
+        job_lease: std::time::Duration::from_secs(a.job_lease_secs),
+        takeover_interval: std::time::Duration::from_secs(a.takeover_secs),
         ..ep_cloud::CloudConfig::default()
     };
     runtime()?.block_on(async move {

@@ -71,11 +71,25 @@ pub struct EdgeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for (400 beyond; the OpenAPI description's maximum).
+    /// Without: what the context leaves.
+    #[arg(long)]
+    max_tokens_limit: Option<usize>,
+    /// Seconds a response may wait for a client that reads nothing (a zero receive window) before
+    /// its connection is closed and its request cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    write_stall_secs: f64,
 }
 
 pub fn run(a: EdgeArgs) -> Result<()> {
     if a.max_seqs == 0 {
         bail!("--max-seqs must be at least 1");
+    }
+    if a.max_tokens_limit == Some(0) {
+        bail!("--max-tokens-limit must be at least 1");
+    }
+    if !(a.write_stall_secs.is_finite() && a.write_stall_secs > 0.0) {
+        bail!("--write-stall-secs must be a positive number of seconds");
     }
     let api_keys = match &a.api_keys {
         Some(p) => Some(ApiKeys::load(p).map_err(anyhow::Error::msg)?),
@@ -90,6 +104,8 @@ pub fn run(a: EdgeArgs) -> Result<()> {
     let l = pool.install(|| load(&a.common))?;
     let cfg = ep_engine::EngineConfig {
         max_seqs: a.max_seqs,
+        // A server runs for days: its step counters are the totals on /metrics.
+        step_log: false,
         ..a.engine.config(l.n_ctx)?
     };
     let tok = Arc::new(l.tok);
@@ -152,6 +168,8 @@ pub fn run(a: EdgeArgs) -> Result<()> {
         api_keys,
         max_queue: a.max_queue,
         max_body_bytes: a.max_body_bytes,
+        max_tokens_limit: a.max_tokens_limit,
+        write_stall: std::time::Duration::from_secs_f64(a.write_stall_secs),
         ..EdgeConfig::default()
     };
     eprintln!(

@@ -2,6 +2,7 @@
 //! is in the library crates.
 
 mod edge_cmd;
+mod fleet;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ mod cloud_cmd;
 mod model_cmd;
 mod netbench;
 mod netlab_cmd;
+mod relbench;
 mod servebench;
 mod up_cmd;
 
@@ -64,6 +66,10 @@ enum Command {
     /// An emulated cloud–edge link for tests: two network namespaces joined by a link shaped to a
     /// profile (rate, RTT, loss); `netlab up --profile 5g_urban`, `netlab down`, `netlab measure`.
     Netlab(netlab_cmd::NetlabArgs),
+    /// The loopback fleet (root): a Redis Cluster, 2 cloud replicas, a site cache, a router and 3
+    /// edges in network namespaces, tested under faults (`fleet test`; scripts/fleet/test.sh).
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Model files: `model random` writes a random-weight GGUF of a Llama shape (for timing only).
     Model(model_cmd::ModelArgs),
 }
@@ -125,6 +131,11 @@ enum BenchCommand {
     /// the batch scenario (bench batch and llama-batched-bench). JSON records, a Markdown report and
     /// plots.
     Serve(servebench::ServeArgs),
+    /// The edge under overload (thousands of streaming clients: 429 with Retry-After beyond its
+    /// queue, RSS against its bound), a client that stops reading, the prefix-cache timing side
+    /// channel between tenants, and a soak at a fraction of the measured capacity; a cloud and an
+    /// edge as processes on loopback. One JSON record per phase.
+    Reliability(relbench::ReliabilityArgs),
 }
 
 #[derive(Args)]
@@ -487,7 +498,11 @@ struct Served {
 fn serve(common: &Common, opts: &EngineOpts, pool: rayon::ThreadPool) -> Result<Served> {
     let pool = Arc::new(pool);
     let l = pool.install(|| load(common))?;
-    let cfg = opts.config(l.n_ctx)?;
+    // Nothing here takes the per-step statistics (the cloud runs for days).
+    let cfg = EngineConfig {
+        step_log: false,
+        ..opts.config(l.n_ctx)?
+    };
     let tok = Arc::new(l.tok);
     let engine = Engine::start(Arc::new(l.model), tok.clone(), cfg, Some(pool))?;
     Ok(Served {
@@ -1018,18 +1033,39 @@ fn cmd_identity(a: IdentityArgs) -> Result<()> {
     Ok(())
 }
 
+/// Servers and load generators hold a socket per client: the soft limit on open files (often 1,024)
+/// is raised to the hard limit, as servers commonly do, so thousands of connections are refused by
+/// the server's own queue (429) rather than by `accept` failing.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEPROMPT_LOG")
-                // Warnings, and how each cloud prompt's KV is obtained (the edge's decisions).
+                // Warnings, how each cloud prompt's KV is obtained (the edge's decisions), and
+                // the cloud's life of a prompt (registered, computing, taken over, ready, deleted:
+                // a few lines per prompt, none per request).
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,ep_edge::decision=info")
-                }),
+                    tracing_subscriber::EnvFilter::new("warn,ep_edge::decision=info,ep_cloud=info")
+                })
+                // The tokenizers crate traces every character it normalises, i.e. the prompts'
+                // text: none of its logging is kept, whatever EDGEPROMPT_LOG asks for
+                // (tests/security.rs greps a canary run's logs).
+                .add_directive("tokenizers=off".parse().expect("a valid directive")),
         )
         .init();
     let cli = Cli::parse();
+    raise_open_file_limit();
     let r = match cli.cmd {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
@@ -1038,12 +1074,14 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Codecs(a)) => cmd_bench_codecs(a),
         Command::Bench(BenchCommand::Network(a)) => netbench::run(a),
         Command::Bench(BenchCommand::Serve(a)) => servebench::run(a),
+        Command::Bench(BenchCommand::Reliability(a)) => relbench::run(a),
         Command::Identity(a) => cmd_identity(a),
         Command::Kv(KvCommand::Export(a)) => cmd_kv_export(a),
         Command::Edge(a) => edge_cmd::run(a),
         Command::Cloud(a) => cloud_cmd::run(a),
         Command::Up(a) => up_cmd::run(a),
         Command::Netlab(a) => netlab_cmd::run(a),
+        Command::Fleet(a) => fleet::run(a),
         Command::Model(a) => model_cmd::run(a),
     };
     match r {

@@ -192,7 +192,11 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// Text of the first `n` tokens of `doc` (less a margin for the chat template's own tokens).
-fn prompt_text(tok: &ep_model::tokenizer::Tokenizer, doc: &str, n: usize) -> Result<String> {
+pub(crate) fn prompt_text(
+    tok: &ep_model::tokenizer::Tokenizer,
+    doc: &str,
+    n: usize,
+) -> Result<String> {
     let ids = tok.encode(doc, false)?;
     let want = n.saturating_sub(24).max(1);
     if ids.len() < want {
@@ -220,7 +224,7 @@ pub(crate) async fn wait_http(client: &reqwest::Client, url: &str, limit: Durati
 }
 
 /// A metric's value in Prometheus text (first sample whose line starts with `name`).
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| l.starts_with(name))
@@ -298,14 +302,20 @@ fn model_args(cmd: &mut Command, c: &Common) {
 }
 
 /// Registers `text` as cloud prompt `name` and waits until its KV is ready; returns its tokens.
-async fn register(client: &reqwest::Client, base: &str, name: &str, text: &str) -> Result<usize> {
+pub(crate) async fn register(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    name: &str,
+    text: &str,
+) -> Result<usize> {
     let body = serde_json::json!({
         "name": name,
         "messages": [{"role": "system", "content": text}],
     });
     let r = client
         .post(format!("{base}/v1/cloud-prompts"))
-        .bearer_auth(TOKEN)
+        .bearer_auth(token)
         .json(&body)
         .send()
         .await?;
@@ -316,7 +326,7 @@ async fn register(client: &reqwest::Client, base: &str, name: &str, text: &str) 
     loop {
         let info: serde_json::Value = client
             .get(format!("{base}/v1/cloud-prompts/{name}"))
-            .bearer_auth(TOKEN)
+            .bearer_auth(token)
             .send()
             .await?
             .json()
@@ -656,7 +666,7 @@ pub(crate) fn run(a: NetworkArgs) -> Result<()> {
             let mut v = Vec::new();
             for (n, text) in &texts {
                 let name = format!("doc-{n}");
-                let tokens = register(&client, &ctl, &name, text).await?;
+                let tokens = register(&client, &ctl, TOKEN, &name, text).await?;
                 v.push((*n, tokens, name));
             }
             Ok::<_, anyhow::Error>(v)

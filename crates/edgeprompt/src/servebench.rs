@@ -321,7 +321,7 @@ fn exact_system_text(l: &crate::Loaded, source: &str, n: usize) -> Result<String
 }
 
 /// ShareGPT first-turn prompts of at most `max` tokens, in file order.
-fn user_turns(l: &crate::Loaded, dir: &Path, max: usize) -> Result<Vec<String>> {
+pub(crate) fn user_turns(l: &crate::Loaded, dir: &Path, max: usize) -> Result<Vec<String>> {
     let path = dir.join("sharegpt/ShareGPT_V3_filtered_500.jsonl");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {} (ShareGPT)", path.display()))?;
@@ -436,21 +436,23 @@ fn job(p: &Shared, system: &str, user: String, max_tokens: usize) -> Job {
             model: MODEL_ID.into(),
             messages: vec![("system".into(), p.text.clone()), ("user".into(), user)],
             max_tokens,
+            ..Job::default()
         }
     } else {
         Job {
             model: format!("{MODEL_ID}:{}", p.name),
             messages: vec![("user".into(), user)],
             max_tokens,
+            ..Job::default()
         }
     }
 }
 
-fn exe() -> Result<PathBuf> {
+pub(crate) fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("locating this binary")
 }
 
-fn spawn(mut cmd: Command, log: &Path) -> Result<Proc> {
+pub(crate) fn spawn(mut cmd: Command, log: &Path) -> Result<Proc> {
     let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let f2 = f.try_clone()?;
     let child = cmd
@@ -470,7 +472,7 @@ struct Cloud {
 /// A client that opens a connection per request: a kept-alive connection that the server closes
 /// (cpp-httplib, under llama-server, times idle ones out and caps requests per connection) races with
 /// its reuse and fails a request the server never saw; on loopback a connect costs microseconds.
-fn http_client() -> Result<reqwest::Client> {
+pub(crate) fn http_client() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?)

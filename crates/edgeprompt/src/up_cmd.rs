@@ -144,7 +144,10 @@ pub fn run(a: UpArgs) -> Result<()> {
         template.bos_token(),
         template.eos_token(),
     )?;
-    let cfg = a.engine.config(l.n_ctx)?;
+    let cfg = ep_engine::EngineConfig {
+        step_log: false,
+        ..a.engine.config(l.n_ctx)?
+    };
     let model = Arc::new(l.model);
     let tok = Arc::new(l.tok);
     // One model mapping, two engines: the cloud's (it computes the cloud prompt) and the edge's.

@@ -1142,3 +1142,29 @@ fn bench_serve_runs_the_interactive_scenario_on_a_tiny_model() {
         "/nonexistent/llama-server does not exist",
     );
 }
+
+#[test]
+fn bench_reliability_refuses_bad_arguments_before_starting_anything() {
+    for (args, why) in [
+        (
+            &["--phases", "stall,chaos"][..],
+            "--phases: unknown phase 'chaos'",
+        ),
+        (
+            &["--phases", "stall", "--stall-pairs", "0"][..],
+            "--stall-pairs",
+        ),
+        (
+            &["--phases", "stall", "--stall-rate", "0"][..],
+            "--stall-rate: 0 is not a rate",
+        ),
+        (
+            &["--phases", "stall", "--stall-rate", "NaN"][..],
+            "--stall-rate: NaN is not a rate",
+        ),
+    ] {
+        let mut all = vec!["bench", "reliability", "--datasets", "/nonexistent"];
+        all.extend(args);
+        assert_clean_failure(&all, why);
+    }
+}

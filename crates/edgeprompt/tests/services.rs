@@ -8,57 +8,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bin, Proc};
+use common::{bin, curl, dir_str, free_port, model, Proc, Redis};
 use serde_json::{json, Value};
-
-fn model() -> String {
-    ep_testutil::require_test_model()
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `curl` with a JSON body (or none); returns (status, body).
-fn curl(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-S",
-        "-X",
-        method,
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        url,
-    ]);
-    if let Some(t) = token {
-        c.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    if let Some(b) = body {
-        c.args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            &b.to_string(),
-        ]);
-    }
-    let o: Output = c.output().expect("curl runs");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
 
 fn wait_for(url: &str, what: &str, p: &Proc) {
     let t0 = Instant::now();
@@ -162,10 +117,6 @@ fn token_forms(ids: &[u32]) -> Vec<Vec<u8>> {
     out
 }
 
-fn dir_str(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
 const CLOUD_SYSTEM: &str =
     "You are the assistant of a small bakery called Korn & Kruste. Answer in one \
 friendly sentence. The bakery opens from 8 to 18 on weekdays and from 9 to 13 on Saturdays; it is \
@@ -227,25 +178,7 @@ fn register_bakery(port: u16, token: &str) {
 
 /// Waits until the cloud at `port` reports the bakery prompt ready.
 fn wait_ready(port: u16, token: &str) {
-    let t0 = Instant::now();
-    loop {
-        let (_, b) = curl(
-            "GET",
-            &format!("http://127.0.0.1:{port}/v1/cloud-prompts/bakery"),
-            Some(token),
-            None,
-        );
-        let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
-        if v["status"] == "ready" {
-            return;
-        }
-        assert_ne!(v["status"], "failed", "{b}");
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "not ready on the cloud at {port}: {b}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_ready(port, token, "bakery");
 }
 
 fn start_cloud() -> Stack {
@@ -274,29 +207,8 @@ fn spawn_edge(
     extra: &[&str],
 ) -> (Proc, u16) {
     let port = free_port();
-    let m = model();
-    let listen = format!("127.0.0.1:{port}");
-    let cloud = format!("http://127.0.0.1:{cloud_port}");
-    let mut args = vec![
-        "edge",
-        "--listen",
-        &listen,
-        "--model",
-        &m,
-        "--threads",
-        "2",
-        "--model-id",
-        "smol",
-        "--cloud-url",
-        &cloud,
-        "--cloud-token",
-        token,
-    ];
-    let cache = cache.map(dir_str);
-    if let Some(c) = &cache {
-        args.extend(["--cache-dir", c.as_str()]);
-    }
-    args.extend(extra);
+    let args = common::edge_args(port, cloud_port, token, cache, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let edge = Proc::start(&args, dir.join(log));
     wait_for(
         &format!("http://127.0.0.1:{port}/health"),
@@ -337,28 +249,7 @@ fn chat(port: u16, key: &str, body: Value) -> Value {
 }
 
 fn generate(system: &str, user: &str, n: usize) -> String {
-    let o = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            &model(),
-            "--threads",
-            "2",
-            "--system",
-            system,
-            "--prompt",
-            user,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            &n.to_string(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
-    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let v = common::generate_json(system, user, n);
     v["text"].as_str().unwrap().to_string()
 }
 
@@ -589,51 +480,6 @@ fn up_runs_the_demo() {
         "{out}"
     );
     assert!(out.contains("assistant: "), "{out}");
-}
-
-/// A `redis-server` (Debian's package) on a free loopback port, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> Redis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &dir_str(dir),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/test.sh installs it)");
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "redis did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Redis { child, port }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Two cloud replicas on one real Redis: a prompt registered through one is served by the other, and

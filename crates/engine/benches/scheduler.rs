@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use ep_engine::{Core, EngineConfig, Event, Request, StepStat};
+use ep_engine::{Core, EngineConfig, Event, Events, Request, StepStat};
 use ep_kv::KvDtype;
 use ep_model::generate::GenerateParams;
 use ep_model::tokenizer::Tokenizer;
@@ -170,7 +170,8 @@ fn main() {
     for _ in 0..fill_reqs {
         id += 1;
         let req = Request::new(prompts.next(a.fill_prompt), params(1));
-        core.add(id, req, tx.clone(), Instant::now()).unwrap();
+        core.add(id, req, Events::uncounted(tx.clone()), Instant::now())
+            .unwrap();
     }
     let (fill_stats, fill_done) = drain(&mut core, &mut rx);
     let fill_secs = t.elapsed().as_secs_f64();
@@ -191,7 +192,8 @@ fn main() {
     for _ in 0..a.waiting {
         id += 1;
         let req = Request::new(prompts.next(a.prompt), params(a.gen));
-        core.add(id, req, tx.clone(), Instant::now()).unwrap();
+        core.add(id, req, Events::uncounted(tx.clone()), Instant::now())
+            .unwrap();
     }
     let (stats, done) = drain(&mut core, &mut rx);
     let total = t.elapsed().as_secs_f64();

@@ -33,7 +33,6 @@ use ep_model::llama::Hidden;
 use ep_model::sampling::{Sampler, StopMatcher};
 use ep_model::tokenizer::{StreamDecoder, Tokenizer};
 use ep_model::{BatchSeq, LayerTimes, LogitsFor, Model};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::attn::PagedAttention;
 use crate::splice::{AttnMode, Plan, SpliceArena, SpliceAttention};
@@ -83,7 +82,7 @@ struct Seq<'a> {
     sampler: Sampler,
     decoder: StreamDecoder<'a>,
     stops: StopMatcher,
-    tx: UnboundedSender<Event>,
+    tx: crate::Events,
     submitted: Instant,
     /// Prompt followed by the generated tokens.
     tokens: Vec<u32>,
@@ -215,6 +214,9 @@ struct Import {
     pinned: Vec<BlockHash>,
     /// The partial last block (held by the import) and its tokens.
     tail: Option<(BlockId, Vec<u32>)>,
+    /// Tokens `0..cached` were in cached blocks when the import began (a prompt sharing its
+    /// prefix): rows written for them are the same content by their chained hashes and are skipped.
+    cached: usize,
     /// Per layer: which tokens are present (bitset) and how many.
     covered: Vec<Vec<u64>>,
     counts: Vec<usize>,
@@ -411,7 +413,7 @@ impl<'a> Core<'a> {
         &mut self,
         id: RequestId,
         req: Request,
-        tx: UnboundedSender<Event>,
+        tx: crate::Events,
         submitted: Instant,
     ) -> Result<(), InvalidRequest> {
         self.validate(&req)?;
@@ -735,6 +737,11 @@ impl<'a> Core<'a> {
             }
             let want = s.tokens.len() - s.computed;
             if want == 1 && any_prefill && self.cfg.prefill_first {
+                continue;
+            }
+            // Its reader is behind (a client that stopped reading): no token until it catches up.
+            let cap = self.cfg.max_unread_events;
+            if want == 1 && cap > 0 && s.tx.unread() >= cap {
                 continue;
             }
             let n = want.min(budget);
@@ -1297,6 +1304,7 @@ impl<'a> Core<'a> {
             targets,
             pinned,
             tail,
+            cached: present_tokens,
             covered,
             counts,
             ready: 0,
@@ -1374,11 +1382,17 @@ impl<'a> Core<'a> {
                 (end - start) * row
             )));
         }
-        if (start..end).any(|t| imp.covered[layer][t / 64] & (1 << (t % 64)) != 0) {
+        // The rows of blocks already cached (another prompt with this prefix computed or imported
+        // them) are not written again: a stream carries every token, the cache had some.
+        let from = start.max(imp.cached.min(end));
+        if (from..end).any(|t| imp.covered[layer][t / 64] & (1 << (t % 64)) != 0) {
             return Err(bad("tokens already present"));
         }
+        if from == end {
+            return Ok(());
+        }
         let n_full = imp.hashes.len();
-        let mut t = start;
+        let mut t = from;
         while t < end {
             let m = (bt - t % bt).min(end - t);
             let bi = t / bt;
@@ -1394,10 +1408,10 @@ impl<'a> Core<'a> {
             t += m;
         }
         let imp = self.imports.get_mut(&id).expect("checked above");
-        for t in start..end {
+        for t in from..end {
             imp.covered[layer][t / 64] |= 1 << (t % 64);
         }
-        imp.counts[layer] += end - start;
+        imp.counts[layer] += end - from;
         let before = imp.ready;
         if Self::advance(imp) {
             let now = imp.ready;

@@ -11,7 +11,7 @@ pub mod core;
 pub mod kvio;
 pub mod splice;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -129,6 +129,14 @@ pub struct EngineConfig {
     /// Record which requests ran each layer of each step, and when imported layers arrived
     /// ([`Engine::take_layer_log`]).
     pub layer_log: bool,
+    /// Keep every step's [`StepStat`] for [`Engine::take_step_stats`] (up to 2^20 of them, ~100
+    /// MB); a long-running server that never takes them turns this off — its [`EngineStats`]
+    /// totals are kept either way.
+    pub step_log: bool,
+    /// Events a request's reader may leave untaken before the request stops decoding (it keeps its
+    /// KV and resumes when the reader catches up): a client that stops reading costs no compute and
+    /// holds a bounded backlog. 0: never pause.
+    pub max_unread_events: usize,
 }
 
 impl Default for EngineConfig {
@@ -144,6 +152,8 @@ impl Default for EngineConfig {
             attn_mode: AttnMode::Splice,
             max_pinned_share: 0.5,
             layer_log: false,
+            step_log: true,
+            max_unread_events: 256,
         }
     }
 }
@@ -315,7 +325,7 @@ pub struct EngineStats {
 type Reply<T> = oneshot::Sender<Result<T, ImportError>>;
 
 enum Cmd {
-    Submit(RequestId, Box<Request>, UnboundedSender<Event>, Instant),
+    Submit(RequestId, Box<Request>, Events, Instant),
     Cancel(RequestId),
     Pin(Vec<u32>, Reply<(PinId, usize)>),
     Unpin(PinId),
@@ -429,12 +439,18 @@ impl Engine {
         core::validate(&self.model, &self.cfg, self.layout, self.n_blocks, &req)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
+        let unread = Arc::new(AtomicUsize::new(0));
+        let events = Events {
+            tx: etx,
+            unread: Some(unread.clone()),
+        };
         self.tx
-            .send(Cmd::Submit(id, Box::new(req), etx, Instant::now()))
+            .send(Cmd::Submit(id, Box::new(req), events, Instant::now()))
             .map_err(|_| EngineError::Stopped)?;
         Ok(RequestStream {
             id,
             rx: erx,
+            unread,
             cancel: self.tx.clone(),
         })
     }
@@ -721,6 +737,7 @@ fn engine_loop(
     rx: mpsc::Receiver<Cmd>,
     shared: &Mutex<Shared>,
 ) {
+    let step_log = cfg.step_log;
     let mut core = match Core::new(model, tok, cfg, identity) {
         Ok(c) => c,
         Err(e) => {
@@ -799,7 +816,7 @@ fn engine_loop(
                     totals.0.add(&st);
                 }
             }
-            if sh.steps.len() < 1 << 20 {
+            if step_log && sh.steps.len() < 1 << 20 {
                 sh.steps.push(st);
             }
         }
@@ -818,10 +835,43 @@ fn engine_loop(
     }
 }
 
-/// The events of one request. Dropping it cancels the request.
+/// The engine's side of a request's events: the channel, and how many its reader has not taken yet
+/// (the scheduler pauses the request's decoding beyond [`EngineConfig::max_unread_events`]).
+#[derive(Clone)]
+pub struct Events {
+    tx: UnboundedSender<Event>,
+    unread: Option<Arc<AtomicUsize>>,
+}
+
+impl Events {
+    /// Events on `tx` that nobody counts (a caller driving [`Core`] and reading the channel
+    /// itself): the request never pauses for its reader.
+    pub fn uncounted(tx: UnboundedSender<Event>) -> Self {
+        Self { tx, unread: None }
+    }
+    pub(crate) fn send(&self, e: Event) -> Result<(), Event> {
+        if let Some(u) = &self.unread {
+            u.fetch_add(1, Ordering::Relaxed);
+        }
+        self.tx.send(e).map_err(|e| e.0)
+    }
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+    /// Events sent and not yet taken by the reader.
+    pub(crate) fn unread(&self) -> usize {
+        self.unread
+            .as_ref()
+            .map_or(0, |u| u.load(Ordering::Relaxed))
+    }
+}
+
+/// The events of one request. Dropping it cancels the request. A request whose reader leaves
+/// [`EngineConfig::max_unread_events`] events untaken stops decoding until it takes them.
 pub struct RequestStream {
     id: RequestId,
     rx: UnboundedReceiver<Event>,
+    unread: Arc<AtomicUsize>,
     cancel: mpsc::Sender<Cmd>,
 }
 
@@ -829,17 +879,26 @@ impl RequestStream {
     pub fn id(&self) -> RequestId {
         self.id
     }
+    fn took(&self, e: Option<Event>) -> Option<Event> {
+        if e.is_some() {
+            self.unread.fetch_sub(1, Ordering::Relaxed);
+        }
+        e
+    }
     /// The next event (async); `None` after the last one.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let e = self.rx.recv().await;
+        self.took(e)
     }
     /// The next event, blocking the calling thread (not for use inside an async runtime).
     pub fn blocking_next(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
+        let e = self.rx.blocking_recv();
+        self.took(e)
     }
     /// The next event if one is ready now.
     pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        let e = self.rx.try_recv().ok();
+        self.took(e)
     }
     /// Waits for the end and collects the result.
     pub fn collect_blocking(mut self) -> Result<Output, EngineError> {

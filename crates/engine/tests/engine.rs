@@ -250,6 +250,31 @@ fn preemption_recomputes_to_identical_output_inside_the_budget() {
             "the phases are parts of the step: {t:?}"
         );
     }
+    // Without the step log (servers), the same run keeps no per-step records but its totals.
+    let quiet = engine(
+        &l,
+        EngineConfig {
+            kv_budget_bytes: budget,
+            step_log: false,
+            ..small_cfg(KvDtype::F16)
+        },
+    );
+    let again = run_all(
+        &quiet,
+        ps.iter()
+            .map(|p| Request::new(p.clone(), gp.clone()))
+            .collect(),
+    );
+    assert_eq!(
+        again.iter().map(|o| &o.tokens).collect::<Vec<_>>(),
+        got.iter().map(|o| &o.tokens).collect::<Vec<_>>()
+    );
+    assert!(quiet.take_step_stats().is_empty());
+    let q = quiet.stats();
+    assert!(
+        q.prefill_steps.steps > 0 && q.decode_steps.steps > 0,
+        "{q:?}"
+    );
 }
 
 #[test]
@@ -600,6 +625,72 @@ fn imported_kv_gives_the_computed_tokens() {
 }
 
 #[test]
+fn an_import_over_a_cached_prefix_takes_the_whole_stream() {
+    // Two cloud prompts, the second extending the first (a variant of it): the edge holds the
+    // first's blocks when the second's stream arrives with every token's rows.
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let gp = params(8, SamplingParams::greedy());
+    let a: Vec<u32> = (0..100).map(|i| (i * 7 + 2) % v).collect();
+    let mut b = a[..96].to_vec();
+    b.extend((0..54).map(|i| (i * 5 + 3) % v));
+    let cloud = engine(&l, small_cfg(KvDtype::F16));
+    let (ka, kb) = (
+        cloud.export_blocking(a.clone()).unwrap(),
+        cloud.export_blocking(b.clone()).unwrap(),
+    );
+    let e = engine(&l, small_cfg(KvDtype::F16));
+    let write_all = |tokens: &[u32], kv: &ep_engine::PromptKv| {
+        let imp = e.import_blocking(tokens.to_vec()).unwrap();
+        // In frames of 32 tokens, as a stream carries them.
+        for (layer, (k, vv)) in kv.layers.iter().enumerate() {
+            let row = k.len() / tokens.len();
+            for s in (0..tokens.len()).step_by(32) {
+                let t = (s + 32).min(tokens.len());
+                imp.write_rows(
+                    layer,
+                    s,
+                    t,
+                    k[s * row..t * row].to_vec(),
+                    vv[s * row..t * row].to_vec(),
+                )
+                .unwrap();
+            }
+        }
+        for _ in 0..2000 {
+            if imp.status() != ImportStatus::Filling || imp.error().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(imp.error().is_none(), "{:?}", imp.error());
+        assert_eq!(imp.status(), ImportStatus::Complete);
+        imp
+    };
+    let _ia = write_all(&a, &ka);
+    let _ib = write_all(&b, &kb);
+    let ps = extend_prefix(&b, 3, v);
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone_session(&l, p, &gp)).collect();
+    let got = run_all(
+        &e,
+        ps.iter()
+            .map(|p| Request {
+                public_prefix: b.len(),
+                ..Request::new(p.clone(), gp.clone())
+            })
+            .collect(),
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.tokens, w, "request {i}");
+        assert_eq!(
+            g.finished.as_ref().unwrap().cached_tokens,
+            150,
+            "request {i}"
+        );
+    }
+}
+
+#[test]
 fn lossy_imports_never_satisfy_exact_lookups() {
     let l = tiny();
     let v = l.model.cfg.n_vocab as u32;
@@ -701,6 +792,8 @@ fn streamed_import(l: &Loaded, delay_ms: u64) {
         EngineConfig {
             layer_log: true,
             max_step_tokens: 512,
+            // The other request is read only at the end: it must not pause for its reader.
+            max_unread_events: 0,
             ..small_cfg(KvDtype::F16)
         },
     );
@@ -1134,4 +1227,53 @@ fn logprobs_are_the_log_softmax_of_the_logits() {
             ..
         }))
     ));
+}
+
+/// A reader that takes nothing pauses its request at `max_unread_events` (no compute, a bounded
+/// backlog); reading resumes it, and the tokens are those of a run never paused. The other request
+/// runs on meanwhile.
+#[test]
+fn a_request_whose_reader_stops_pauses_and_resumes_to_the_same_tokens() {
+    let l = tiny();
+    let v = l.model.cfg.n_vocab as u32;
+    let ps = prompts(2, v, 0x51);
+    let gp = params(60, SamplingParams::greedy());
+    let want = alone_session(&l, &ps[0], &gp);
+    let e = engine(
+        &l,
+        EngineConfig {
+            max_unread_events: 8,
+            ..small_cfg(KvDtype::F16)
+        },
+    );
+    let mut idle = e.submit(Request::new(ps[0].clone(), gp.clone())).unwrap();
+    // The other request, read as it goes, finishes while the first waits for its reader.
+    let other = e
+        .submit(Request::new(ps[1].clone(), gp.clone()))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert_eq!(other.tokens.len(), 60);
+    // Exactly 8 events were produced for the reader that took none, and no more come.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut first = Vec::new();
+    while let Some(ev) = idle.try_next() {
+        first.push(ev);
+    }
+    assert_eq!(
+        first.len(),
+        8,
+        "events produced for a reader that read nothing"
+    );
+    // Reading resumes it to the end, with the tokens of an uninterrupted run.
+    let mut tokens: Vec<u32> = first
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::Token { token, .. } => Some(*token),
+            _ => None,
+        })
+        .collect();
+    let rest = idle.collect_blocking().unwrap();
+    tokens.extend(rest.tokens);
+    assert_eq!(tokens, want);
 }
